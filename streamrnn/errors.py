@@ -1,0 +1,96 @@
+"""The streamrnn exception hierarchy (one module, like httpx).
+
+Every exception carries an :class:`~streamrnn.protocol.ErrorCode` so that the same failure
+reads the same in-process and over the wire.
+"""
+
+from __future__ import annotations
+
+from streamrnn.protocol import ErrorCode
+
+
+class StreamRNNError(Exception):
+    """Base class of every streamrnn error."""
+
+    code: ErrorCode = ErrorCode.INTERNAL
+
+
+class InvalidInputError(StreamRNNError, ValueError):
+    """A chunk or request argument is unusable (shape, dtype, NaN, empty, ...)."""
+
+    code = ErrorCode.BAD_VALUE
+
+    def __init__(self, message: str, code: ErrorCode | None = None):
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class UnsupportedModelError(StreamRNNError, ValueError):
+    """The model contains a layer that cannot stream (names the layer)."""
+
+    code = ErrorCode.NOT_SUPPORTED
+
+
+class UnknownStreamError(StreamRNNError, KeyError):
+    """A reset/close/generate names a stream the engine does not hold."""
+
+    code = ErrorCode.UNKNOWN_STREAM
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else "unknown stream"
+
+
+class EngineFullError(StreamRNNError):
+    """Every slot is taken by a live stream."""
+
+    code = ErrorCode.ENGINE_FULL
+
+
+class StreamExpiredError(StreamRNNError):
+    """The stream was expired (idle past the timeout); its state is gone."""
+
+    code = ErrorCode.EXPIRED
+
+
+class SequenceError(StreamRNNError):
+    """A request's sequence number is not the next one expected for its stream."""
+
+    code = ErrorCode.SEQ_GAP
+
+    def __init__(self, message: str, expected: int, code: ErrorCode = ErrorCode.SEQ_GAP):
+        super().__init__(message)
+        self.expected = expected
+        self.code = code
+
+
+class ProtocolError(StreamRNNError):
+    """A message cannot be decoded or violates the wire format."""
+
+    code = ErrorCode.MALFORMED
+
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.MALFORMED):
+        super().__init__(message)
+        self.code = code
+
+
+class RemoteError(StreamRNNError):
+    """An ERROR reply from a worker, raised on the client side."""
+
+    def __init__(self, code: int, message: str, expected_seq: int | None = None):
+        super().__init__(f"[{ErrorCode(code).name if code in ErrorCode._value2member_map_ else code}] {message}")
+        self.code = code
+        self.remote_message = message
+        self.expected_seq = expected_seq
+
+
+class WorkerBusyError(StreamRNNError):
+    """The worker kept answering BUSY past the client's retry budget."""
+
+    code = ErrorCode.TIMEOUT
+
+
+class RequestTimeoutError(StreamRNNError, TimeoutError):
+    """No reply arrived within the client's timeout (after retries)."""
+
+    code = ErrorCode.TIMEOUT

@@ -78,7 +78,8 @@ class RemoteError(StreamRNNError):
     """An ERROR reply from a worker, raised on the client side."""
 
     def __init__(self, code: int, message: str, expected_seq: int | None = None):
-        super().__init__(f"[{ErrorCode(code).name if code in ErrorCode._value2member_map_ else code}] {message}")
+        name = ErrorCode(code).name if code in ErrorCode._value2member_map_ else str(code)
+        super().__init__(f"[{name}] {message}")
         self.code = code
         self.remote_message = message
         self.expected_seq = expected_seq

@@ -41,6 +41,12 @@ class UnknownStreamError(StreamRNNError, KeyError):
         return str(self.args[0]) if self.args else "unknown stream"
 
 
+class NotSupportedError(StreamRNNError):
+    """The worker or engine does not implement the requested operation (yet)."""
+
+    code = ErrorCode.NOT_SUPPORTED
+
+
 class EngineFullError(StreamRNNError):
     """Every slot is taken by a live stream."""
 
@@ -69,9 +75,13 @@ class ProtocolError(StreamRNNError):
 
     code = ErrorCode.MALFORMED
 
-    def __init__(self, message: str, code: ErrorCode = ErrorCode.MALFORMED):
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.MALFORMED,
+                 context: dict | None = None):
         super().__init__(message)
         self.code = code
+        # the well-typed request fields (rid, stream, seq) that could be read before the
+        # failure, so that the ERROR reply can still be matched by the client
+        self.context: dict = context or {}
 
 
 class RemoteError(StreamRNNError):

@@ -1,0 +1,164 @@
+"""Exactly-once application of sequenced requests: per-stream sequence numbers + reply cache.
+
+Pure Python (no TensorFlow, no sockets); owned by the worker's compute thread.
+
+Every PUSH/RESET/CLOSE/GENERATE names a stream and a sequence number ``seq``. The worker
+tracks the next expected number per stream (``next_seq``, starting at 0) and:
+
+* ``seq == next_seq`` -> apply, then :meth:`SequenceTable.applied` caches the reply;
+* ``seq < next_seq``  -> a duplicate (client retry): answer again from the cache, never
+  re-apply; if the reply fell out of the cache -> ERROR ``SEQ_STALE``;
+* ``seq > next_seq``  -> ERROR ``SEQ_GAP`` naming ``next_seq``.
+
+A request that fails (bad chunk, engine full, ...) does not consume its number. RESET is an
+ordinary sequenced request (the counter keeps counting across resets). CLOSE forgets the
+stream: the id may start over at seq 0; a retried CLOSE is still answered from a small
+tombstone cache. An expired stream (idle too long) answers EXPIRED until it starts over at 0.
+
+Example::
+
+    table = SequenceTable()
+    table.check("a", 0, MessageType.PUSH)     # -> Decision(APPLY)
+    table.applied("a", 0, reply)              # next_seq("a") == 1
+    table.check("a", 0, MessageType.PUSH)     # -> Decision(REPLAY, reply=reply)
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from streamrnn.protocol import REPLY_CACHE_SIZE, ErrorCode, MessageType
+
+#: A cached reply: (type, header without "rid", arrays).
+CachedReply = tuple[MessageType, dict[str, Any], dict[str, Any]]
+
+
+class Verdict(enum.Enum):
+    APPLY = "apply"
+    REPLAY = "replay"
+    ERROR = "error"
+    EXPIRED = "expired"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What to do with one sequenced request."""
+
+    verdict: Verdict
+    expected: int = 0  # the stream's next expected seq (for ERROR/EXPIRED replies)
+    reply: CachedReply | None = None  # REPLAY: the reply to send again
+    code: ErrorCode | None = None  # ERROR
+    message: str = ""
+
+
+@dataclass
+class _Stream:
+    next_seq: int = 0
+    replies: OrderedDict[int, CachedReply] = field(default_factory=OrderedDict)
+    last_seen: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True, slots=True)
+class _Tombstone:
+    expired: bool  # False: closed by CLOSE
+    seq: int  # the CLOSE's seq, or the expired stream's next_seq
+    reply: CachedReply | None  # the CLOSE's ACK
+
+
+class SequenceTable:
+    """Per-stream expected sequence numbers, reply caches and tombstones."""
+
+    def __init__(self, cache_size: int = REPLY_CACHE_SIZE, max_tombstones: int = 4096):
+        self.cache_size = cache_size
+        self.max_tombstones = max_tombstones
+        self._streams: dict[str, _Stream] = {}
+        self._tombstones: OrderedDict[str, _Tombstone] = OrderedDict()
+
+    def __contains__(self, stream: object) -> bool:
+        return stream in self._streams
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    def next_seq(self, stream: str) -> int:
+        """The next seq the stream expects (0 for a stream this table does not hold)."""
+        entry = self._streams.get(stream)
+        return entry.next_seq if entry else 0
+
+    def open(self, stream: str) -> int:
+        """Register ``stream`` (idempotent) and return its next expected seq."""
+        entry = self._streams.get(stream)
+        if entry is None:
+            self._tombstones.pop(stream, None)
+            entry = self._streams[stream] = _Stream()
+        entry.last_seen = time.monotonic()
+        return entry.next_seq
+
+    def check(self, stream: str, seq: int, msg_type: MessageType) -> Decision:
+        """Decide what to do with request ``seq`` of ``stream``; changes nothing."""
+        entry = self._streams.get(stream)
+        if entry is None:
+            return self._check_unknown(stream, seq, msg_type)
+        expected = entry.next_seq
+        if seq == expected:
+            return Decision(Verdict.APPLY, expected)
+        if seq > expected:
+            return Decision(Verdict.ERROR, expected, code=ErrorCode.SEQ_GAP,
+                            message=f"stream {stream!r}: seq {seq} skips ahead; expected "
+                                    f"{expected}")
+        cached = entry.replies.get(seq)
+        if cached is not None:
+            return Decision(Verdict.REPLAY, expected, reply=cached)
+        return Decision(Verdict.ERROR, expected, code=ErrorCode.SEQ_STALE,
+                        message=f"stream {stream!r}: seq {seq} was applied long ago and its "
+                                f"reply is no longer cached; expected {expected}")
+
+    def _check_unknown(self, stream: str, seq: int, msg_type: MessageType) -> Decision:
+        tomb = self._tombstones.get(stream)
+        if tomb is not None and not tomb.expired and seq == tomb.seq and tomb.reply is not None:
+            return Decision(Verdict.REPLAY, 0, reply=tomb.reply)
+        if tomb is not None and tomb.expired and seq != 0:
+            return Decision(Verdict.EXPIRED, 0, message=(
+                f"stream {stream!r} expired after being idle (at seq {tomb.seq}); its state "
+                "is gone: start over at seq 0"))
+        if seq == 0 and msg_type in (MessageType.PUSH, MessageType.GENERATE):
+            return Decision(Verdict.APPLY, 0)
+        return Decision(Verdict.ERROR, 0, code=ErrorCode.UNKNOWN_STREAM,
+                        message=f"unknown stream {stream!r} (a new stream starts with a PUSH "
+                                f"at seq 0; got {msg_type.name} seq {seq})")
+
+    def applied(self, stream: str, seq: int, reply: CachedReply) -> None:
+        """Record that request ``seq`` was applied and produced ``reply``."""
+        entry = self._streams.get(stream)
+        if entry is None:
+            self._tombstones.pop(stream, None)
+            entry = self._streams[stream] = _Stream()
+        entry.next_seq = seq + 1
+        entry.last_seen = time.monotonic()
+        entry.replies[seq] = reply
+        while len(entry.replies) > self.cache_size:
+            entry.replies.popitem(last=False)
+
+    def closed(self, stream: str, seq: int, reply: CachedReply) -> None:
+        """Forget ``stream`` after its CLOSE ``seq`` was applied (keeps a tombstone)."""
+        self._streams.pop(stream, None)
+        self._bury(stream, _Tombstone(False, seq, reply))
+
+    def expire_idle(self, max_idle_s: float, now: float | None = None) -> list[str]:
+        """Forget streams idle for more than ``max_idle_s``; returns their ids."""
+        now = time.monotonic() if now is None else now
+        idle = [s for s, e in self._streams.items() if now - e.last_seen > max_idle_s]
+        for stream in idle:
+            entry = self._streams.pop(stream)
+            self._bury(stream, _Tombstone(True, entry.next_seq, None))
+        return idle
+
+    def _bury(self, stream: str, tomb: _Tombstone) -> None:
+        self._tombstones[stream] = tomb
+        self._tombstones.move_to_end(stream)
+        while len(self._tombstones) > self.max_tombstones:
+            self._tombstones.popitem(last=False)

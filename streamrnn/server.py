@@ -1,0 +1,577 @@
+"""StreamWorker: an Engine behind a ZeroMQ ROUTER socket (the serving loop of a worker).
+
+Threads (zmq sockets are not thread-safe, so each socket has one owner):
+
+* **I/O thread** owns the ROUTER socket. It receives and decodes requests, answers PING and
+  malformed messages itself, puts work on a bounded queue (full -> BUSY), and sends every
+  reply that the compute thread hands back over an inproc PUSH/PULL pair.
+* **compute thread** owns the Engine (which is not thread-safe). It takes all work that
+  arrives within the batching window, checks sequence numbers (exactly-once, see
+  :mod:`streamrnn.sequencing`), groups PUSHes of distinct streams into one
+  ``engine.push_many`` call per round, and encodes the replies.
+
+Within one batch the requests of a stream keep their order: its n-th PUSH goes into the
+n-th round, and its RESET/CLOSE/OPEN/GENERATE run before the PUSHes of the round that
+follows its previous PUSH.
+
+Example::
+
+    worker = StreamWorker(Engine.from_keras("m.keras", slots=64),
+                          WorkerConfig(bind="tcp://127.0.0.1:0"))
+    endpoint = worker.start()        # "tcp://127.0.0.1:40123"
+    ...
+    worker.stop(); worker.join()     # finishes queued work and replies first
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import math
+import queue
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zmq
+
+from streamrnn.codec import Message, decode_request, encode
+from streamrnn.errors import (
+    InvalidInputError,
+    NotSupportedError,
+    ProtocolError,
+    StreamRNNError,
+)
+from streamrnn.protocol import (
+    A_CHUNK,
+    A_OUTPUT,
+    A_PROMPT,
+    F_CODE,
+    F_EXPECTED,
+    F_MESSAGE,
+    F_NEXT_SEQ,
+    F_REQUEST_ID,
+    F_RETRY_AFTER_MS,
+    F_SEQ,
+    F_STATS,
+    F_STEPS,
+    F_STREAM,
+    F_VERSIONS,
+    MAX_CHUNK_STEPS,
+    MAX_FRAME_BYTES,
+    MAX_MESSAGE_BYTES,
+    REPLY_CACHE_SIZE,
+    SEQUENCED_TYPES,
+    SUPPORTED_VERSIONS,
+    ErrorCode,
+    MessageType,
+    error_code_name,
+    negotiate_version,
+)
+from streamrnn.sequencing import CachedReply, SequenceTable, Verdict
+
+log = logging.getLogger("streamrnn.worker")
+
+_worker_ids = itertools.count()
+_STOP_FRAME = b""  # a one-frame message on the reply pipe: the compute thread is done
+
+
+@dataclass
+class WorkerConfig:
+    """Settings of one stream worker."""
+
+    bind: str = "tcp://127.0.0.1:5555"
+    batch_window_us: int = 500  # how long the compute loop waits to fill a batch
+    max_queue: int = 4096  # requests waiting for the compute thread; beyond -> BUSY
+    max_batch: int = 4096  # requests taken per compute iteration
+    idle_timeout_s: float = 0.0  # expire streams idle this long (0: never)
+    max_frame_bytes: int = MAX_FRAME_BYTES  # ZMQ_MAXMSGSIZE on the ROUTER
+    busy_retry_after_ms: int = 5
+    checkpoint_dir: str | None = None  # accepted and stored; durability is a later issue
+    model_name: str = ""
+
+
+@dataclass(slots=True)
+class _Work:
+    identity: bytes
+    msg: Message
+    received: float
+    chunk: np.ndarray | None = None  # validated PUSH chunk
+    invalid: StreamRNNError | None = None  # why the chunk is unusable
+
+    @property
+    def stream(self) -> str:
+        return self.msg.header[F_STREAM]
+
+    @property
+    def seq(self) -> int:
+        return self.msg.header[F_SEQ]
+
+    @property
+    def rid(self) -> int | None:
+        return self.msg.header.get(F_REQUEST_ID)
+
+
+@dataclass
+class _Round:
+    before: list[_Work] = field(default_factory=list)  # RESET/CLOSE/OPEN/GENERATE, in order
+    pushes: list[_Work] = field(default_factory=list)  # at most one per stream
+
+
+class StreamWorker:
+    """Serves ``engine`` on ``config.bind`` until :meth:`stop`."""
+
+    def __init__(self, engine: Any, config: WorkerConfig, context: zmq.Context | None = None):
+        self.engine = engine
+        self.config = config
+        self._ctx = context or zmq.Context.instance()
+        self._queue: queue.Queue[_Work] = queue.Queue(maxsize=config.max_queue)
+        self._seq = SequenceTable()
+        self._stop_requested = threading.Event()
+        self._reading_stopped = threading.Event()
+        self._busy_latch: dict[str, int] = {}  # stream -> lowest seq answered BUSY (I/O thread)
+        self._stats_lock = threading.Lock()
+        self._counts: Counter[str] = Counter()
+        self._errors: Counter[str] = Counter()
+        self._started = time.monotonic()
+        self._threads: list[threading.Thread] = []
+        self.endpoint: str | None = None
+        self._pipe_address = f"inproc://streamrnn-replies-{next(_worker_ids)}"
+
+    # ---- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> str:
+        """Bind, start the I/O and compute threads, and return the bound endpoint."""
+        router = self._ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        router.setsockopt(zmq.MAXMSGSIZE, self.config.max_frame_bytes)
+        router.setsockopt(zmq.SNDHWM, 100_000)
+        router.setsockopt(zmq.RCVHWM, 100_000)
+        router.setsockopt(zmq.LINGER, 2000)
+        router.bind(self.config.bind)
+        self.endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode()
+        pull = self._ctx.socket(zmq.PULL)
+        pull.bind(self._pipe_address)
+        push = self._ctx.socket(zmq.PUSH)
+        push.setsockopt(zmq.SNDHWM, 0)  # never block or drop between our own threads
+        push.connect(self._pipe_address)
+        self._threads = [
+            threading.Thread(target=self._io_loop, args=(router, pull), name="streamrnn-io",
+                             daemon=True),
+            threading.Thread(target=self._compute_loop, args=(push,), name="streamrnn-compute",
+                             daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+        return self.endpoint
+
+    def stop(self) -> None:
+        """Stop reading new requests; queued work is finished and answered, then threads end."""
+        self._stop_requested.set()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for both threads; True if they ended."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in self._threads:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            thread.join(remaining)
+        return not any(t.is_alive() for t in self._threads)
+
+    @property
+    def running(self) -> bool:
+        return any(t.is_alive() for t in self._threads)
+
+    # ---- stats -------------------------------------------------------------------------
+
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._stats_lock:
+            self._counts[key] += n
+
+    def _count_error(self, code: ErrorCode | int) -> None:
+        with self._stats_lock:
+            self._errors[error_code_name(int(code))] += 1
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of the worker plus the engine's stats (compute thread only)."""
+        with self._stats_lock:
+            counts, errors = dict(self._counts), dict(self._errors)
+        return {
+            "uptime_s": round(time.monotonic() - self._started, 3),
+            "queue_depth": self._queue.qsize(),
+            "queue_capacity": self.config.max_queue,
+            "batch_window_us": self.config.batch_window_us,
+            "sequenced_streams": len(self._seq),
+            "counts": counts,
+            "errors": errors,
+            "engine": _plain(self.engine.stats()),
+            "checkpoint_dir": self.config.checkpoint_dir,
+        }
+
+    def describe(self) -> dict[str, Any]:
+        """Facts a client needs (sent in PONG and OPEN's ACK)."""
+        return {
+            "slots": self.engine.slots,
+            "input_kind": self.engine.input_kind,
+            "input_dim": self.engine.input_dim,
+            "output_dim": self.engine.output_dim,
+            "model": self.config.model_name,
+            "reply_cache": REPLY_CACHE_SIZE,
+            "max_chunk_steps": MAX_CHUNK_STEPS,
+            "max_frame_bytes": self.config.max_frame_bytes,
+            "max_message_bytes": MAX_MESSAGE_BYTES,
+            "generate": hasattr(self.engine, "generate"),
+        }
+
+    # ---- I/O thread --------------------------------------------------------------------
+
+    def _io_loop(self, router: zmq.Socket, pull: zmq.Socket) -> None:
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        poller.register(pull, zmq.POLLIN)
+        reading = True
+        try:
+            while True:
+                if reading and self._stop_requested.is_set():
+                    poller.unregister(router)
+                    reading = False
+                    self._reading_stopped.set()
+                events = dict(poller.poll(50))
+                if pull in events and self._forward_replies(router, pull):
+                    break
+                if reading and router in events:
+                    for _ in range(1000):  # bounded so replies are not starved
+                        try:
+                            frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._on_request(router, frames)
+        except Exception:  # pragma: no cover - a bug; keep the process from hanging
+            log.exception("I/O thread failed")
+            self._reading_stopped.set()
+            raise
+        finally:
+            router.close()
+            pull.close()
+
+    def _forward_replies(self, router: zmq.Socket, pull: zmq.Socket) -> bool:
+        """Send every reply waiting on the pipe; True when the compute thread is done."""
+        while True:
+            try:
+                frames = pull.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return False
+            if len(frames) == 1:
+                return True
+            self._route(router, frames)
+
+    def _route(self, router: zmq.Socket, frames: list) -> None:
+        try:
+            router.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as exc:
+            # ROUTER_MANDATORY: the peer is gone (EHOSTUNREACH) or its pipe is full
+            # (EAGAIN). The client retries and gets the reply from the cache.
+            key = "replies_unroutable" if exc.errno == errno.EHOSTUNREACH else "replies_dropped"
+            self._count(key)
+            log.debug("reply not sent (%s): %s", key, exc)
+
+    def _reply_now(self, router: zmq.Socket, identity: bytes, msg_type: MessageType,
+                   header: dict[str, Any]) -> None:
+        self._route(router, [identity, *encode(msg_type, header)])
+
+    def _on_request(self, router: zmq.Socket, frames: list) -> None:
+        received = time.monotonic()
+        identity = frames[0].bytes
+        try:
+            msg = decode_request(frames[1:])
+        except ProtocolError as exc:
+            self._count("malformed")
+            self._count_error(exc.code)
+            log.debug("malformed request: %s", exc)
+            header = {**exc.context, F_CODE: int(exc.code), F_MESSAGE: str(exc)}
+            if exc.code == ErrorCode.UNSUPPORTED_VERSION:
+                header[F_VERSIONS] = list(SUPPORTED_VERSIONS)
+            self._reply_now(router, identity, MessageType.ERROR, header)
+            return
+        self._count(f"requests_{msg.type.name.lower()}")
+        if msg.type == MessageType.PING:
+            self._on_ping(router, identity, msg)
+            return
+        sequenced = msg.type in SEQUENCED_TYPES
+        stream = msg.header.get(F_STREAM)
+        latched = self._busy_latch.get(stream) if sequenced else None
+        # Once a request of a stream was answered BUSY, later ones of that stream are too
+        # until the client resends from the first, so that nothing is applied out of order.
+        if latched is None or msg.header[F_SEQ] <= latched:
+            try:
+                self._queue.put_nowait(_Work(identity, msg, received))
+            except queue.Full:
+                pass
+            else:
+                if latched is not None:
+                    del self._busy_latch[stream]
+                return
+            if sequenced:
+                self._busy_latch[stream] = msg.header[F_SEQ]
+        self._count("busy")
+        header = _echo(msg)
+        header[F_RETRY_AFTER_MS] = self.config.busy_retry_after_ms
+        self._reply_now(router, identity, MessageType.BUSY, header)
+
+    def _on_ping(self, router: zmq.Socket, identity: bytes, msg: Message) -> None:
+        offered = msg.header.get(F_VERSIONS) or [msg.header["v"]]
+        chosen = negotiate_version(offered)
+        if chosen is None:
+            self._count_error(ErrorCode.UNSUPPORTED_VERSION)
+            self._reply_now(router, identity, MessageType.ERROR, {
+                **_echo(msg), F_CODE: int(ErrorCode.UNSUPPORTED_VERSION),
+                F_MESSAGE: f"no common protocol version: offered {offered}, supported "
+                           f"{list(SUPPORTED_VERSIONS)}",
+                F_VERSIONS: list(SUPPORTED_VERSIONS),
+            })
+            return
+        self._reply_now(router, identity, MessageType.PONG, {
+            **_echo(msg), F_VERSIONS: list(SUPPORTED_VERSIONS), "version": chosen,
+            "worker": self.describe(),
+        })
+
+    # ---- compute thread ----------------------------------------------------------------
+
+    def _compute_loop(self, pipe: zmq.Socket) -> None:
+        self._pipe = pipe
+        window = self.config.batch_window_us / 1e6
+        next_expiry = time.monotonic() + 1.0
+        try:
+            while True:
+                try:
+                    first = self._queue.get(timeout=0.05)
+                except queue.Empty:
+                    if self._reading_stopped.is_set() and self._queue.empty():
+                        break
+                else:
+                    self._process(self._take_batch(first, window))
+                if self.config.idle_timeout_s > 0 and time.monotonic() >= next_expiry:
+                    self._expire_idle()
+                    next_expiry = time.monotonic() + 1.0
+        except Exception:  # pragma: no cover - a bug; still let the I/O thread finish
+            log.exception("compute thread failed")
+        finally:
+            pipe.send(_STOP_FRAME)
+            pipe.close(linger=-1)
+
+    def _take_batch(self, first: _Work, window: float) -> list[_Work]:
+        batch = [first]
+        deadline = time.monotonic() + window
+        while len(batch) < self.config.max_batch:
+            try:
+                batch.append(self._queue.get_nowait())
+                continue
+            except queue.Empty:
+                pass
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(self._queue.get(timeout=remaining))
+            except queue.Empty:
+                break
+        return batch
+
+    def _expire_idle(self) -> None:
+        for stream in self._seq.expire_idle(self.config.idle_timeout_s):
+            if stream in self.engine:
+                self.engine.close(stream)
+            self._count("expired_streams")
+            log.info("stream %r expired after %.1f s idle", stream, self.config.idle_timeout_s)
+
+    def _process(self, batch: list[_Work]) -> None:
+        rounds: list[_Round] = []
+        next_round: dict[str, int] = {}
+        for work in batch:
+            if work.msg.type == MessageType.STATS:
+                self._send(work, MessageType.ACK, {F_STATS: self.stats()})
+                continue
+            stream = work.stream
+            index = next_round.get(stream, 0)
+            while len(rounds) <= index:
+                rounds.append(_Round())
+            if work.msg.type == MessageType.PUSH:
+                try:
+                    work.chunk = self.engine.validate(work.msg.arrays[A_CHUNK])
+                except InvalidInputError as exc:
+                    work.invalid = exc
+                rounds[index].pushes.append(work)
+                next_round[stream] = index + 1
+            else:
+                rounds[index].before.append(work)
+        for round_ in rounds:
+            for work in round_.before:
+                self._apply_single(work)
+            self._apply_pushes(round_.pushes)
+
+    # ---- applying requests (compute thread) -------------------------------------------
+
+    def _admit(self, work: _Work) -> int | None:
+        """Sequence check; answers duplicates/errors itself. Returns the expected seq or None."""
+        decision = self._seq.check(work.stream, work.seq, work.msg.type)
+        if decision.verdict is Verdict.APPLY:
+            return decision.expected
+        if decision.verdict is Verdict.REPLAY:
+            self._count("duplicates_replayed")
+            assert decision.reply is not None
+            msg_type, header, arrays = decision.reply
+            self._send(work, msg_type, header, arrays)
+        elif decision.verdict is Verdict.EXPIRED:
+            self._count("expired_replies")
+            self._send(work, MessageType.EXPIRED, {
+                F_STREAM: work.stream, F_SEQ: work.seq, F_EXPECTED: decision.expected,
+                F_MESSAGE: decision.message})
+        else:
+            assert decision.code is not None
+            self._send_error(work, decision.code, decision.message, decision.expected)
+        return None
+
+    def _apply_single(self, work: _Work) -> None:
+        msg_type = work.msg.type
+        stream = work.stream
+        if msg_type == MessageType.OPEN:
+            next_seq = self._seq.open(stream)
+            self._send(work, MessageType.ACK, {F_STREAM: stream, F_NEXT_SEQ: next_seq,
+                                               "worker": self.describe()})
+            return
+        expected = self._admit(work)
+        if expected is None:
+            return
+        seq = work.seq
+        try:
+            if msg_type == MessageType.RESET:
+                if stream in self.engine:  # a stream without a slot is in its initial state
+                    self.engine.reset(stream)
+                reply: CachedReply = (MessageType.ACK,
+                                      {F_STREAM: stream, F_SEQ: seq, F_NEXT_SEQ: seq + 1}, {})
+                self._seq.applied(stream, seq, reply)
+            elif msg_type == MessageType.CLOSE:
+                if stream in self.engine:
+                    self.engine.close(stream)
+                reply = (MessageType.ACK, {F_STREAM: stream, F_SEQ: seq, F_NEXT_SEQ: 0}, {})
+                self._seq.closed(stream, seq, reply)
+            else:
+                reply = self._generate(work)
+                self._seq.applied(stream, seq, reply)
+        except StreamRNNError as exc:
+            self._send_error(work, exc.code, str(exc), expected)
+            return
+        except ValueError as exc:
+            self._send_error(work, ErrorCode.BAD_VALUE, str(exc), expected)
+            return
+        except Exception as exc:
+            log.exception("%s of stream %r failed", msg_type.name, stream)
+            self._send_error(work, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}", expected)
+            return
+        self._count(f"applied_{msg_type.name.lower()}")
+        self._send(work, *reply)
+
+    def _generate(self, work: _Work) -> CachedReply:
+        generate = getattr(self.engine, "generate", None)
+        if generate is None:
+            raise NotSupportedError("this worker's engine does not support GENERATE yet")
+        header = work.msg.header
+        out = np.asarray(generate(
+            work.stream, work.msg.arrays[A_PROMPT], steps=header[F_STEPS],
+            sample=header.get("sample", "greedy"), temperature=header.get("temperature", 1.0),
+            top_k=header.get("top_k"), seed=header.get("seed"),
+            end_token=header.get("end_token"),
+        ))
+        return (MessageType.OUTPUT, {F_STREAM: work.stream, F_SEQ: work.seq,
+                                     F_STEPS: int(out.shape[0]) if out.ndim else 0},
+                {A_OUTPUT: out})
+
+    def _apply_pushes(self, pushes: list[_Work]) -> None:
+        ready: dict[str, _Work] = {}
+        for work in pushes:
+            expected = self._admit(work)
+            if expected is None:
+                continue
+            if work.invalid is not None:
+                self._send_error(work, work.invalid.code, str(work.invalid), expected)
+                continue
+            ready[work.stream] = work
+        if not ready:
+            return
+        new_streams = [s for s in ready if s not in self.engine]
+        free = self.engine.free_slots
+        for stream in new_streams[free:]:
+            work = ready.pop(stream)
+            self._send_error(work, ErrorCode.ENGINE_FULL,
+                             f"all {self.engine.slots} slots are taken; close a stream or "
+                             "retry later", work.seq)
+        if not ready:
+            return
+        try:
+            outputs = self.engine.push_many({s: w.chunk for s, w in ready.items()})
+        except Exception:
+            log.exception("batched push failed; retrying the %d chunks one by one", len(ready))
+            outputs = {}
+            for stream, work in ready.items():
+                try:
+                    outputs[stream] = self.engine.push(stream, work.chunk)
+                except StreamRNNError as exc:
+                    self._send_error(work, exc.code, str(exc), work.seq)
+                except Exception as exc:
+                    log.exception("push of stream %r failed", stream)
+                    self._send_error(work, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}",
+                                     work.seq)
+        self._count("batches")
+        self._count("applied_push", len(outputs))
+        self._count("timesteps", sum(len(o) for o in outputs.values()))
+        for stream, out in outputs.items():
+            work = ready[stream]
+            reply: CachedReply = (MessageType.OUTPUT,
+                                  {F_STREAM: stream, F_SEQ: work.seq, F_STEPS: len(out)},
+                                  {A_OUTPUT: out})
+            self._seq.applied(stream, work.seq, reply)
+            self._send(work, *reply)
+
+    # ---- replies (compute thread) -----------------------------------------------------
+
+    def _send(self, work: _Work, msg_type: MessageType, header: dict[str, Any],
+              arrays: dict[str, np.ndarray] | None = None) -> None:
+        if work.rid is not None:
+            header = {**header, F_REQUEST_ID: work.rid}
+        self._pipe.send_multipart([work.identity, *encode(msg_type, header, arrays)],
+                                  copy=False)
+
+    def _send_error(self, work: _Work, code: ErrorCode | int, message: str,
+                    expected: int | None = None) -> None:
+        self._count_error(code)
+        header = _echo(work.msg)
+        header.update({F_CODE: int(code), F_MESSAGE: message})
+        if expected is not None:
+            header[F_EXPECTED] = expected
+        self._send(work, MessageType.ERROR, header)
+
+
+def _echo(msg: Message) -> dict[str, Any]:
+    """The matching fields of a request, to copy into its reply."""
+    return {k: msg.header[k] for k in (F_REQUEST_ID, F_STREAM, F_SEQ) if k in msg.header}
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with numpy scalars/arrays turned into msgpack-friendly Python objects."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+__all__ = ["StreamWorker", "WorkerConfig"]

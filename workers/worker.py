@@ -1,0 +1,94 @@
+"""The stream worker process: ``python -m workers.worker --model M.keras --slots 64 ...``.
+
+Loads the model into an :class:`~streamrnn.Engine`, serves it with a
+:class:`~streamrnn.server.StreamWorker`, logs a ready line with the bound endpoint
+(``--bind tcp://127.0.0.1:0`` picks a free port), and on SIGTERM/SIGINT finishes queued
+work, sends its replies and exits 0. The same entry point backs ``streamrnn worker``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+log = logging.getLogger("streamrnn.worker")
+
+READY_MARKER = "streamrnn worker ready on "
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The worker's command-line options (shared with ``streamrnn worker``)."""
+    from streamrnn.protocol import MAX_FRAME_BYTES
+
+    parser.add_argument("--model", required=True, help="trained Keras model (.keras file)")
+    parser.add_argument("--slots", type=int, default=64, help="concurrent streams (batch rows)")
+    parser.add_argument("--bind", default="tcp://127.0.0.1:5555",
+                        help="ZeroMQ endpoint for the ROUTER socket; port 0 picks a free port "
+                             "(the ready line shows the real one)")
+    parser.add_argument("--batch-window-us", type=int, default=500,
+                        help="wait this long for more requests to batch into one step")
+    parser.add_argument("--max-queue", type=int, default=4096,
+                        help="requests waiting for compute before the worker answers BUSY")
+    parser.add_argument("--idle-timeout-s", type=float, default=0.0,
+                        help="expire streams idle this long, answering EXPIRED (0: never)")
+    parser.add_argument("--max-frame-bytes", type=int, default=MAX_FRAME_BYTES,
+                        help="ZMQ_MAXMSGSIZE: peers sending a bigger frame are disconnected")
+    parser.add_argument("--max-bucket", type=int, default=64,
+                        help="longest padded step (power of two); longer chunks are split")
+    parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                        help="trace every step bucket before announcing ready")
+    parser.add_argument("--checkpoint-dir", default=None,
+                        help="accepted and stored only: durable checkpoints of stream states "
+                             "are a later issue, nothing is written yet")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM/SIGINT; returns the exit status."""
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from streamrnn.engine import Engine
+    from streamrnn.server import StreamWorker, WorkerConfig
+
+    engine = Engine.from_keras(args.model, slots=args.slots, max_bucket=args.max_bucket)
+    if args.warmup:
+        engine.runner.warmup()
+    config = WorkerConfig(
+        bind=args.bind, batch_window_us=args.batch_window_us, max_queue=args.max_queue,
+        idle_timeout_s=args.idle_timeout_s, max_frame_bytes=args.max_frame_bytes,
+        checkpoint_dir=args.checkpoint_dir, model_name=os.path.basename(args.model),
+    )
+    worker = StreamWorker(engine, config)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("received %s: finishing queued work, then exiting",
+                 signal.Signals(signum).name)
+        worker.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    endpoint = worker.start()
+    log.info("%s%s (slots=%d, model=%s, kernel=%s)", READY_MARKER, endpoint, engine.slots,
+             config.model_name, engine.kernel)
+    if args.checkpoint_dir:
+        log.warning("--checkpoint-dir %s is stored but not used yet", args.checkpoint_dir)
+    while not worker.join(timeout=0.2):  # short joins keep the signal handlers responsive
+        pass
+    log.info("worker stopped cleanly")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = add_arguments(argparse.ArgumentParser(
+        prog="python -m workers.worker", description="streamrnn stream worker"))
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -248,3 +248,71 @@ class Engine:
     def restore(self, stream: str, snapshot: StateSnapshot) -> None:
         """Open ``stream`` (if needed) and make it continue from ``snapshot``."""
         self.bank.restore(self.open(stream), snapshot)
+
+    # ---- closed-loop generation (streamrnn.generate) ----------------------------------
+
+    def generate(
+        self,
+        stream: str,
+        prompt: Any,
+        steps: int = 100,
+        sample: str = "greedy",
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        seed: int | None = 0,
+        end_token: int | None = None,
+        feedback: Any = None,
+    ) -> np.ndarray:
+        """Prime ``stream`` with ``prompt``, then feed each output back as the next input.
+
+        The prompt goes through the normal push path (the stream is opened if new). Every
+        generated value is then fed in, so afterwards the stream has consumed
+        ``prompt + returned values`` and a later :meth:`push` continues from there, exactly
+        as one offline call on the concatenated sequence would.
+
+        Args:
+            prompt: a chunk as for :meth:`push` (token ids ``(T,)``, or ``(T, D)`` floats;
+                one-hot models also take ids). T >= 1.
+            steps: values to generate (fewer if ``end_token`` comes first).
+            sample: ``"greedy"`` (argmax), ``"temperature"`` (alias ``"sample"``) or
+                ``"top_k"``: token models only.
+            temperature: divides the logits before sampling.
+            top_k: sample among the k most likely tokens.
+            seed: sampling is a pure function of (seed, stream id, step): reproducible, and
+                independent of slots and of other streams in the batch.
+            end_token: stop this stream after emitting (and consuming) this token.
+            feedback: None (rule chosen from the model), ``"tokens"``, ``"onehot"``,
+                ``"prediction"``, or a callable ``y (slots, out) -> next input`` written in
+                TF ops; see :mod:`streamrnn.generate`.
+
+        Returns:
+            token models: ``(n,)`` int32 ids; regression models: ``(n, D)`` float32.
+        """
+        return self.generate_many(
+            {stream: prompt}, steps=steps, sample=sample, temperature=temperature,
+            top_k=top_k, seed=seed, end_token=end_token, feedback=feedback,
+        )[stream]
+
+    def generate_many(
+        self,
+        prompts: Mapping[str, Any],
+        steps: int = 100,
+        sample: str = "greedy",
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        seed: int | Mapping[str, int] | None = 0,
+        end_token: int | None = None,
+        feedback: Any = None,
+    ) -> dict[str, np.ndarray]:
+        """:meth:`generate` for several streams in the same batched compiled steps.
+
+        A stream that emits ``end_token`` stops; the others go on. Each stream's result
+        equals what :meth:`generate` alone would return. ``seed`` may be a mapping
+        stream -> seed.
+        """
+        from streamrnn.generate import generate_many
+
+        return generate_many(
+            self, prompts, steps=steps, sample=sample, temperature=temperature,
+            top_k=top_k, seed=seed, end_token=end_token, feedback=feedback,
+        )

@@ -105,3 +105,42 @@ class RequestTimeoutError(StreamRNNError, TimeoutError):
     """No reply arrived within the client's timeout (after retries)."""
 
     code = ErrorCode.TIMEOUT
+
+
+# ERROR replies raised on the client side: each is a RemoteError *and* the exception the
+# in-process Engine would raise for the same failure, so `except UnknownStreamError` works
+# the same in both places.
+
+
+class RemoteInvalidInputError(RemoteError, InvalidInputError):
+    """The worker rejected a chunk or argument (shape, dtype, NaN, empty, too large, ...)."""
+
+
+class RemoteUnknownStreamError(RemoteError, UnknownStreamError):
+    """The worker does not hold the stream."""
+
+
+class RemoteEngineFullError(RemoteError, EngineFullError):
+    """Every slot of the worker is taken."""
+
+
+class RemoteNotSupportedError(RemoteError, NotSupportedError):
+    """The worker does not support the request (e.g. GENERATE on this model)."""
+
+
+_REMOTE_CLASSES: dict[int, type[RemoteError]] = {
+    ErrorCode.BAD_SHAPE: RemoteInvalidInputError,
+    ErrorCode.BAD_DTYPE: RemoteInvalidInputError,
+    ErrorCode.NON_FINITE: RemoteInvalidInputError,
+    ErrorCode.EMPTY_CHUNK: RemoteInvalidInputError,
+    ErrorCode.TOO_LARGE: RemoteInvalidInputError,
+    ErrorCode.BAD_VALUE: RemoteInvalidInputError,
+    ErrorCode.UNKNOWN_STREAM: RemoteUnknownStreamError,
+    ErrorCode.ENGINE_FULL: RemoteEngineFullError,
+    ErrorCode.NOT_SUPPORTED: RemoteNotSupportedError,
+}
+
+
+def remote_error(code: int, message: str, expected_seq: int | None = None) -> RemoteError:
+    """The exception for an ERROR reply with ``code`` (a RemoteError subclass)."""
+    return _REMOTE_CLASSES.get(code, RemoteError)(code, message, expected_seq)

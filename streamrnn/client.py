@@ -1,0 +1,576 @@
+"""Client: publish chunks of many streams to a stream worker and get their outputs.
+
+One DEALER socket, owned by a background I/O thread; the public methods only enqueue
+requests and return (or wait on) :class:`concurrent.futures.Future` objects, so a Client is
+safe to share between threads.
+
+Per stream, the client numbers its requests (``seq`` from 0) and keeps up to ``window`` of
+them in flight (pipelining); outputs come back in order. Lost replies are retried after
+``timeout`` (up to ``retries`` times): the worker answers a duplicate from its reply cache
+and never applies a chunk twice. BUSY answers are retried with exponential backoff (for at
+most ``timeout`` seconds). When a request fails without being applied (bad chunk, engine
+full, ...), the requests after it are renumbered and resent, so the stream behaves exactly
+like the in-process ``Engine``: the failed chunk is skipped, the next ones apply.
+
+Example::
+
+    with Client("tcp://127.0.0.1:5555") as client:
+        y = client.push("sensor-7", chunk)                 # (T, D) -> (T, output_dim)
+        ys = client.push_many({"a": c1, "b": c2})          # dict of outputs
+        for y in client.push_iter("sensor-7", chunks):     # pipelined, in order
+            ...
+        client.reset("sensor-7"); client.close("sensor-7")
+
+Outputs are read-only arrays over the received frames (zero-copy); ``.copy()`` them to
+write.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import queue
+import random
+import socket
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zmq
+
+from streamrnn.codec import Message, decode_reply, encode
+from streamrnn.errors import (
+    ProtocolError,
+    RequestTimeoutError,
+    StreamExpiredError,
+    StreamRNNError,
+    WorkerBusyError,
+    remote_error,
+)
+from streamrnn.protocol import (
+    A_CHUNK,
+    A_OUTPUT,
+    A_PROMPT,
+    F_CODE,
+    F_EXPECTED,
+    F_MESSAGE,
+    F_NEXT_SEQ,
+    F_REQUEST_ID,
+    F_RETRY_AFTER_MS,
+    F_SEQ,
+    F_STATS,
+    F_STEPS,
+    F_STREAM,
+    F_VERSIONS,
+    MAX_STREAM_ID_BYTES,
+    PROTOCOL_VERSION,
+    REPLY_CACHE_SIZE,
+    SEQUENCED_TYPES,
+    SUPPORTED_VERSIONS,
+    ErrorCode,
+    MessageType,
+)
+
+log = logging.getLogger("streamrnn.client")
+
+# sent alone: nothing else of the same stream is in flight with them
+_BARRIERS = (MessageType.OPEN, MessageType.CLOSE)
+
+
+@dataclass(eq=False)
+class _Request:
+    kind: MessageType
+    stream: str | None
+    fields: dict[str, Any]
+    arrays: dict[str, np.ndarray]
+    future: Future
+    seq: int | None = None
+    rid: int = -1
+    deadline: float = math.inf
+    timeouts: int = 0
+    busy_since: float | None = None
+    busy_count: int = 0
+    busy_resend_at: float | None = None  # control requests: resend after a BUSY backoff
+
+
+@dataclass(eq=False)
+class _Stream:
+    next_seq: int = 0
+    inflight: deque[_Request] = field(default_factory=deque)  # sent, in seq order
+    waiting: deque[_Request] = field(default_factory=deque)  # not sent yet
+    resend_from: int | None = None  # go-back-N: resend in-flight requests from this seq...
+    resend_at: float = 0.0  # ...at this time
+    needs_sync: bool = False  # ask the worker for next_seq (OPEN) before sending more
+
+
+class Client:
+    """A thread-safe connection to one stream worker.
+
+    Args:
+        endpoint: the worker's ZeroMQ endpoint, e.g. ``"tcp://127.0.0.1:5555"``.
+        timeout: seconds to wait for a reply before resending (and the longest time BUSY
+            answers are retried).
+        retries: resends after a timeout before the request fails with
+            :class:`~streamrnn.RequestTimeoutError`.
+        window: requests per stream in flight at once (at most the worker's reply cache).
+    """
+
+    def __init__(self, endpoint: str, timeout: float = 30.0, retries: int = 3, window: int = 8,
+                 *, context: zmq.Context | None = None):
+        if not 1 <= window <= REPLY_CACHE_SIZE:
+            raise ValueError(f"window must be in 1..{REPLY_CACHE_SIZE}, got {window}")
+        if timeout <= 0 or retries < 0:
+            raise ValueError("timeout must be > 0 and retries >= 0")
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.retries = retries
+        self.window = window
+        self.counters: Counter[str] = Counter()  # retries, busy, unmatched replies, ... (I/O)
+        self._ctx = context or zmq.Context.instance()
+        self._socket = self._ctx.socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.SNDHWM, 100_000)
+        self._socket.setsockopt(zmq.RCVHWM, 100_000)
+        self._socket.connect(endpoint)
+        self._submissions: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._rids = itertools.count(1)
+        self._streams: dict[str, _Stream] = {}
+        self._by_rid: dict[int, _Request] = {}
+        self._control: dict[int, _Request] = {}  # PING/STATS by rid
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._io_loop, name="streamrnn-client",
+                                        daemon=True)
+        self._thread.start()
+
+    # ---- public API --------------------------------------------------------------------
+
+    def push_async(self, stream: str, chunk: Any) -> Future:
+        """Queue ``chunk`` (``(T, D)`` float or ``(T,)`` int ids) for ``stream``.
+
+        Returns a Future of the outputs ``(T, output_dim)`` float32.
+        """
+        array = np.asarray(chunk)
+        if array.dtype == np.float64:
+            array = array.astype(np.float32)  # the engine computes in float32 anyway
+        return self._submit(MessageType.PUSH, _check_stream(stream), {}, {A_CHUNK: array})
+
+    def push(self, stream: str, chunk: Any) -> np.ndarray:
+        """Send one chunk and wait for its outputs ``(T, output_dim)``."""
+        return self.push_async(stream, chunk).result()
+
+    def push_many(self, chunks: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """One chunk for each of several streams (sent together, batched by the worker)."""
+        futures = {stream: self.push_async(stream, chunk) for stream, chunk in chunks.items()}
+        return {stream: future.result() for stream, future in futures.items()}
+
+    def push_iter(self, stream: str, chunks: Iterable[Any]) -> Iterator[np.ndarray]:
+        """Pipelined pushes of ``chunks`` to one stream; yields each output in order."""
+        pending: deque[Future] = deque()
+        for chunk in chunks:
+            pending.append(self.push_async(stream, chunk))
+            if len(pending) >= 2 * self.window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+    def reset_async(self, stream: str) -> Future:
+        return self._submit(MessageType.RESET, _check_stream(stream), {}, {})
+
+    def reset(self, stream: str) -> None:
+        """Put ``stream`` back to its initial state (ordered after its earlier pushes)."""
+        self.reset_async(stream).result()
+
+    def close_async(self, stream: str) -> Future:
+        return self._submit(MessageType.CLOSE, _check_stream(stream), {}, {})
+
+    def close(self, stream: str) -> None:
+        """Close ``stream`` on the worker (frees its slot; the id may be used again).
+
+        To close the client itself use :meth:`shutdown` or a ``with`` block.
+        """
+        self.close_async(stream).result()
+
+    def open(self, stream: str) -> dict[str, Any]:
+        """Ask the worker where ``stream`` stands and continue from there.
+
+        Returns the ACK header: ``next_seq`` (the next sequence number the worker expects)
+        and ``worker`` (slots, input kind and size, output size, limits).
+        """
+        return self._submit(MessageType.OPEN, _check_stream(stream), {}, {}).result()
+
+    def generate(self, stream: str, prompt: Any, steps: int, sample: str = "greedy",
+                 temperature: float = 1.0, top_k: int | None = None, seed: int | None = None,
+                 end_token: int | None = None) -> np.ndarray:
+        """Closed-loop decoding on the worker: feed ``prompt``, then ``steps`` own outputs."""
+        fields = {F_STEPS: int(steps), "sample": sample, "temperature": float(temperature),
+                  "top_k": top_k, "seed": seed, "end_token": end_token}
+        return self._submit(MessageType.GENERATE, _check_stream(stream), fields,
+                            {A_PROMPT: np.asarray(prompt)}).result()
+
+    def stats(self) -> dict[str, Any]:
+        """The worker's counters and engine stats."""
+        return self._submit(MessageType.STATS, None, {}, {}).result()
+
+    def ping(self) -> dict[str, Any]:
+        """Round trip to the worker; returns the PONG header (versions, worker facts)."""
+        return self._submit(MessageType.PING, None, {F_VERSIONS: list(SUPPORTED_VERSIONS)},
+                            {}).result()
+
+    def shutdown(self) -> None:
+        """Stop the I/O thread and close the socket; pending requests fail."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._submissions.put(None)
+        self._wake()
+        self._thread.join()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
+
+    # ---- submission (any thread) -------------------------------------------------------
+
+    def _submit(self, kind: MessageType, stream: str | None, fields: dict[str, Any],
+                arrays: dict[str, np.ndarray]) -> Future:
+        if self._closed:
+            raise StreamRNNError("client is shut down")
+        future: Future = Future()
+        self._submissions.put(_Request(kind, stream, fields, arrays, future))
+        self._wake()
+        return future
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # already a wake-up byte pending (or closing)
+
+    # ---- I/O thread --------------------------------------------------------------------
+
+    def _io_loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._socket, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        next_check = 0.0
+        try:
+            while True:
+                now = time.monotonic()
+                wait_ms = max(0, min(100, int((self._next_timer(now) - now) * 1000) + 1))
+                events = dict(poller.poll(wait_ms))
+                if self._wake_r in events:
+                    try:
+                        while self._wake_r.recv(4096):
+                            pass
+                    except BlockingIOError:
+                        pass
+                if not self._take_submissions():
+                    break
+                if self._socket in events:
+                    self._read_replies()
+                now = time.monotonic()
+                if now >= next_check:
+                    self._check_timers(now)
+                    next_check = now + 0.005
+        except Exception as exc:  # pragma: no cover - a bug; do not leave callers hanging
+            log.exception("client I/O thread failed")
+            self._fail_everything(StreamRNNError(f"client I/O thread failed: {exc}"))
+        finally:
+            self._fail_everything(StreamRNNError("client is shut down"))
+            self._socket.close(linger=0)
+            self._wake_r.close()
+            self._wake_w.close()
+
+    def _take_submissions(self) -> bool:
+        touched: set[str] = set()
+        while True:
+            try:
+                request = self._submissions.get_nowait()
+            except queue.Empty:
+                break
+            if request is None:
+                return False
+            if request.stream is None:
+                request.rid = next(self._rids)
+                self._control[request.rid] = request
+                self._send(request)
+            else:
+                self._streams.setdefault(request.stream, _Stream()).waiting.append(request)
+                touched.add(request.stream)
+        for stream in touched:
+            self._pump(self._streams[stream])
+        return True
+
+    def _pump(self, st: _Stream) -> None:
+        """Send waiting requests of one stream while its window and barriers allow."""
+        if st.resend_from is not None:
+            return  # resend first, then new requests, to keep the stream's order
+        while st.waiting:
+            if st.inflight and st.inflight[-1].kind in _BARRIERS:
+                return
+            if st.needs_sync:
+                if st.inflight:
+                    return
+                st.needs_sync = False
+                st.waiting.appendleft(_Request(MessageType.OPEN, st.waiting[0].stream, {}, {},
+                                               Future()))
+            request = st.waiting[0]
+            if request.kind in _BARRIERS and st.inflight:
+                return
+            if len(st.inflight) >= self.window:
+                return
+            st.waiting.popleft()
+            if request.kind in SEQUENCED_TYPES:
+                request.seq = st.next_seq
+                st.next_seq += 1
+            request.rid = next(self._rids)
+            self._by_rid[request.rid] = request
+            st.inflight.append(request)
+            self._send(request)
+
+    def _send(self, request: _Request) -> None:
+        header: dict[str, Any] = {"v": PROTOCOL_VERSION, F_REQUEST_ID: request.rid,
+                                  **request.fields}
+        if request.stream is not None:
+            header[F_STREAM] = request.stream
+        if request.seq is not None:
+            header[F_SEQ] = request.seq
+        request.deadline = time.monotonic() + self.timeout
+        try:
+            frames = encode(request.kind, header, request.arrays)
+        except ProtocolError as exc:  # e.g. a dtype that cannot travel: fail just this one
+            self._finish(request, exc=exc, not_applied=True)
+            return
+        try:
+            self._socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            self.counters["send_would_block"] += 1  # retried on timeout
+
+    def _read_replies(self) -> None:
+        for _ in range(10_000):
+            try:
+                frames = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                msg = decode_reply(frames)
+            except ProtocolError as exc:
+                self.counters["bad_replies"] += 1
+                log.warning("undecodable reply from worker: %s", exc)
+                continue
+            self._on_reply(msg)
+
+    def _on_reply(self, msg: Message) -> None:
+        rid = msg.header.get(F_REQUEST_ID)
+        request = self._by_rid.get(rid) or self._control.get(rid)
+        if request is None:
+            self.counters["unmatched_replies"] += 1  # late duplicate or renumbered request
+            return
+        kind = msg.type
+        if kind == MessageType.BUSY:
+            self._on_busy(request, msg)
+        elif kind == MessageType.OUTPUT:
+            self._finish(request, result=msg.arrays[A_OUTPUT])
+        elif kind == MessageType.ACK:
+            if request.kind == MessageType.STATS:
+                self._finish(request, result=msg.header.get(F_STATS, {}))
+            else:
+                self._on_ack(request, msg)
+        elif kind == MessageType.PONG:
+            self._finish(request, result=msg.header)
+        elif kind == MessageType.EXPIRED:
+            self.counters["expired"] += 1
+            st = self._streams.get(request.stream or "")
+            if st is not None:
+                st.needs_sync = True  # the worker forgot the stream: learn next_seq again
+            self._finish(request, exc=StreamExpiredError(msg.header.get(F_MESSAGE, "expired")))
+        elif kind == MessageType.ERROR:
+            self._on_error(request, msg)
+
+    def _on_ack(self, request: _Request, msg: Message) -> None:
+        st = self._streams.get(request.stream or "")
+        if st is not None and request.kind == MessageType.OPEN:
+            st.next_seq = int(msg.header.get(F_NEXT_SEQ, 0))
+        elif st is not None and request.kind == MessageType.CLOSE:
+            st.next_seq = 0  # the worker forgot the stream; the id starts over
+        self._finish(request, result=msg.header if request.kind == MessageType.OPEN else None)
+
+    def _on_busy(self, request: _Request, msg: Message) -> None:
+        self.counters["busy"] += 1
+        now = time.monotonic()
+        if request.busy_since is None:
+            request.busy_since = now
+        if now - request.busy_since > self.timeout:
+            exc = WorkerBusyError(f"worker answered BUSY for {self.timeout:.1f} s")
+            if request.stream is None:
+                self._finish(request, exc=exc)
+            else:
+                self._fail_stream(self._streams[request.stream], exc)
+            return
+        base = max(msg.header.get(F_RETRY_AFTER_MS, 1), 1) / 1000
+        delay = min(0.25, base * 2 ** min(request.busy_count, 8)) * (0.5 + random.random())
+        request.busy_count += 1
+        if request.stream is None:
+            request.busy_resend_at = now + delay
+            return
+        self._schedule_resend(self._streams[request.stream], request, now + delay)
+
+    def _on_error(self, request: _Request, msg: Message) -> None:
+        code = msg.header.get(F_CODE, ErrorCode.INTERNAL)
+        expected = msg.header.get(F_EXPECTED)
+        st = self._streams.get(request.stream or "")
+        if st is not None and code == ErrorCode.SEQ_GAP and expected is not None:
+            # An earlier request of ours was not applied (BUSY, lost): go back to it.
+            target = next((r for r in st.inflight if r.seq == expected), None)
+            if target is not None and expected < (request.seq or 0):
+                self.counters["go_back"] += 1
+                self._schedule_resend(st, target, time.monotonic())
+                return
+        exc = remote_error(code, msg.header.get(F_MESSAGE, ""), expected)
+        not_applied = request.seq is not None and expected == request.seq
+        if st is not None and code in (ErrorCode.SEQ_GAP, ErrorCode.SEQ_STALE,
+                                       ErrorCode.UNKNOWN_STREAM):
+            st.needs_sync = True  # our numbering and the worker's disagree
+        self._finish(request, exc=exc, not_applied=not_applied)
+
+    # ---- completion, renumbering, resends (I/O thread) --------------------------------
+
+    def _finish(self, request: _Request, result: Any = None, exc: BaseException | None = None,
+                not_applied: bool = False) -> None:
+        self._by_rid.pop(request.rid, None)
+        self._control.pop(request.rid, None)
+        st = self._streams.get(request.stream) if request.stream is not None else None
+        if st is not None:
+            try:
+                st.inflight.remove(request)
+            except ValueError:
+                pass
+            if not_applied and request.seq is not None:
+                self._renumber_after(st, request.seq)
+        if not request.future.done():
+            if exc is None:
+                request.future.set_result(result)
+            else:
+                request.future.set_exception(exc)
+        if st is not None:
+            self._pump(st)
+
+    def _renumber_after(self, st: _Stream, seq: int) -> None:
+        """Request ``seq`` failed unapplied: later in-flight ones move down by one."""
+        later = [r for r in st.inflight if r.seq is not None and r.seq > seq]
+        st.next_seq -= 1
+        if st.resend_from is not None and st.resend_from > seq:
+            st.resend_from -= 1
+        if not later:
+            return
+        self.counters["renumbered"] += len(later)
+        for request in later:
+            self._by_rid.pop(request.rid, None)
+            request.seq -= 1
+            request.rid = next(self._rids)  # replies to the old numbering are ignored
+            self._by_rid[request.rid] = request
+        self._schedule_resend(st, later[0], time.monotonic())
+
+    def _schedule_resend(self, st: _Stream, first: _Request, at: float) -> None:
+        if st.resend_from is None:
+            st.resend_from, st.resend_at = first.seq, at
+        else:
+            st.resend_from = min(st.resend_from, first.seq)
+
+    def _resend(self, st: _Stream) -> None:
+        start, st.resend_from = st.resend_from, None
+        for request in list(st.inflight):
+            if request.seq is not None and request.seq >= start:
+                self.counters["resent"] += 1
+                self._send(request)
+        self._pump(st)
+
+    def _fail_stream(self, st: _Stream, exc: BaseException) -> None:
+        """Fail everything queued for a stream; the next request re-syncs with OPEN."""
+        requests = list(st.inflight) + list(st.waiting)
+        st.inflight.clear()
+        st.waiting.clear()
+        st.resend_from = None
+        st.needs_sync = True
+        for request in requests:
+            self._by_rid.pop(request.rid, None)
+            if not request.future.done():
+                request.future.set_exception(exc)
+
+    def _next_timer(self, now: float) -> float:
+        soonest = now + 0.1
+        for st in self._streams.values():
+            if st.resend_from is not None:
+                soonest = min(soonest, st.resend_at)
+        return soonest
+
+    def _check_timers(self, now: float) -> None:
+        for st in list(self._streams.values()):
+            if st.resend_from is not None and now >= st.resend_at:
+                self._resend(st)
+            if st.inflight and now > st.inflight[0].deadline:
+                self._on_timeout(st, st.inflight[0])
+        for request in list(self._control.values()):
+            if request.busy_resend_at is not None:
+                if now >= request.busy_resend_at:  # the backoff after a BUSY is over
+                    request.busy_resend_at = None
+                    self._send(request)
+            elif now > request.deadline:
+                self._on_timeout(None, request)
+
+    def _on_timeout(self, st: _Stream | None, request: _Request) -> None:
+        request.timeouts += 1
+        if request.timeouts > self.retries:
+            exc = RequestTimeoutError(
+                f"no reply from {self.endpoint} for {request.kind.name} after "
+                f"{self.retries + 1} tries of {self.timeout:.1f} s")
+            if st is None:
+                self._finish(request, exc=exc)
+            else:
+                self._fail_stream(st, exc)
+            return
+        self.counters["timeouts_retried"] += 1
+        if st is None or request.seq is None:
+            self._send(request)
+        else:
+            st.resend_from = None
+            self._schedule_resend(st, request, 0.0)
+            self._resend(st)
+
+    def _fail_everything(self, exc: BaseException) -> None:
+        for st in self._streams.values():
+            self._fail_stream(st, exc)
+        for request in list(self._control.values()):
+            if not request.future.done():
+                request.future.set_exception(exc)
+        self._control.clear()
+        while True:
+            try:
+                request = self._submissions.get_nowait()
+            except queue.Empty:
+                break
+            if request is not None and not request.future.done():
+                request.future.set_exception(exc)
+
+
+def _check_stream(stream: str) -> str:
+    if not isinstance(stream, str) or not 0 < len(stream.encode()) <= MAX_STREAM_ID_BYTES:
+        raise ValueError(f"stream ids are non-empty str of at most {MAX_STREAM_ID_BYTES} "
+                         f"UTF-8 bytes, got {stream!r}")
+    return stream
+
+
+__all__ = ["Client"]

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streamrnn import Engine
+from streamrnn import Engine, EngineFullError
 from tests.modelzoo import ModelSpec, build_model, offline, random_input
 
 TOL = 1e-5
@@ -231,3 +231,51 @@ def test_mask_zero_embedding_streams_like_offline():
     got = np.concatenate([engine.push("s", ids[:4]), engine.push("s", ids[4:7]),
                           engine.push("s", ids[7:])])
     np.testing.assert_allclose(got, offline(model, ids), atol=TOL, rtol=0)
+
+
+def test_more_streams_than_slots_swap_to_host_and_back_with_identical_outputs():
+    spec = ModelSpec("lstm", layers=2)
+    model = build_model(spec)
+    engine = Engine.from_keras(model, slots=3, max_bucket=8, max_streams=12)
+    rng = np.random.default_rng(7)
+    sequences = {f"s{i}": random_input(spec, 30, rng) for i in range(10)}
+    position = dict.fromkeys(sequences, 0)
+    segment_start = dict.fromkeys(sequences, 0)
+    outputs = {s: [] for s in sequences}
+    while any(p < 30 for p in position.values()):
+        # Random arrival order; sometimes more streams in one call than there are slots.
+        pending = [s for s in sequences if position[s] < 30]
+        chosen = rng.choice(pending, size=min(len(pending), int(rng.integers(1, 6))),
+                            replace=False)
+        batch = {}
+        for s in chosen:
+            n = int(rng.integers(1, 9))
+            batch[s] = sequences[s][position[s]:position[s] + n]
+            position[s] += len(batch[s])
+        for s, out in engine.push_many(batch).items():
+            outputs[s].append(out)
+        if rng.random() < 0.2:
+            victim = str(rng.choice(engine.streams))
+            engine.reset(victim)  # may be swapped out at this moment
+            outputs[victim] = []
+            segment_start[victim] = position[victim]
+    for s, seq in sequences.items():
+        if segment_start[s] == len(seq):  # reset after its last chunk
+            assert outputs[s] == []
+            continue
+        expected = offline(model, seq[segment_start[s]:])
+        np.testing.assert_allclose(np.concatenate(outputs[s]), expected, atol=TOL, rtol=0)
+    stats = engine.stats()
+    assert stats["swaps_out"] > 0 and stats["swaps_in"] > 0
+    assert stats["streams"] == 10 and stats["swapped_streams"] == 7
+
+
+def test_max_streams_limit_is_a_clear_error():
+    engine = Engine.from_keras(build_model(ModelSpec("gru")), slots=2, max_streams=3)
+    for s in "abc":
+        engine.push(s, np.zeros((1, 5), np.float32))
+    with pytest.raises(EngineFullError, match="max_streams=3"):
+        engine.push("d", np.zeros((1, 5), np.float32))
+    engine.close("a")  # a swapped-out stream can be closed too
+    engine.push("d", np.zeros((1, 5), np.float32))
+    assert sorted(engine.streams) == ["b", "c", "d"]

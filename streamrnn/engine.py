@@ -401,3 +401,36 @@ class Engine:
             self, prompts, steps=steps, sample=sample, temperature=temperature,
             top_k=top_k, seed=seed, end_token=end_token, feedback=feedback,
         )
+
+    # ---- whole-engine state (durability) ----------------------------------------------
+
+    @property
+    def state_layout(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(dtype, row shape) of every state variable: identifies the model's state format."""
+        return [(str(r.dtype), tuple(r.shape)) for r in self.bank.initial_rows]
+
+    def export_states(self) -> dict[str, tuple[StateSnapshot, int]]:
+        """Every live stream's ``(state rows, steps since reset)``, resident or swapped."""
+        resident = [s for s in self.table]
+        out: dict[str, tuple[StateSnapshot, int]] = {}
+        if resident:
+            rows = self.bank.read([self.table.slot_of(s) for s in resident])
+            for k, s in enumerate(resident):
+                out[s] = ([r[k].copy() for r in rows], self.table.info(s).steps)
+        for s, parked in self._swapped.items():
+            out[s] = ([r.copy() for r in parked.state], parked.steps)
+        return out
+
+    def import_states(self, states: Mapping[str, tuple[StateSnapshot, int]]) -> None:
+        """Open (or overwrite) each stream with the given state rows and step count."""
+        if len([s for s in states if s not in self]) > self.capacity_left:
+            raise EngineFullError(
+                f"cannot import {len(states)} streams: room for {self.capacity_left} "
+                f"(slots={self.slots}, max_streams={self.max_streams})"
+            )
+        for stream, (state, steps) in states.items():
+            if stream in self._swapped or (stream not in self.table and not self.table.free):
+                self._swapped[stream] = _SwappedStream([np.array(r) for r in state], steps)
+                continue
+            self.restore(stream, state)
+            self.table.info(stream).steps = steps

@@ -1,0 +1,165 @@
+"""Durable snapshots of stream states: every live stream's state rows, its last applied
+sequence number and the weights version, in one checksummed file written atomically.
+
+File layout (little-endian)::
+
+    b"SRNNCKPT"  8 bytes magic
+    u32          format version (1)
+    u64          body length in bytes
+    32 bytes     SHA-256 of the body
+    body         msgpack map (no pickle): {"model": str, "layout": [[dtype, shape], ...],
+                 "weights_version": int, "created": float, "streams": {id: {"next_seq": int,
+                 "steps": int, "state": [bytes, ...]}}}
+
+A truncated or corrupted file fails the length or checksum test and raises
+:class:`CheckpointError`; a checkpoint of a different model (other state layout) is refused.
+
+Example::
+
+    save_checkpoint(path, Checkpoint(model="m", layout=layout, streams={"a": record}))
+    ckpt = load_checkpoint(path)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgpack
+import numpy as np
+
+from streamrnn.errors import StreamRNNError
+
+MAGIC = b"SRNNCKPT"
+FORMAT_VERSION = 1
+_HEADER = struct.Struct("<8sIQ32s")
+
+StateLayout = list[tuple[str, tuple[int, ...]]]
+"""(dtype, row shape) of each state variable, in StateBank order."""
+
+
+class CheckpointError(StreamRNNError):
+    """A checkpoint file is missing, truncated, corrupted, or of another model."""
+
+
+@dataclass
+class StreamRecord:
+    """One stream in a checkpoint: state rows (one per variable), next expected sequence
+    number and timesteps since its last reset."""
+
+    state: list[np.ndarray]
+    next_seq: int = 0
+    steps: int = 0
+
+
+@dataclass
+class Checkpoint:
+    model: str
+    layout: StateLayout
+    streams: dict[str, StreamRecord] = field(default_factory=dict)
+    weights_version: int = 0
+    created: float = field(default_factory=time.time)
+
+
+def layout_of(rows: list[np.ndarray]) -> StateLayout:
+    return [(str(r.dtype), tuple(int(d) for d in r.shape)) for r in rows]
+
+
+def _encode(ckpt: Checkpoint) -> bytes:
+    streams = {}
+    for name, rec in ckpt.streams.items():
+        if layout_of(rec.state) != ckpt.layout:
+            raise CheckpointError(f"stream {name!r} state does not match the checkpoint layout")
+        streams[name] = {
+            "next_seq": int(rec.next_seq),
+            "steps": int(rec.steps),
+            "state": [np.ascontiguousarray(r).astype(r.dtype.newbyteorder("<")).tobytes()
+                      for r in rec.state],
+        }
+    return msgpack.packb(
+        {
+            "model": ckpt.model,
+            "layout": [[d, list(s)] for d, s in ckpt.layout],
+            "weights_version": int(ckpt.weights_version),
+            "created": float(ckpt.created),
+            "streams": streams,
+        },
+        use_bin_type=True,
+    )
+
+
+def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> int:
+    """Write ``ckpt`` atomically (temp file, fsync, rename, fsync dir). Returns bytes written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = _encode(ckpt)
+    blob = _HEADER.pack(MAGIC, FORMAT_VERSION, len(body), hashlib.sha256(body).digest()) + body
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return len(blob)
+
+
+def load_checkpoint(
+    path: str | os.PathLike, expect_layout: StateLayout | None = None
+) -> Checkpoint:
+    """Read and verify a checkpoint; raise CheckpointError if it is not intact.
+
+    Args:
+        expect_layout: if given, the serving model's state layout; a checkpoint of a model
+            with another layout is refused instead of being loaded into the wrong rows.
+    """
+    path = Path(path)
+    try:
+        blob = path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"no checkpoint at {path}") from None
+    if len(blob) < _HEADER.size:
+        raise CheckpointError(f"checkpoint {path} is truncated ({len(blob)} bytes)")
+    magic, version, length, digest = _HEADER.unpack_from(blob)
+    if magic != MAGIC:
+        raise CheckpointError(f"{path} is not a streamrnn checkpoint (bad magic {magic!r})")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has format version {version}, "
+                              f"this streamrnn reads {FORMAT_VERSION}")
+    body = blob[_HEADER.size:]
+    if len(body) != length:
+        raise CheckpointError(f"checkpoint {path} is truncated: body has {len(body)} of "
+                              f"{length} bytes")
+    if hashlib.sha256(body).digest() != digest:
+        raise CheckpointError(f"checkpoint {path} is corrupted (SHA-256 mismatch)")
+    try:
+        data = msgpack.unpackb(body, raw=False, strict_map_key=True)
+        layout: StateLayout = [(d, tuple(s)) for d, s in data["layout"]]
+        streams = {}
+        for name, rec in data["streams"].items():
+            state = [np.frombuffer(buf, dtype=np.dtype(d).newbyteorder("<")).reshape(s)
+                     .astype(d) for buf, (d, s) in zip(rec["state"], layout, strict=True)]
+            streams[name] = StreamRecord(state, int(rec["next_seq"]), int(rec["steps"]))
+        ckpt = Checkpoint(data["model"], layout, streams, int(data["weights_version"]),
+                          float(data["created"]))
+    except (KeyError, TypeError, ValueError, msgpack.UnpackException) as exc:
+        raise CheckpointError(f"checkpoint {path} has a malformed body: {exc}") from exc
+    if expect_layout is not None and [(d, tuple(s)) for d, s in expect_layout] != layout:
+        raise CheckpointError(
+            f"checkpoint {path} holds states of another model (layout {layout}, "
+            f"expected {expect_layout})"
+        )
+    return ckpt

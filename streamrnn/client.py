@@ -12,6 +12,10 @@ most ``timeout`` seconds). When a request fails without being applied (bad chunk
 full, ...), the requests after it are renumbered and resent, so the stream behaves exactly
 like the in-process ``Engine``: the failed chunk is skipped, the next ones apply.
 
+Streams live on the worker, not in the client: the first request of a stream in a Client
+asks the worker where the stream stands (OPEN) and continues from there. Call
+:meth:`Client.reset` to start a stream over, :meth:`Client.close` to free it.
+
 Example::
 
     with Client("tcp://127.0.0.1:5555") as client:
@@ -106,7 +110,9 @@ class _Stream:
     waiting: deque[_Request] = field(default_factory=deque)  # not sent yet
     resend_from: int | None = None  # go-back-N: resend in-flight requests from this seq...
     resend_at: float = 0.0  # ...at this time
-    needs_sync: bool = False  # ask the worker for next_seq (OPEN) before sending more
+    # Ask the worker for next_seq (OPEN) before sending: true for a stream this client has
+    # not used yet, so that it continues the worker's numbering instead of replaying seq 0.
+    needs_sync: bool = True
 
 
 class Client:
@@ -209,7 +215,7 @@ class Client:
         return self._submit(MessageType.OPEN, _check_stream(stream), {}, {}).result()
 
     def generate(self, stream: str, prompt: Any, steps: int, sample: str = "greedy",
-                 temperature: float = 1.0, top_k: int | None = None, seed: int | None = None,
+                 temperature: float = 1.0, top_k: int | None = None, seed: int | None = 0,
                  end_token: int | None = None) -> np.ndarray:
         """Closed-loop decoding on the worker: feed ``prompt``, then ``steps`` own outputs."""
         fields = {F_STEPS: int(steps), "sample": sample, "temperature": float(temperature),
@@ -325,8 +331,9 @@ class Client:
                 if st.inflight:
                     return
                 st.needs_sync = False
-                st.waiting.appendleft(_Request(MessageType.OPEN, st.waiting[0].stream, {}, {},
-                                               Future()))
+                if st.waiting[0].kind != MessageType.OPEN:
+                    st.waiting.appendleft(_Request(MessageType.OPEN, st.waiting[0].stream, {},
+                                                   {}, Future()))
             request = st.waiting[0]
             if request.kind in _BARRIERS and st.inflight:
                 return
@@ -423,7 +430,7 @@ class Client:
         base = max(msg.header.get(F_RETRY_AFTER_MS, 1), 1) / 1000
         delay = min(0.25, base * 2 ** min(request.busy_count, 8)) * (0.5 + random.random())
         request.busy_count += 1
-        if request.stream is None:
+        if request.seq is None:  # PING/STATS/OPEN: resent alone by the timer
             request.busy_resend_at = now + delay
             return
         self._schedule_resend(self._streams[request.stream], request, now + delay)
@@ -521,15 +528,18 @@ class Client:
         for st in list(self._streams.values()):
             if st.resend_from is not None and now >= st.resend_at:
                 self._resend(st)
-            if st.inflight and now > st.inflight[0].deadline:
-                self._on_timeout(st, st.inflight[0])
+            if st.inflight:
+                self._check_deadline(st, st.inflight[0], now)
         for request in list(self._control.values()):
-            if request.busy_resend_at is not None:
-                if now >= request.busy_resend_at:  # the backoff after a BUSY is over
-                    request.busy_resend_at = None
-                    self._send(request)
-            elif now > request.deadline:
-                self._on_timeout(None, request)
+            self._check_deadline(None, request, now)
+
+    def _check_deadline(self, st: _Stream | None, request: _Request, now: float) -> None:
+        if request.busy_resend_at is not None:
+            if now >= request.busy_resend_at:  # the backoff after a BUSY is over
+                request.busy_resend_at = None
+                self._send(request)
+        elif now > request.deadline:
+            self._on_timeout(st, request)
 
     def _on_timeout(self, st: _Stream | None, request: _Request) -> None:
         request.timeouts += 1

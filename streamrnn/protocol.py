@@ -177,7 +177,9 @@ REPLY_ARRAYS: dict[MessageType, dict[str, tuple[int, ...]]] = {
     MessageType.OUTPUT: {A_OUTPUT: (1, 2)},
 }
 
-GENERATE_SAMPLERS = frozenset({"greedy", "sample"})
+GENERATE_SAMPLERS = frozenset({"greedy", "sample", "temperature", "top_k"})
+#: Optional GENERATE fields passed on to ``engine.generate`` when present.
+GENERATE_OPTIONS = ("sample", "temperature", "top_k", "seed", "end_token")
 
 
 # ---------------------------------------------------------------------------------------

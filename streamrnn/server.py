@@ -61,6 +61,7 @@ from streamrnn.protocol import (
     F_STEPS,
     F_STREAM,
     F_VERSIONS,
+    GENERATE_OPTIONS,
     MAX_CHUNK_STEPS,
     MAX_FRAME_BYTES,
     MAX_MESSAGE_BYTES,
@@ -479,12 +480,9 @@ class StreamWorker:
         if generate is None:
             raise NotSupportedError("this worker's engine does not support GENERATE yet")
         header = work.msg.header
-        out = np.asarray(generate(
-            work.stream, work.msg.arrays[A_PROMPT], steps=header[F_STEPS],
-            sample=header.get("sample", "greedy"), temperature=header.get("temperature", 1.0),
-            top_k=header.get("top_k"), seed=header.get("seed"),
-            end_token=header.get("end_token"),
-        ))
+        options = {k: header[k] for k in GENERATE_OPTIONS if k in header}
+        out = np.asarray(generate(work.stream, work.msg.arrays[A_PROMPT], steps=header[F_STEPS],
+                                  **options))
         return (MessageType.OUTPUT, {F_STREAM: work.stream, F_SEQ: work.seq,
                                      F_STEPS: int(out.shape[0]) if out.ndim else 0},
                 {A_OUTPUT: out})

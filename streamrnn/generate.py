@@ -48,7 +48,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from streamrnn.errors import InvalidInputError, UnsupportedModelError
+from streamrnn.errors import EngineFullError, InvalidInputError, UnsupportedModelError
 from streamrnn.models import ServingModel
 from streamrnn.protocol import MAX_GENERATE_STEPS, ErrorCode
 from streamrnn.scheduler import bucket_for
@@ -462,22 +462,32 @@ def generate_many(
     for stream in prompts:
         if not isinstance(stream, str):
             raise InvalidInputError(f"stream ids are strings, got {stream!r}", ErrorCode.BAD_VALUE)
-    ready = {s: _normalise_prompt(engine, plan, p) for s, p in prompts.items()}
-    primed = engine.push_many(ready)  # validates every prompt and slot first; atomic
-    streams = list(primed)
-    slots = [engine.table.slot_of(s) for s in streams]
-    first = np.stack([primed[s][-1] for s in streams])
-    keys = []
-    for s in streams:
-        stream_seed = seed.get(s, 0) if isinstance(seed, Mapping) else (seed or 0)
-        keys.append(stream_key(int(stream_seed), s))
+    ready = {s: engine.validate(_normalise_prompt(engine, plan, p)) for s, p in prompts.items()}
+    new = [s for s in ready if s not in engine]
+    room = getattr(engine, "capacity_left", engine.free_slots)
+    if len(new) > room:
+        raise EngineFullError(
+            f"{len(new)} new streams but room for only {room} (slots={engine.slots}); "
+            "close streams or build the engine with more slots"
+        )
     generator = engine.__dict__.get("_generator")
     if generator is None:
         generator = Generator(serving, jit_compile=engine.runner.jit_compile)
         engine.__dict__["_generator"] = generator
-    values = generator.run(plan, params, slots, first, int(steps), keys)
     result: dict[str, np.ndarray] = {}
-    for s, v in zip(streams, values, strict=True):
-        engine.table.touch(s, len(v))
-        result[s] = v
+    names = list(ready)
+    # At most `slots` streams are resident at once: generate in waves, like push_many.
+    for start in range(0, len(names), engine.slots):
+        wave = names[start : start + engine.slots]
+        primed = engine.push_many({s: ready[s] for s in wave})  # leaves the wave resident
+        slots = [engine.table.slot_of(s) for s in wave]
+        first = np.stack([primed[s][-1] for s in wave])
+        keys = []
+        for s in wave:
+            stream_seed = seed.get(s, 0) if isinstance(seed, Mapping) else (seed or 0)
+            keys.append(stream_key(int(stream_seed), s))
+        values = generator.run(plan, params, slots, first, int(steps), keys)
+        for s, v in zip(wave, values, strict=True):
+            engine.table.touch(s, len(v))
+            result[s] = v
     return result

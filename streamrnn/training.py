@@ -3,7 +3,8 @@
 The trainer steps the user's own layers (the cells of its RNN layers, the timewise layers
 around them) inside ONE ``tf.while_loop`` in a compiled ``tf.function``: within a chunk,
 after ``warmup`` observed steps, the input at step t+1 is the model's own output at step t
-(the prediction for regression models, a greedy or sampled token for token models). The
+(the feedback rule of :mod:`streamrnn.generate`: the prediction for regression models, a
+greedy or sampled token for token and one-hot models, or a user callable). The
 same graph runs teacher forcing (never feed back) and scheduled sampling (feed back with a
 probability that rises over training), so the modes differ only in the input they choose.
 
@@ -39,7 +40,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -48,7 +49,8 @@ import numpy as np
 import tensorflow as tf
 
 from streamrnn.errors import EngineFullError, InvalidInputError, UnsupportedModelError
-from streamrnn.models import check_streamable, flatten_layers
+from streamrnn.generate import SAMPLERS, Feedback, pick_tokens, plan_feedback
+from streamrnn.models import ServingModel, check_streamable, flatten_layers
 from streamrnn.protocol import ErrorCode
 from streamrnn.scheduler import bucket_for
 from streamrnn.slots import SlotTable
@@ -74,10 +76,11 @@ class TrainConfig:
             re-synchronise the state with the data before the model runs on its own.
         schedule, schedule_steps, schedule_k: the scheduled-sampling curriculum.
         learning_rate, clipnorm: Adam settings (used when no optimizer is given).
-        loss: ``"auto"`` (mse for features, sparse cross-entropy for tokens), ``"mse"``,
-            ``"sparse_ce"``.
-        sample: token feedback rule, ``"greedy"`` (argmax) or ``"sample"``.
-        temperature, top_k: for ``sample="sample"``.
+        loss: ``"auto"`` (sparse cross-entropy for token ids, cross-entropy for one-hot
+            models, mse otherwise), ``"mse"``, ``"sparse_ce"``, ``"ce"``.
+        sample: how a token is picked (token/one-hot models), as in generation:
+            ``"greedy"``, ``"temperature"`` (== ``"sample"``) or ``"top_k"``.
+        temperature, top_k: for the sampling pickers.
         feedback_gradient: regression only: let the gradient flow through the fed-back
             prediction (True) or stop it.
         seed: keys every random draw (with the step counter).
@@ -93,8 +96,8 @@ class TrainConfig:
     schedule_k: float = 100.0
     learning_rate: float = 1e-3
     clipnorm: float | None = 1.0
-    loss: Literal["auto", "mse", "sparse_ce"] = "auto"
-    sample: Literal["greedy", "sample"] = "greedy"
+    loss: Literal["auto", "mse", "sparse_ce", "ce"] = "auto"
+    sample: Literal["greedy", "temperature", "top_k", "sample"] = "greedy"
     temperature: float = 1.0
     top_k: int | None = None
     feedback_gradient: bool = True
@@ -118,10 +121,12 @@ class TrainConfig:
         if self.schedule == "inverse_sigmoid" and self.schedule_k < 1:
             problems.append(f"inverse_sigmoid schedule needs schedule_k >= 1, got "
                             f"{self.schedule_k}")
-        if self.loss not in ("auto", "mse", "sparse_ce"):
-            problems.append(f"loss must be auto, mse or sparse_ce, got {self.loss!r}")
-        if self.sample not in ("greedy", "sample"):
-            problems.append(f"sample must be 'greedy' or 'sample', got {self.sample!r}")
+        if self.loss not in ("auto", "mse", "sparse_ce", "ce"):
+            problems.append(f"loss must be auto, mse, sparse_ce or ce, got {self.loss!r}")
+        if self.sample not in SAMPLERS:
+            problems.append(f"sample must be one of {SAMPLERS}, got {self.sample!r}")
+        if self.sample == "top_k" and self.top_k is None:
+            problems.append("sample='top_k' needs top_k")
         if not self.temperature > 0:
             problems.append(f"temperature must be > 0, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
@@ -159,33 +164,6 @@ def feed_probability(config: TrainConfig, step: int) -> float:
     return 1.0 - k / (k + math.exp(z))
 
 
-# ---- feedback rules (the same rule generation uses) ------------------------------------
-
-
-def feedback_tokens(
-    logits: tf.Tensor, gumbel: tf.Tensor | None, temperature: float = 1.0,
-    top_k: int | None = None,
-) -> tf.Tensor:
-    """Next token ids ``(B,)`` int32 from ``logits (B, V)``.
-
-    Greedy (argmax) when ``gumbel`` is None; otherwise a sample from
-    ``softmax(logits / temperature)`` restricted to the ``top_k`` largest logits, drawn with
-    the Gumbel-max trick from the given noise ``(B, V)`` (so the draw is reproducible).
-    """
-    if gumbel is None:
-        return tf.argmax(logits, axis=-1, output_type=tf.int32)
-    scaled = logits / temperature
-    if top_k is not None and top_k < int(logits.shape[-1]):
-        kth = tf.math.top_k(scaled, k=top_k).values[:, -1:]
-        scaled = tf.where(scaled < kth, tf.constant(-1e9, scaled.dtype), scaled)
-    return tf.argmax(scaled + gumbel, axis=-1, output_type=tf.int32)
-
-
-def feedback_features(prediction: tf.Tensor, gradient: bool = True) -> tf.Tensor:
-    """Next input ``(B, D)`` from the prediction ``(B, D)``: the prediction itself."""
-    return prediction if gradient else tf.stop_gradient(prediction)
-
-
 # ---- the model as a step function ------------------------------------------------------
 
 
@@ -194,17 +172,6 @@ class _StepLayer:
     layer: keras.layers.Layer
     cell: Any = None  # the RNN cell, for recurrent layers
     state_shapes: list[tuple[int, ...]] = field(default_factory=list)
-
-
-def _outputs_probabilities(chain: list[keras.layers.Layer]) -> bool:
-    """True if the model ends in a softmax (outputs probabilities, not logits)."""
-    last = chain[-1]
-    if isinstance(last, keras.layers.TimeDistributed):
-        last = last.layer
-    if isinstance(last, keras.layers.Softmax):
-        return True
-    act = getattr(last, "activation", None)
-    return act is not None and getattr(act, "__name__", "") == "softmax"
 
 
 def _state_shapes(cell: Any) -> list[tuple[int, ...]]:
@@ -220,12 +187,16 @@ class FreeRunningTrainer:
     """Trains a Keras RNN decoder in place on many streams, one batch row per stream.
 
     Args:
-        model: a built single-input chain (features ``(B, T, D)`` with output_dim == D, or
-            token ids ``(B, T)`` starting with an Embedding whose vocabulary equals the
-            output size). Its weights are trained in place.
+        model: a built single-input chain whose output can be fed back as its next input
+            (features ``(B, T, D)`` with output_dim == D, or token ids ``(B, T)`` starting
+            with an Embedding whose vocabulary equals the output size). Its weights are
+            trained in place.
         slots: batch rows = streams trained at once.
         config: :class:`TrainConfig`.
         optimizer: a Keras optimizer; default Adam(learning_rate, clipnorm).
+        feedback: the generation feedback rule (see :func:`streamrnn.generate.plan_feedback`):
+            None (decided from the model), ``"tokens"``, ``"onehot"``, ``"prediction"`` or a
+            callable ``y (B, out) -> next input``.
     """
 
     def __init__(
@@ -234,6 +205,7 @@ class FreeRunningTrainer:
         slots: int = 16,
         config: TrainConfig | None = None,
         optimizer: keras.optimizers.Optimizer | None = None,
+        feedback: Feedback = None,
     ):
         self.config = config or TrainConfig()
         self.config.validate()
@@ -275,19 +247,31 @@ class FreeRunningTrainer:
                 f"model {model.name!r} input shape {in_shape} is not (batch, time, features) "
                 "or (batch, time) token ids starting with an Embedding"
             )
-        if self.output_dim != self.input_dim:
-            what = "vocabulary size" if self.input_kind == "tokens" else "input size"
-            raise UnsupportedModelError(
-                f"model {model.name!r} outputs {self.output_dim} values per step but its "
-                f"{what} is {self.input_dim}; its output cannot be fed back as its next input"
+        # The generation feedback rule, decided on a weight-sharing view of the chain (a
+        # ServingModel record over the model's own layers; its forward() is never called).
+        view = ServingModel(
+            slots=slots, layers=chain, rnn_layers=[s.layer for s in self._layers if s.cell],
+            source_layers=chain, input_kind=self.input_kind, input_dim=self.input_dim,
+            output_dim=self.output_dim, name=model.name,
+        )
+        self.feedback = plan_feedback(view, feedback)
+        if not self.feedback.picks_tokens and self.config.sample != "greedy":
+            raise InvalidInputError(
+                f"sample={self.config.sample!r} needs a token model; this model feeds back "
+                "its prediction", ErrorCode.BAD_VALUE,
             )
-        self.outputs_probabilities = _outputs_probabilities(chain)
         loss = self.config.loss
         if loss == "auto":
-            loss = "sparse_ce" if self.input_kind == "tokens" else "mse"
+            loss = {"tokens": "sparse_ce", "onehot": "ce"}.get(self.feedback.mode, "mse")
         if loss == "sparse_ce" and self.input_kind != "tokens":
             raise InvalidInputError("sparse_ce loss needs a token model", ErrorCode.BAD_VALUE)
         self.loss_name = loss
+        # Without explicit targets a stream trains on predicting its own next observation.
+        self.next_step_targets = (
+            (self.input_kind == "tokens" and loss == "sparse_ce")
+            or (self.input_kind == "features" and self.output_dim == self.input_dim
+                and loss != "sparse_ce")
+        )
 
         self.state_vars: list[tf.Variable] = []
         for s in self._layers:
@@ -306,7 +290,6 @@ class FreeRunningTrainer:
         self.last_loss = float("nan")
         # per stream: the last observation, the first input of its next chunk
         self._pending: dict[str, np.ndarray] = {}
-        self.feedback_fn: Callable[..., tf.Tensor] | None = None  # override hook
         # autograph off: the only loop over time is the explicit tf.while_loop
         self._train_fn = tf.function(
             self._train_graph, jit_compile=self.config.jit_compile, autograph=False
@@ -330,18 +313,34 @@ class FreeRunningTrainer:
             k += n
         return h, new_states
 
-    def _feedback(self, prev_out: tf.Tensor, gumbel_t: tf.Tensor | None) -> tf.Tensor:
-        if self.feedback_fn is not None:
-            return self.feedback_fn(prev_out, gumbel_t)
-        if self.input_kind == "features":
-            return feedback_features(prev_out, self.config.feedback_gradient)
-        logits = tf.math.log(tf.maximum(prev_out, 1e-12)) if self.outputs_probabilities \
-            else prev_out
-        return feedback_tokens(logits, gumbel_t, self.config.temperature, self.config.top_k)
+    def _feedback(self, prev_out: tf.Tensor, t: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
+        """The next input from the previous output ``(B, out)``: generation's rule."""
+        plan = self.feedback
+        if plan.mode == "prediction":
+            return prev_out if self.config.feedback_gradient else tf.stop_gradient(prev_out)
+        if plan.mode == "custom":
+            x = plan.fn(prev_out)
+            return tf.cast(x, tf.int32 if self.input_kind == "tokens" else tf.float32)
+        batch = tf.shape(prev_out)[0]
+        cfg = self.config
+        # per-row counter-based randomness keyed on (seed, step, row) and counted by t
+        rows = tf.range(batch, dtype=tf.int64)
+        key = tf.stack([tf.fill([batch], tf.constant(cfg.seed & 0xFFFFFFFF, tf.int64)),
+                        (tf.cast(step, tf.int64) * 65_537 + rows) & 0xFFFFFFFF], axis=1)
+        ids = pick_tokens(
+            tf.stop_gradient(prev_out), plan.probs,
+            tf.fill([batch], cfg.sample == "greedy"),
+            tf.fill([batch], tf.constant(1.0 / cfg.temperature, tf.float32)),
+            tf.fill([batch], tf.constant(cfg.top_k or 0, tf.int32)),
+            key, tf.fill([batch], tf.cast(t, tf.int64)),
+        )
+        if plan.mode == "onehot":
+            return tf.one_hot(ids, self.input_dim, dtype=tf.float32)
+        return ids
 
     def _unroll(
         self, x: tf.Tensor, own: tf.Tensor, mask: tf.Tensor, states: list[tf.Tensor],
-        gumbel: tf.Tensor | None,
+        step: tf.Tensor,
     ) -> tuple[tf.Tensor, list[tf.Tensor]]:
         """Run the chain over a window, choosing observed or fed-back input per step.
 
@@ -350,7 +349,7 @@ class FreeRunningTrainer:
             own: ``(B, T)`` bool, feed the previous output instead of ``x`` at this step.
             mask: ``(B, T)`` bool, valid steps (a right-padded prefix per row).
             states: initial recurrent states, each ``(B, ...)``.
-            gumbel: ``(B, T, V)`` noise for token sampling, or None (greedy / features).
+            step: the optimizer step (keys token sampling).
 
         Returns:
             outputs ``(B, T, out)`` and the final states (taken at each row's last valid step).
@@ -360,14 +359,13 @@ class FreeRunningTrainer:
         xs = tf.transpose(x, perm)
         owns = tf.transpose(own)
         masks = tf.transpose(mask)
-        noise = None if gumbel is None else tf.transpose(gumbel, [1, 0, 2])
         batch = tf.shape(x)[0]
         prev0 = tf.zeros((batch, self.output_dim))
         outs = tf.TensorArray(tf.float32, size=steps)
 
         def body(t, prev, sts, ta):
             observed = xs[t]
-            fed = self._feedback(prev, None if noise is None else noise[t])
+            fed = self._feedback(prev, t, step)
             if self.input_kind == "features":
                 inp = tf.where(owns[t][:, None], fed, observed)
             else:
@@ -390,27 +388,24 @@ class FreeRunningTrainer:
         return y, final
 
     def _draws(self, shape_bt: tf.Tensor, p_own: tf.Tensor, step: tf.Tensor,
-               warm: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor | None]:
+               warm: tf.Tensor) -> tf.Tensor:
+        """Scheduled-sampling coins ``(B, T)``: feed back at t >= warm with probability p."""
         seed = tf.stack([tf.constant(self.config.seed, tf.int64), tf.cast(step, tf.int64)])
         coins = tf.random.stateless_uniform(shape_bt, seed)
         t_idx = tf.range(shape_bt[1])[None, :]
         own = tf.logical_and(coins < p_own, t_idx >= warm)
-        gumbel = None
-        if self.input_kind == "tokens" and self.config.sample == "sample":
-            seed2 = tf.stack([tf.constant(self.config.seed, tf.int64) + 1_000_003,
-                              tf.cast(step, tf.int64)])
-            u = tf.random.stateless_uniform(
-                tf.concat([shape_bt, [self.output_dim]], 0), seed2, minval=1e-20, maxval=1.0
-            )
-            gumbel = -tf.math.log(-tf.math.log(u))
-        return own, gumbel
+        return own
 
     def _loss(self, y: tf.Tensor, target: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
         if self.loss_name == "mse":
             per = tf.reduce_mean(tf.square(y - target), axis=-1)
-        else:
+        elif self.loss_name == "sparse_ce":
             per = keras.losses.sparse_categorical_crossentropy(
-                target, y, from_logits=not self.outputs_probabilities
+                target, y, from_logits=not self.feedback.probs
+            )
+        else:
+            per = keras.losses.categorical_crossentropy(
+                target, y, from_logits=not self.feedback.probs
             )
         w = tf.cast(mask, tf.float32)
         return tf.reduce_sum(per * w) / tf.maximum(tf.reduce_sum(w), 1.0)
@@ -418,22 +413,22 @@ class FreeRunningTrainer:
     def _train_graph(self, x, target, mask, p_own, step):
         self.trace_count += 1  # Python side effect: once per trace
         states = [v.read_value() for v in self.state_vars]  # truncated BPTT: no grad in
-        own, gumbel = self._draws(tf.shape(mask), p_own, step, self.config.warmup)
+        own = self._draws(tf.shape(mask), p_own, step, self.config.warmup)
         variables = self.model.trainable_variables
         with tf.GradientTape() as tape:
-            y, final = self._unroll(x, own, mask, states, gumbel)
+            y, final = self._unroll(x, own, mask, states, step)
             loss = self._loss(y, target, mask)
         grads = tape.gradient(loss, variables)
         self.optimizer.apply_gradients(zip(grads, variables, strict=True))
         for v, s in zip(self.state_vars, final, strict=True):
             v.assign(tf.stop_gradient(s))
-        return loss
+        return loss, y
 
     def _rollout_graph(self, x, mask, warm, p_own, step):
         batch = tf.shape(mask)[0]
         states = [tf.zeros(tf.concat([[batch], tf.shape(v)[1:]], 0)) for v in self.state_vars]
-        own, gumbel = self._draws(tf.shape(mask), p_own, step, warm)
-        y, _ = self._unroll(x, own, mask, states, gumbel)
+        own = self._draws(tf.shape(mask), p_own, step, warm)
+        y, _ = self._unroll(x, own, mask, states, step)
         return y
 
     # ---- batch API ---------------------------------------------------------------------
@@ -444,7 +439,7 @@ class FreeRunningTrainer:
 
         Args:
             x: ``(slots, T, D)`` float32 or ``(slots, T)`` int32 observed inputs.
-            target: ``(slots, T, D)`` float32 or ``(slots, T)`` int32.
+            target: ``(slots, T, out)`` float32 or ``(slots, T)`` int32 token ids.
             mask: ``(slots, T)`` bool valid steps (right-padded); default all valid. Rows
                 with no valid step keep their state.
 
@@ -452,15 +447,19 @@ class FreeRunningTrainer:
             the mean loss over valid steps.
         """
         x, target, mask = self._check_batch(x, target, mask)
+        self._run_batch(x, target, mask)
+        return self.last_loss
+
+    def _run_batch(self, x: np.ndarray, target: np.ndarray, mask: np.ndarray) -> np.ndarray:
         p = feed_probability(self.config, self.step)
-        loss = self._train_fn(
+        loss, y = self._train_fn(
             tf.constant(x), tf.constant(target), tf.constant(mask),
             tf.constant(p, tf.float32), tf.constant(self.step, tf.int64),
         )
         self.step += 1
         self.timesteps += int(mask.sum())
         self.last_loss = float(loss)
-        return self.last_loss
+        return y.numpy()
 
     def rollout(self, x: np.ndarray, warmup: int, p_own: float = 1.0, step: int = 0
                 ) -> np.ndarray:
@@ -506,13 +505,33 @@ class FreeRunningTrainer:
             raise InvalidInputError("inputs contain NaN or Inf", ErrorCode.NON_FINITE)
         return x
 
+    def _as_target(self, y: np.ndarray, batched: bool) -> np.ndarray:
+        if self.loss_name == "sparse_ce":
+            if y.ndim != 1 + int(batched) or y.dtype.kind not in "iu":
+                raise InvalidInputError(
+                    f"targets must be int token ids [{'B, ' if batched else ''}T], got "
+                    f"{y.dtype} {y.shape}", ErrorCode.BAD_SHAPE,
+                )
+            if y.size and (y.min() < 0 or y.max() >= self.output_dim):
+                raise InvalidInputError(f"target ids must be in 0..{self.output_dim - 1}",
+                                        ErrorCode.BAD_VALUE)
+            return y.astype(np.int32, copy=False)
+        if y.ndim != 2 + int(batched) or y.shape[-1] != self.output_dim or y.dtype.kind != "f":
+            raise InvalidInputError(
+                f"targets must be float [{'B, ' if batched else ''}T, {self.output_dim}], got "
+                f"{y.dtype} {y.shape}", ErrorCode.BAD_SHAPE,
+            )
+        if not np.isfinite(y).all():
+            raise InvalidInputError("targets contain NaN or Inf", ErrorCode.NON_FINITE)
+        return y.astype(np.float32, copy=False)
+
     def _check_batch(self, x, target, mask):
         x = self._as_input(np.asarray(x), batched=True)
-        target = self._as_input(np.asarray(target), batched=True)
+        target = self._as_target(np.asarray(target), batched=True)
         if x.shape[0] != self.slots:
             raise InvalidInputError(f"batch has {x.shape[0]} rows, trainer has {self.slots} "
                                     "slots", ErrorCode.BAD_SHAPE)
-        if target.shape != x.shape:
+        if target.shape[:2] != x.shape[:2]:
             raise InvalidInputError(f"targets {target.shape} do not match inputs {x.shape}",
                                     ErrorCode.BAD_SHAPE)
         mask = np.ones(x.shape[:2], bool) if mask is None else np.asarray(mask, bool)
@@ -528,80 +547,100 @@ class FreeRunningTrainer:
         return list(self.table)
 
     def prepare(self, stream: str, chunk: Any, target: Any | None = None
-                ) -> tuple[np.ndarray, np.ndarray] | None:
-        """Validate a stream's chunk and turn it into (inputs, targets), each length T'.
+                ) -> tuple[np.ndarray, np.ndarray, int, np.ndarray | None]:
+        """Validate one chunk of ``stream`` and pair it with its targets (changes nothing).
 
-        Without ``target`` the pair is next-step prediction over the stream (the last
-        observation is kept for the next chunk); returns None when nothing is trainable yet
-        (a 1-step first chunk). Touches no state besides the kept observation.
+        Without ``target`` the pair is next-step prediction over the stream: the inputs are
+        ``[kept, chunk[:-1]]`` and the targets ``chunk`` (``kept`` is the stream's last
+        observation from its previous chunk; a stream's first chunk has none, so its first
+        element is only an input).
+
+        Returns:
+            ``(inputs, targets, lead, kept)``: ``lead`` (0 or 1) chunk elements have no
+            prediction; ``kept`` is the observation to keep for the next chunk (or None).
         """
         chunk = self._as_input(np.asarray(chunk), batched=False)
         if len(chunk) == 0:
             raise InvalidInputError("empty chunk (T = 0)", ErrorCode.EMPTY_CHUNK)
         if target is not None:
-            target = self._as_input(np.asarray(target), batched=False)
-            if target.shape != chunk.shape:
+            target = self._as_target(np.asarray(target), batched=False)
+            if len(target) != len(chunk):
                 raise InvalidInputError(
-                    f"target {target.shape} does not match chunk {chunk.shape}",
+                    f"target has {len(target)} steps, chunk has {len(chunk)}",
                     ErrorCode.BAD_SHAPE,
                 )
-            return chunk, target
+            return chunk, target, 0, None
+        if not self.next_step_targets:
+            raise InvalidInputError(
+                f"model {self.model.name!r} outputs {self.output_dim} values per step, which "
+                "are not its next input: send explicit targets", ErrorCode.BAD_VALUE,
+            )
         pending = self._pending.get(stream)
         seq = chunk if pending is None else np.concatenate([pending[None], chunk])
-        self._pending[stream] = seq[-1].copy()
-        if len(seq) < 2:
-            return None
-        return seq[:-1], seq[1:]
+        lead = 1 if pending is None else 0
+        return seq[:-1], seq[1:], lead, seq[-1].copy()
 
     def train_streams(
         self, chunks: Mapping[str, Any], targets: Mapping[str, Any] | None = None
-    ) -> float | None:
+    ) -> dict[str, np.ndarray]:
         """Train on one chunk per stream (streams opened as needed), in shared steps.
 
-        Chunks longer than ``config.max_chunk`` are split into consecutive windows (one
-        optimizer step each, each starting with a warm-up). Returns the last loss, or None
-        if nothing was trainable.
+        Every chunk is validated before anything changes. Chunks longer than
+        ``config.max_chunk`` are split into consecutive windows (one optimizer step each,
+        each starting with its own warm-up). The loss is in :attr:`last_loss`.
+
+        Returns:
+            stream -> ``(T, output_dim)`` float32: the training pass's output for each chunk
+            element (the prediction of ``chunk[i]``, or of ``target[i]``); NaN where there
+            is none (the first element of a stream's first chunk without targets).
         """
         targets = targets or {}
+        unknown = set(targets) - set(chunks)
+        if unknown:
+            raise InvalidInputError(f"targets for streams without a chunk: {sorted(unknown)}",
+                                    ErrorCode.BAD_VALUE)
+        prepared = {s: self.prepare(s, c, targets.get(s)) for s, c in chunks.items()}
         new = [s for s in chunks if s not in self.table]
         if len(new) > self.table.free:
             raise EngineFullError(
                 f"{len(new)} new training streams but only {self.table.free} free slots "
-                f"(slots={self.slots})"
+                f"(slots={self.slots}); close streams or start the trainer with more slots"
             )
-        pairs = {}
-        for s, c in chunks.items():
-            pair = self.prepare(s, c, targets.get(s))
-            if s not in self.table:
-                self.open(s)
-            if pair is not None:
-                pairs[s] = pair
-        loss = None
+        for s in new:
+            self.open(s)
+        pieces: dict[str, list[np.ndarray]] = {}
+        for s, (_, _, lead, kept) in prepared.items():
+            if kept is not None:
+                self._pending[s] = kept
+            pieces[s] = [np.full((lead, self.output_dim), np.nan, np.float32)]
         cap = self.config.max_chunk
         offset = 0
-        longest = max((len(p[0]) for p in pairs.values()), default=0)
+        longest = max(len(p[0]) for p in prepared.values())
         while offset < longest:
             window = {s: (a[offset: offset + cap], b[offset: offset + cap])
-                      for s, (a, b) in pairs.items() if len(a) > offset}
-            loss = self._train_window(window)
+                      for s, (a, b, _, _) in prepared.items() if len(a) > offset}
+            for s, out in self._train_window(window).items():
+                pieces[s].append(out)
             offset += cap
-        return loss
+        return {s: np.concatenate(p) for s, p in pieces.items()}
 
-    def _train_window(self, window: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> float:
+    def _train_window(self, window: Mapping[str, tuple[np.ndarray, np.ndarray]]
+                      ) -> dict[str, np.ndarray]:
         width = max(len(a) for a, _ in window.values())
         bucket = max(bucket_for(width, self.config.max_chunk), 2)
-        feat = () if self.input_kind == "tokens" else (self.input_dim,)
-        dtype = np.int32 if self.input_kind == "tokens" else np.float32
-        x = np.zeros((self.slots, bucket, *feat), dtype)
-        y = np.zeros((self.slots, bucket, *feat), dtype)
+        first_in, first_target = next(iter(window.values()))
+        x = np.zeros((self.slots, bucket, *first_in.shape[1:]), first_in.dtype)
+        y = np.zeros((self.slots, bucket, *first_target.shape[1:]), first_target.dtype)
         mask = np.zeros((self.slots, bucket), bool)
+        rows = {}
         for s, (a, b) in window.items():
-            row = self.table.slot_of(s)
+            row = rows[s] = self.table.slot_of(s)
             x[row, : len(a)] = a
             y[row, : len(b)] = b
             mask[row, : len(a)] = True
             self.table.touch(s, len(a))
-        return self.train_batch(x, y, mask)
+        out = self._run_batch(x, y, mask)
+        return {s: out[row, : len(window[s][0])].copy() for s, row in rows.items()}
 
     def open(self, stream: str) -> int:
         """Give ``stream`` a row in the initial (zero) state."""

@@ -434,3 +434,29 @@ class Engine:
                 continue
             self.restore(stream, state)
             self.table.info(stream).steps = steps
+
+    # ---- weights versions (hot swap between steps) -------------------------------------
+
+    weights_version: int = 0
+    """Version of the weights the engine serves (0: as loaded; set by :meth:`set_weights`)."""
+
+    def set_weights(self, weights: keras.Model | list[np.ndarray], version: int | None = None
+                    ) -> None:
+        """Serve new weights from the next step on; no stream's state is touched.
+
+        ``weights`` is a model of the same architecture or its ``get_weights()`` list;
+        every shape is checked before anything is assigned (InvalidInputError, BAD_SHAPE).
+        ``version`` defaults to the current one + 1.
+        """
+        if not isinstance(weights, keras.Model):
+            current = self.serving.get_weights()
+            weights = [np.asarray(w) for w in weights]
+            if len(weights) != len(current) or any(
+                w.shape != c.shape for w, c in zip(weights, current, strict=False)
+            ):
+                raise InvalidInputError(
+                    f"weights {[w.shape for w in weights]} do not match the served model's "
+                    f"{[c.shape for c in current]}", ErrorCode.BAD_SHAPE,
+                )
+        self.serving.set_weights_from(weights)
+        self.weights_version = self.weights_version + 1 if version is None else int(version)

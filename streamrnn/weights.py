@@ -1,0 +1,252 @@
+"""Versioned weights on disk: the trainer publishes, live workers follow (and streams pin).
+
+A publish directory holds ``weights-v{N}.npz`` files (the model's ``get_weights()`` list as
+``w0, w1, ...`` plus a JSON ``meta`` entry) and a ``LATEST`` file naming the newest one.
+Both are written atomically (temp file, fsync, rename), weights file first, so a reader
+that follows ``LATEST`` always finds a whole file.
+
+:class:`WeightsFollower` wraps an :class:`~streamrnn.Engine`: between steps (before each
+push/generate) it checks ``LATEST`` at most every ``poll_s`` seconds and swaps in a newer
+version with :meth:`Engine.set_weights`, which touches no stream's state. A stream may pin
+a version: its steps run with that version's weights (the follower swaps weights around
+the pinned group's step and swaps the latest back).
+
+Example::
+
+    publish_weights("pub", model.get_weights(), version=3)   # trainer side
+    engine = WeightsFollower(Engine.from_keras("m.keras"), "pub")   # worker side
+    engine.pin("replay-7", 2)                                  # this stream stays on v2
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from streamrnn.errors import InvalidInputError
+from streamrnn.protocol import ErrorCode
+
+LATEST = "LATEST"
+_NAME = re.compile(r"^weights-v(\d+)\.npz$")
+
+
+def weights_filename(version: int) -> str:
+    return f"weights-v{int(version)}.npz"
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def publish_weights(
+    directory: str | os.PathLike, weights: list[np.ndarray], version: int,
+    meta: Mapping[str, Any] | None = None, keep: int = 5,
+) -> Path:
+    """Write ``weights`` as version ``version`` and point ``LATEST`` at it.
+
+    Older versions beyond the newest ``keep`` are deleted (``keep=0`` keeps all).
+    Returns the weights file's path.
+    """
+    if version < 1:
+        raise InvalidInputError(f"weights versions start at 1, got {version}", ErrorCode.BAD_VALUE)
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / weights_filename(version)
+    info = {"version": int(version), "time": time.time(), **(meta or {})}
+    arrays = {f"w{i}": np.asarray(w) for i, w in enumerate(weights)}
+    arrays["meta"] = np.frombuffer(json.dumps(info).encode(), np.uint8)
+    _atomic_write(path, lambda f: np.savez(f, **arrays))
+    _atomic_write(root / LATEST, lambda f: f.write(f"{path.name}\n".encode()))
+    if keep > 0:
+        for old in sorted(list_versions(root))[:-keep]:
+            if old != version:
+                (root / weights_filename(old)).unlink(missing_ok=True)
+    return path
+
+
+def list_versions(directory: str | os.PathLike) -> list[int]:
+    """Versions present in ``directory``, ascending."""
+    root = Path(directory)
+    if not root.is_dir():
+        return []
+    found = (_NAME.match(p.name) for p in root.iterdir())
+    return sorted(int(m.group(1)) for m in found if m)
+
+
+def latest_version(directory: str | os.PathLike) -> int | None:
+    """The version ``LATEST`` names, or None when nothing is published yet."""
+    try:
+        name = (Path(directory) / LATEST).read_text().strip()
+    except FileNotFoundError:
+        return None
+    match = _NAME.match(name)
+    if not match:
+        raise InvalidInputError(f"{LATEST} in {directory} names {name!r}, not a weights file",
+                                ErrorCode.BAD_VALUE)
+    return int(match.group(1))
+
+
+def load_weights(directory: str | os.PathLike, version: int | None = None
+                 ) -> tuple[list[np.ndarray], dict[str, Any]]:
+    """The weights list and meta of ``version`` (default: the latest)."""
+    if version is None:
+        version = latest_version(directory)
+        if version is None:
+            raise InvalidInputError(f"no weights published in {directory}", ErrorCode.BAD_VALUE)
+    path = Path(directory) / weights_filename(version)
+    if not path.exists():
+        raise InvalidInputError(f"weights version {version} is not in {directory} (have "
+                                f"{list_versions(directory)})", ErrorCode.BAD_VALUE)
+    with np.load(path, allow_pickle=False) as data:
+        n = sum(1 for k in data.files if k.startswith("w"))
+        weights = [data[f"w{i}"] for i in range(n)]
+        meta = json.loads(bytes(data["meta"]).decode())
+    return weights, meta
+
+
+class WeightsFollower:
+    """An Engine that follows a publish directory between steps and honours version pins.
+
+    Every attribute not defined here is the wrapped engine's, so a StreamWorker can serve
+    a follower exactly like an Engine.
+
+    Args:
+        engine: the :class:`~streamrnn.Engine` to update.
+        directory: the trainer's ``--publish-dir``.
+        poll_s: check ``LATEST`` at most this often (0: before every step).
+    """
+
+    def __init__(self, engine: Any, directory: str | os.PathLike, poll_s: float = 0.5):
+        self.engine = engine
+        self.directory = Path(directory)
+        self.poll_s = poll_s
+        self.swaps = 0
+        self._next_poll = 0.0
+        self._pins: dict[str, int] = {}
+        self._cache: dict[int, list[np.ndarray]] = {}
+        self._latest_weights: list[np.ndarray] = [
+            np.array(w) for w in engine.serving.get_weights()
+        ]
+        self.poll(force=True)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
+
+    def __contains__(self, stream: object) -> bool:
+        return stream in self.engine
+
+    @property
+    def weights_version(self) -> int:
+        return self.engine.weights_version
+
+    # ---- following ---------------------------------------------------------------------
+
+    def poll(self, force: bool = False) -> bool:
+        """Load a newer published version if there is one; True if the engine swapped."""
+        now = time.monotonic()
+        if not force and now < self._next_poll:
+            return False
+        self._next_poll = now + self.poll_s
+        try:
+            version = latest_version(self.directory)
+        except InvalidInputError:
+            return False
+        if version is None or version <= self.engine.weights_version:
+            return False
+        try:
+            weights, _ = load_weights(self.directory, version)
+        except (InvalidInputError, OSError, ValueError):
+            return False  # pruned or half-visible on an odd filesystem: try again later
+        self.engine.set_weights(weights, version)
+        self._latest_weights = weights
+        self.swaps += 1
+        return True
+
+    # ---- pins --------------------------------------------------------------------------
+
+    def pin(self, stream: str, version: int) -> None:
+        """Run ``stream``'s steps with weights ``version`` until :meth:`unpin`."""
+        version = int(version)
+        if version != self.engine.weights_version and version not in self._cache:
+            self._cache[version] = load_weights(self.directory, version)[0]
+        self._pins[stream] = version
+
+    def unpin(self, stream: str) -> None:
+        self._pins.pop(stream, None)
+
+    def pinned(self, stream: str) -> int | None:
+        return self._pins.get(stream)
+
+    def _weights_of(self, version: int) -> list[np.ndarray]:
+        if version == self.engine.weights_version:
+            return self._latest_weights
+        if version not in self._cache:
+            self._cache[version] = load_weights(self.directory, version)[0]
+        return self._cache[version]
+
+    # ---- the Engine verbs that run steps -----------------------------------------------
+
+    def push(self, stream: str, chunk: Any) -> np.ndarray:
+        return self.push_many({stream: chunk})[stream]
+
+    def push_many(self, chunks: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Poll, then run each version group of streams in its own batched step(s)."""
+        self.poll()
+        groups: dict[int | None, dict[str, Any]] = {}
+        current = self.engine.weights_version
+        for stream, chunk in chunks.items():
+            version = self._pins.get(stream)
+            groups.setdefault(None if version in (None, current) else version, {})[stream] = chunk
+        out = self.engine.push_many(groups.pop(None, {}))
+        for version, group in groups.items():
+            out.update(self._with_version(version, self.engine.push_many, group))
+        return out
+
+    def generate(self, stream: str, prompt: Any, **kwargs: Any) -> np.ndarray:
+        self.poll()
+        version = self._pins.get(stream)
+        if version is None or version == self.engine.weights_version:
+            return self.engine.generate(stream, prompt, **kwargs)
+        return self._with_version(version, self.engine.generate, stream, prompt, **kwargs)
+
+    def _with_version(self, version: int, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        latest = self.engine.weights_version
+        self.engine.set_weights(self._weights_of(version), latest)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.engine.set_weights(self._latest_weights, latest)
+
+    def close(self, stream: str) -> None:
+        self._pins.pop(stream, None)
+        self.engine.close(stream)
+
+    def stats(self) -> dict[str, Any]:
+        return {**self.engine.stats(), "weights_version": self.engine.weights_version,
+                "weight_swaps": self.swaps, "pinned_streams": len(self._pins)}

@@ -100,6 +100,8 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-chunk", type=int, default=64, help="longest random chunk")
     parser.add_argument("--verify", type=int, default=6, help="streams checked offline")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--xla", action="store_true",
+                        help="compile the worker's step with XLA (faster steps, slower start)")
     parser.set_defaults(func=_demo)
 
 
@@ -107,7 +109,8 @@ def _demo(args: argparse.Namespace) -> int:
     from streamrnn.demo import DemoConfig, run_demo
 
     return run_demo(DemoConfig(streams=args.streams, steps=args.steps, slots=args.slots,
-                               max_chunk=args.max_chunk, verify=args.verify, seed=args.seed))
+                               max_chunk=args.max_chunk, verify=args.verify, seed=args.seed,
+                               xla=args.xla))
 
 
 #: name -> registration function; add ``trainer``, ``router``, ``bench`` here.

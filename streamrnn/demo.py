@@ -31,6 +31,7 @@ class DemoConfig:
     verify: int = 6
     seed: int = 0
     window: int = 4  # chunks in flight per stream
+    xla: bool = False  # XLA steps run faster but take ~10 s longer to trace at start
 
 
 @dataclass
@@ -120,6 +121,7 @@ def run_demo(config: DemoConfig | None = None) -> int:
         model.save(model_path)
         with console.status("starting worker (loads TensorFlow, traces the step)..."):
             worker = WorkerProcess.start(model_path, config.slots,
+                                         "--xla" if config.xla else "--no-xla",
                                          log_path=Path(tmp) / "worker.log")
         console.print(f"worker ready on {worker.endpoint} (pid {worker.proc.pid})")
         try:

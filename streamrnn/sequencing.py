@@ -85,18 +85,10 @@ class SequenceTable:
         return len(self._streams)
 
     def next_seq(self, stream: str) -> int:
-        """The next seq the stream expects (0 for a stream this table does not hold)."""
+        """The next seq the stream expects (0 for a stream this table does not hold, which
+        includes closed and expired ones: they start over at 0)."""
         entry = self._streams.get(stream)
         return entry.next_seq if entry else 0
-
-    def open(self, stream: str) -> int:
-        """Register ``stream`` (idempotent) and return its next expected seq."""
-        entry = self._streams.get(stream)
-        if entry is None:
-            self._tombstones.pop(stream, None)
-            entry = self._streams[stream] = _Stream()
-        entry.last_seen = time.monotonic()
-        return entry.next_seq
 
     def check(self, stream: str, seq: int, msg_type: MessageType) -> Decision:
         """Decide what to do with request ``seq`` of ``stream``; changes nothing."""

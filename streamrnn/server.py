@@ -439,7 +439,7 @@ class StreamWorker:
         msg_type = work.msg.type
         stream = work.stream
         if msg_type == MessageType.OPEN:
-            next_seq = self._seq.open(stream)
+            next_seq = self._seq.next_seq(stream)
             self._send(work, MessageType.ACK, {F_STREAM: stream, F_NEXT_SEQ: next_seq,
                                                "worker": self.describe()})
             return

@@ -90,8 +90,10 @@ def test_expired_stream_answers_expired_until_restart():
     assert table.check("a", 0, MessageType.PUSH).verdict is Verdict.APPLY
 
 
-def test_open_registers_and_reports_next_seq():
+def test_next_seq_of_known_closed_and_unknown_streams():
     table = SequenceTable()
-    assert table.open("a") == 0
+    assert table.next_seq("a") == 0
     table.applied("a", 0, REPLY)
-    assert table.open("a") == 1
+    assert table.next_seq("a") == 1
+    table.closed("a", 1, REPLY)
+    assert table.next_seq("a") == 0

@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="ZMQ_MAXMSGSIZE: peers sending a bigger frame are disconnected")
     parser.add_argument("--max-bucket", type=int, default=64,
                         help="longest padded step (power of two); longer chunks are split")
+    parser.add_argument("--xla", action=argparse.BooleanOptionalAction, default=None,
+                        help="compile the step with XLA (default: on for CPU, off for GPU); "
+                             "XLA runs faster but takes longer to trace")
     parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                         help="trace every step bucket before announcing ready")
     parser.add_argument("--checkpoint-dir", default=None,
@@ -56,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     from streamrnn.engine import Engine
     from streamrnn.server import StreamWorker, WorkerConfig
 
-    engine = Engine.from_keras(args.model, slots=args.slots, max_bucket=args.max_bucket)
+    engine = Engine.from_keras(args.model, slots=args.slots, max_bucket=args.max_bucket,
+                               jit_compile=args.xla)
     if args.warmup:
         engine.runner.warmup()
     config = WorkerConfig(

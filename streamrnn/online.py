@@ -1,0 +1,281 @@
+"""OnlineTrainer: a FreeRunningTrainer behind the Engine verbs, so a StreamWorker serves it.
+
+Training streams are published exactly like inference streams (same client, same wire
+format, same exactly-once sequence numbers): each PUSH is one training chunk of a stream,
+trained in a shared step with the chunks of other streams that arrived in the same
+batching window, and answered with the training pass's outputs for that chunk. Between
+steps the trainer checkpoints (weights, optimizer, step counter, stream states) every
+``checkpoint_every`` steps and publishes a new weights version every ``publish_every``
+steps (checkpointing first, so a restart never re-issues a published version number).
+
+Targets: by default a stream trains on next-step prediction of its own observations. With
+``paired=True`` each chunk carries explicit targets next to the inputs, in one array (the
+wire format has one chunk array per PUSH): feature models send ``[T, input_dim +
+output_dim]`` float (inputs, then targets), token models ``[T, 2]`` int ids (input, target).
+
+Example::
+
+    online = OnlineTrainer(FreeRunningTrainer(model, slots=16), checkpoint="ck/t.npz",
+                           publish_dir="pub", checkpoint_every=100, publish_every=50)
+    worker = StreamWorker(online, WorkerConfig(bind="tcp://127.0.0.1:5560"))
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from streamrnn.errors import InvalidInputError
+from streamrnn.protocol import ErrorCode
+from streamrnn.training import FreeRunningTrainer
+from streamrnn.weights import publish_weights
+
+
+class OnlineTrainer:
+    """Engine-shaped face of a :class:`FreeRunningTrainer` (driven by one thread)."""
+
+    def __init__(
+        self,
+        trainer: FreeRunningTrainer,
+        *,
+        checkpoint: str | os.PathLike | None = None,
+        checkpoint_every: int = 100,
+        publish_dir: str | os.PathLike | None = None,
+        publish_every: int = 100,
+        keep_versions: int = 5,
+        paired: bool = False,
+        metrics: Any = None,
+    ):
+        if checkpoint_every < 1 or publish_every < 1:
+            raise InvalidInputError("checkpoint_every and publish_every must be >= 1",
+                                    ErrorCode.BAD_VALUE)
+        self.trainer = trainer
+        self.checkpoint_path = Path(checkpoint) if checkpoint else None
+        self.checkpoint_every = checkpoint_every
+        self.publish_dir = Path(publish_dir) if publish_dir else None
+        self.publish_every = publish_every
+        self.keep_versions = keep_versions
+        self.paired = paired
+        self.metrics = metrics
+        self.resumed = False
+        if self.checkpoint_path is not None:
+            self.resumed = trainer.load_checkpoint(self.checkpoint_path)
+        self._last_checkpoint = trainer.step
+        self._last_publish = trainer.step
+        self.checkpoints_written = 0
+        # (step, loss) history for the progress display and the loss curve
+        self.history: list[tuple[int, float]] = []
+        self._lock = threading.Lock()
+        self.started = time.monotonic()
+        self._start_step = trainer.step
+        self._start_timesteps = trainer.timesteps
+
+    # ---- facts the worker reports ------------------------------------------------------
+
+    @property
+    def slots(self) -> int:
+        return self.trainer.slots
+
+    @property
+    def free_slots(self) -> int:
+        return self.trainer.table.free
+
+    @property
+    def capacity_left(self) -> int:
+        return self.trainer.table.free
+
+    @property
+    def input_kind(self) -> str:
+        return self.trainer.input_kind
+
+    @property
+    def input_dim(self) -> int:
+        return self.trainer.input_dim
+
+    @property
+    def output_dim(self) -> int:
+        return self.trainer.output_dim
+
+    @property
+    def weights_version(self) -> int:
+        return self.trainer.version
+
+    @property
+    def streams(self) -> list[str]:
+        return self.trainer.streams
+
+    def __contains__(self, stream: object) -> bool:
+        return stream in self.trainer.table
+
+    def progress(self) -> dict[str, Any]:
+        """Counters for the progress display (safe to read from another thread)."""
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        t = self.trainer
+        return {
+            "step": t.step, "loss": t.last_loss, "version": t.version,
+            "timesteps": t.timesteps, "streams": len(t.table),
+            "steps_per_s": (t.step - self._start_step) / elapsed,
+            "timesteps_per_s": (t.timesteps - self._start_timesteps) / elapsed,
+            "checkpoints": self.checkpoints_written, "resumed": self.resumed,
+            "mode": t.config.mode,
+        }
+
+    def stats(self) -> dict[str, Any]:
+        p = self.progress()
+        return {**p, "loss": None if math.isnan(p["loss"]) else p["loss"], "slots": self.slots,
+                "traces": self.trainer.trace_count, "kernel": "trainer (tf.while_loop)"}
+
+    # ---- chunks ------------------------------------------------------------------------
+
+    def _split(self, chunk: Any) -> tuple[np.ndarray, np.ndarray | None]:
+        arr = np.asarray(chunk)
+        if not self.paired:
+            return arr, None
+        t = self.trainer
+        if t.input_kind == "tokens":
+            if arr.ndim != 2 or arr.shape[1] != 2:
+                raise InvalidInputError(
+                    f"paired token chunks are [T, 2] (input id, target id), got {arr.shape}",
+                    ErrorCode.BAD_SHAPE)
+            return arr[:, 0], arr[:, 1]
+        width = t.input_dim + t.output_dim
+        if arr.ndim != 2 or arr.shape[1] != width:
+            raise InvalidInputError(
+                f"paired chunks are [T, {t.input_dim} inputs + {t.output_dim} targets], got "
+                f"{arr.shape}", ErrorCode.BAD_SHAPE)
+        return arr[:, : t.input_dim], arr[:, t.input_dim:]
+
+    def validate(self, chunk: Any) -> np.ndarray:
+        """Check a training chunk (raises InvalidInputError); returns it unchanged."""
+        inputs, targets = self._split(chunk)
+        x = self.trainer._as_input(np.asarray(inputs), batched=False)
+        if len(x) == 0:
+            raise InvalidInputError("empty chunk (T = 0)", ErrorCode.EMPTY_CHUNK)
+        if targets is not None:
+            self.trainer._as_target(np.ascontiguousarray(targets), batched=False)
+        return np.asarray(chunk)
+
+    def push(self, stream: str, chunk: Any) -> np.ndarray:
+        return self.push_many({stream: chunk})[stream]
+
+    def push_many(self, chunks: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Train on one chunk per stream; returns each chunk's training outputs."""
+        if not chunks:
+            return {}
+        inputs: dict[str, np.ndarray] = {}
+        targets: dict[str, np.ndarray] = {}
+        for stream, chunk in chunks.items():
+            x, y = self._split(chunk)
+            inputs[stream] = np.ascontiguousarray(x)
+            if y is not None:
+                targets[stream] = np.ascontiguousarray(y)
+        before = self.trainer.step
+        out = self.trainer.train_streams(inputs, targets or None)
+        if self.trainer.step > before:
+            with self._lock:
+                self.history.append((self.trainer.step, self.trainer.last_loss))
+            if self.metrics is not None:
+                self.metrics.train_steps.inc(self.trainer.step - before)
+                self.metrics.train_loss.set(self.trainer.last_loss)
+                self.metrics.record_timesteps(sum(len(c) for c in inputs.values()))
+        self.maybe_save()
+        return out
+
+    def reset(self, stream: str) -> None:
+        self.trainer.reset(stream)
+
+    def close(self, stream: str) -> None:
+        self.trainer.close(stream)
+
+    # ---- durability --------------------------------------------------------------------
+
+    def maybe_save(self) -> None:
+        """Publish / checkpoint when their step intervals have been crossed."""
+        step = self.trainer.step
+        if self.publish_dir is not None and step - self._last_publish >= self.publish_every:
+            self.publish()
+        elif (self.checkpoint_path is not None
+              and step - self._last_checkpoint >= self.checkpoint_every):
+            self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """Write the checkpoint now (atomic)."""
+        if self.checkpoint_path is None:
+            return
+        self.trainer.save_checkpoint(self.checkpoint_path)
+        self._last_checkpoint = self.trainer.step
+        self.checkpoints_written += 1
+        if self.metrics is not None:
+            self.metrics.checkpoints.inc()
+
+    def publish(self) -> int:
+        """Publish the current weights as the next version (checkpointing it first)."""
+        if self.publish_dir is None:
+            return self.trainer.version
+        self.trainer.version += 1
+        self.checkpoint()
+        publish_weights(
+            self.publish_dir, self.trainer.model.get_weights(), self.trainer.version,
+            {"step": self.trainer.step, "loss": _finite(self.trainer.last_loss),
+             "mode": self.trainer.config.mode}, keep=self.keep_versions,
+        )
+        self._last_publish = self.trainer.step
+        if self.metrics is not None:
+            self.metrics.weights_version.set(self.trainer.version)
+        return self.trainer.version
+
+    def shutdown(self) -> None:
+        """Final publish (if anything was trained since the last one) and checkpoint."""
+        if self.publish_dir is not None and self.trainer.step > self._last_publish:
+            self.publish()
+        else:
+            self.checkpoint()
+
+    def loss_history(self) -> list[tuple[int, float]]:
+        with self._lock:
+            return list(self.history)
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def write_loss_curve(history: list[tuple[int, float]], path: str | os.PathLike,
+                     title: str = "streamrnn trainer") -> Path:
+    """Plot loss vs optimizer step (raw and smoothed) to a PNG, atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if history:
+        steps = np.array([s for s, _ in history])
+        loss = np.array([v for _, v in history], dtype=float)
+        ax.plot(steps, loss, lw=0.8, alpha=0.45, label="loss")
+        if len(loss) >= 10:
+            k = max(len(loss) // 20, 5)
+            smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
+            ax.plot(steps[k - 1:], smooth, lw=2, label=f"mean of {k}")
+        if np.all(loss[np.isfinite(loss)] > 0):
+            ax.set_yscale("log")
+        ax.legend()
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".tmp-{path.name}")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

@@ -113,11 +113,25 @@ def _demo(args: argparse.Namespace) -> int:
                                xla=args.xla))
 
 
+def _add_trainer(subparsers: argparse._SubParsersAction) -> None:
+    from workers.trainer import add_arguments, run
+
+    parser = subparsers.add_parser(
+        "trainer", help="train a Keras RNN decoder online on streams (free-running)",
+        description="Train a Keras RNN decoder on training streams published over ZeroMQ, "
+                    "feeding its own outputs back in (free-running / scheduled sampling); "
+                    "checkpoints, resumes, and publishes weight versions for workers "
+                    "(--weights-from).")
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
 #: name -> registration function; add ``trainer``, ``router``, ``bench`` here.
 SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "worker": _add_worker,
     "publish": _add_publish,
     "demo": _add_demo,
+    "trainer": _add_trainer,
 }
 
 

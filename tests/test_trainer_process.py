@@ -21,7 +21,13 @@ from streamrnn.errors import RemoteError
 from streamrnn.online import OnlineTrainer
 from streamrnn.server import StreamWorker, WorkerConfig
 from streamrnn.training import FreeRunningTrainer, TrainConfig
-from streamrnn.weights import WeightsFollower, latest_version, list_versions, load_weights
+from streamrnn.weights import (
+    WeightsFollower,
+    latest_version,
+    list_versions,
+    load_weights,
+    publish_weights,
+)
 from workers.trainer import READY_MARKER
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,11 +45,12 @@ def sine(stream: int, start: int, n: int) -> np.ndarray:
 
 
 class TrainerProcess:
-    def __init__(self, args: list[str], log_path: Path):
+    def __init__(self, args: list[str], log_path: Path, module: str = "workers.trainer"):
         env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2")
         self.log_path = log_path
         with open(log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "workers.trainer", *args],
+            command = [sys.executable, "-m", *module.split(), *args]
+            self.proc = subprocess.Popen(command,
                                          cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 180
         pattern = re.compile(re.escape(READY_MARKER) + r"(\S+)")
@@ -117,8 +124,8 @@ def test_trainer_process_trains_checkpoints_publishes_and_resumes(tmp_path):
     after = np.mean((np.asarray(model(x[None, :-1]))[0] - x[1:]) ** 2)
     assert after < 0.5 * before, (before, after)
 
-    # restart: resumes at the checkpointed step and keeps counting
-    trainer = TrainerProcess(args, log_path)
+    # restart (through the `streamrnn trainer` command): resumes at the checkpointed step
+    trainer = TrainerProcess(args, log_path, module="streamrnn.cli trainer")
     try:
         assert f"resumed from {ckpt} at step {steps}" in trainer.log()
         with Client(trainer.endpoint, timeout=60) as client:
@@ -175,3 +182,25 @@ def test_paired_targets_over_a_socket(tmp_path):
     x = rng.standard_normal((1, 32, 1)).astype(np.float32)
     assert np.mean((np.asarray(model(x)) + x) ** 2) < 0.1
     assert online.trainer.step == 60
+
+
+def test_worker_process_follows_published_weights(tmp_path):
+    """`streamrnn worker --weights-from DIR`: a new version published mid-stream is used
+    from the next step on, and the stream continues from its state."""
+    from tests.test_weights import D, model_with_seed, offline_with_swap
+    from workers.process import WorkerProcess
+
+    model_path = tmp_path / "m.keras"
+    model_with_seed(0).save(model_path)
+    old, new = model_with_seed(0).get_weights(), model_with_seed(1).get_weights()
+    pub = tmp_path / "pub"
+    x = np.random.default_rng(0).standard_normal((30, D)).astype(np.float32)
+    with WorkerProcess.start(model_path, 2, "--weights-from", str(pub), "--weights-poll-s",
+                             "0", "--no-xla", "--no-warmup") as worker:
+        with Client(worker.endpoint, timeout=60) as client:
+            first = client.push("a", x[:12])
+            publish_weights(pub, new, 1)
+            second = client.push("a", x[12:])
+            assert client.stats()["engine"]["weights_version"] == 1
+    got = np.concatenate([first, second])
+    assert np.abs(got - offline_with_swap(old, new, x, 12)).max() <= 1e-5

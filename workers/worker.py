@@ -47,6 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint-dir", default=None,
                         help="accepted and stored only: durable checkpoints of stream states "
                              "are a later issue, nothing is written yet")
+    parser.add_argument("--weights-from", default=None,
+                        help="follow a trainer's --publish-dir: load each newer weights-v{N} "
+                             "between steps (stream states are kept)")
+    parser.add_argument("--weights-poll-s", type=float, default=0.5,
+                        help="check the --weights-from directory at most this often")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     return parser
 
@@ -63,6 +68,10 @@ def run(args: argparse.Namespace) -> int:
                                jit_compile=args.xla)
     if args.warmup:
         engine.runner.warmup()
+    if args.weights_from:
+        from streamrnn.weights import WeightsFollower
+
+        engine = WeightsFollower(engine, args.weights_from, poll_s=args.weights_poll_s)
     config = WorkerConfig(
         bind=args.bind, batch_window_us=args.batch_window_us, max_queue=args.max_queue,
         idle_timeout_s=args.idle_timeout_s, max_frame_bytes=args.max_frame_bytes,

@@ -147,16 +147,20 @@ def _example():
 
 
 def test_addition_example_reaches_stated_accuracy_fast() -> None:
-    """2-digit sums, 8 epochs (~20 s on 2 cores): >= 60% exact match on held-out questions."""
+    """2-digit sums, 8 epochs (~20 s on 2 cores): >= 75% exact match on held-out questions.
+
+    Measured: 90.5% (seed 0)."""
     accuracy, engine, pairs, got, model = _example().run(digits=2, epochs=8)
     assert len(pairs) == 2000
-    assert accuracy >= 0.6, accuracy
+    assert accuracy >= 0.75, accuracy
     shared = {id(v) for v in model.weights}
     assert {id(v) for v in engine.models.decoder.weights} <= shared
 
 
 @pytest.mark.slow
 def test_addition_example_reaches_stated_accuracy() -> None:
-    """2-digit sums, 20 epochs (~1 min on 2 cores): >= 97% exact match on held-out questions."""
+    """2-digit sums, 20 epochs (~1 min on 2 cores): >= 97% exact match on held-out questions.
+
+    Measured: 99.9% (seed 0)."""
     accuracy, *_ = _example().run(digits=2, epochs=20)
     assert accuracy >= 0.97, accuracy

@@ -53,6 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--max-chunk", type=int, default=256,
                         help="longest window per optimizer step (power of two)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--xla", action=argparse.BooleanOptionalAction, default=False,
+                        help="compile the train step with XLA (faster steps, slower start)")
     parser.add_argument("--paired", action="store_true",
                         help="chunks carry targets: [T, in+out] floats or [T, 2] token ids")
     parser.add_argument("--checkpoint", default=None,
@@ -105,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         schedule_steps=args.schedule_steps, schedule_k=args.schedule_k,
         learning_rate=args.lr, clipnorm=args.clipnorm or None, sample=args.sample,
         temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-        max_chunk=args.max_chunk,
+        max_chunk=args.max_chunk, jit_compile=args.xla,
     )
     trainer = FreeRunningTrainer(load_model(args.model), slots=args.slots, config=config)
     metrics = None

@@ -380,3 +380,35 @@ def test_xla_and_graph_loops_agree(kind: str) -> None:
                                           [prompt, a, prompt[:1]]), 5, "tokens"))
     else:
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_generate_over_zeromq_equals_in_process(tmp_path) -> None:
+    """GENERATE through a real worker process and Client.generate == Engine.generate."""
+    from workers.process import WorkerProcess
+
+    model = token_model("gru", seed=15)
+    path = tmp_path / "chars.keras"
+    model.save(path)
+    local = make_engine(model, slots=4)
+    prompt = np.array([3, 1, 4, 1], np.int32)
+    want_greedy = local.generate("g", prompt, steps=16)
+    want_sampled = local.generate("t", prompt, steps=16, sample="top_k", top_k=4,
+                                  temperature=0.9, seed=5)
+    end = int(want_greedy[3])
+    with WorkerProcess.start(path, 4, "--no-xla") as worker, \
+            streamrnn.Client(worker.endpoint) as client:
+        got = client.generate("g", prompt, steps=16)
+        np.testing.assert_array_equal(got, want_greedy)
+        got = client.generate("t", prompt, steps=16, sample="top_k", top_k=4,
+                              temperature=0.9, seed=5)
+        np.testing.assert_array_equal(got, want_sampled)
+        # the stream keeps prompt + generated: a PUSH continues like offline
+        after = client.push("g", np.array([2, 7], np.int32))
+        seq = np.concatenate([prompt, want_greedy, [2, 7]])
+        np.testing.assert_allclose(after, np.asarray(model(seq[None]))[0, -2:], atol=1e-5)
+        stopped = client.generate("e", prompt, steps=16, end_token=end)
+        cut = int(np.flatnonzero(want_greedy == end)[0]) + 1
+        np.testing.assert_array_equal(stopped, want_greedy[:cut])
+        with pytest.raises(streamrnn.RemoteError) as info:
+            client.generate("bad", prompt, steps=4, end_token=VOCAB + 3)
+        assert info.value.code == ErrorCode.BAD_VALUE

@@ -12,7 +12,9 @@ Threads (zmq sockets are not thread-safe, so each socket has one owner):
 
 Within one batch the requests of a stream keep their order: its n-th PUSH goes into the
 n-th round, and its RESET/CLOSE/OPEN/GENERATE run before the PUSHes of the round that
-follows its previous PUSH.
+follows its previous PUSH. Only the first round runs; later rounds are carried into the
+next batch (ahead of newly arrived requests), so each step is filled with as many distinct
+streams as possible.
 
 Example::
 
@@ -142,6 +144,9 @@ class StreamWorker:
         self._threads: list[threading.Thread] = []
         self.endpoint: str | None = None
         self._pipe_address = f"inproc://streamrnn-replies-{next(_worker_ids)}"
+        # requests taken but left for the next step (a stream's second chunk, and everything
+        # of that stream after it), so every step can be filled with fresh streams
+        self._carry: list[_Work] = []
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -347,13 +352,17 @@ class StreamWorker:
         next_expiry = time.monotonic() + 1.0
         try:
             while True:
+                if self._carry:
+                    batch, self._carry = self._carry, []
+                    self._process(self._take_batch(batch, 0.0))
+                    continue
                 try:
                     first = self._queue.get(timeout=0.05)
                 except queue.Empty:
                     if self._reading_stopped.is_set() and self._queue.empty():
                         break
                 else:
-                    self._process(self._take_batch(first, window))
+                    self._process(self._take_batch([first], window))
                 if self.config.idle_timeout_s > 0 and time.monotonic() >= next_expiry:
                     self._expire_idle()
                     next_expiry = time.monotonic() + 1.0
@@ -363,8 +372,7 @@ class StreamWorker:
             pipe.send(_STOP_FRAME)
             pipe.close(linger=-1)
 
-    def _take_batch(self, first: _Work, window: float) -> list[_Work]:
-        batch = [first]
+    def _take_batch(self, batch: list[_Work], window: float) -> list[_Work]:
         deadline = time.monotonic() + window
         while len(batch) < self.config.max_batch:
             try:
@@ -399,19 +407,24 @@ class StreamWorker:
             index = next_round.get(stream, 0)
             while len(rounds) <= index:
                 rounds.append(_Round())
-            if work.msg.type == MessageType.PUSH:
+            if work.msg.type == MessageType.PUSH and work.chunk is None and work.invalid is None:
                 try:
                     work.chunk = self.engine.validate(work.msg.arrays[A_CHUNK])
                 except InvalidInputError as exc:
                     work.invalid = exc
+            if work.msg.type == MessageType.PUSH:
                 rounds[index].pushes.append(work)
                 next_round[stream] = index + 1
             else:
                 rounds[index].before.append(work)
-        for round_ in rounds:
-            for work in round_.before:
-                self._apply_single(work)
-            self._apply_pushes(round_.pushes)
+        if not rounds:
+            return
+        for work in rounds[0].before:
+            self._apply_single(work)
+        self._apply_pushes(rounds[0].pushes)
+        if len(rounds) > 1:
+            later = {id(w) for r in rounds[1:] for w in (*r.before, *r.pushes)}
+            self._carry = [w for w in batch if id(w) in later]
 
     # ---- applying requests (compute thread) -------------------------------------------
 

@@ -23,6 +23,7 @@ import keras
 import tensorflow as tf
 
 from streamrnn.errors import UnsupportedModelError
+from streamrnn.fused import FusedRNN, fuse_layers
 
 # Layers that act on each timestep independently at inference time (so they stream).
 _TIMEWISE_LAYERS: tuple[type, ...] = (
@@ -162,6 +163,9 @@ class ServingModel:
     name: str = "model"
     final_rnn_returned_sequences: bool = True
     _mask_layers: set[int] = field(default_factory=set)
+    # chain index -> fused fast path for that recurrent layer (streamrnn.fused); the others
+    # run as Keras layers.
+    fused_layers: dict[int, FusedRNN] = field(default_factory=dict)
 
     def forward(self, x: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
         """One stateful step over every slot.
@@ -180,7 +184,8 @@ class ServingModel:
                 if extra is not None:
                     mask = tf.logical_and(mask, extra)
             if isinstance(layer, keras.layers.RNN):
-                h = layer(h, mask=mask, training=False)
+                fused = self.fused_layers.get(i)
+                h = fused(h, mask) if fused is not None else layer(h, mask=mask, training=False)
             else:
                 h = layer(h, training=False)
         return h
@@ -232,7 +237,7 @@ def _clone_layer(layer: keras.layers.Layer, overrides: dict[str, Any]) -> keras.
 
 
 def build_serving_model(
-    model: keras.Model, slots: int, use_cudnn: bool | str = "auto"
+    model: keras.Model, slots: int, use_cudnn: bool | str = "auto", fused: bool | None = None
 ) -> ServingModel:
     """Clone ``model`` as a stateful serving chain with batch size ``slots``.
 
@@ -241,6 +246,9 @@ def build_serving_model(
             stateful or not.
         slots: batch size of the clone (one row per concurrent stream).
         use_cudnn: passed to LSTM/GRU clones (Keras does not save it).
+        fused: run standard LSTM/GRU/SimpleRNN layers through :mod:`streamrnn.fused` (same
+            weights and state variables, hoisted input projection). None (default): fused
+            on CPU; on a GPU only the layers cuDNN cannot take. False: Keras layers only.
     """
     if not model.built or not model.inputs:
         raise ValueError(f"model {model.name!r} is not built; call it once or give it an Input")
@@ -297,6 +305,10 @@ def build_serving_model(
         clones.append(clone)
         shape = tuple(clone.compute_output_shape(shape))
     output_dim = int(shape[-1])
+    fused_layers: dict[int, FusedRNN] = {}
+    if fused or fused is None:
+        on_gpu = bool(tf.config.list_physical_devices("GPU"))
+        fused_layers = fuse_layers(clones, prefer_cudnn=fused is None and on_gpu)
     return ServingModel(
         slots=slots,
         layers=clones,
@@ -308,4 +320,5 @@ def build_serving_model(
         name=model.name,
         final_rnn_returned_sequences=final_rs,
         _mask_layers=mask_layers,
+        fused_layers=fused_layers,
     )

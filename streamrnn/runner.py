@@ -68,6 +68,10 @@ class ModelRunner:
             and type(layer).__name__ in ("LSTM", "GRU")
         ]
         impl = "cuDNN-eligible" if where == "GPU" and cudnn else "keras loop"
+        fused = getattr(self.serving, "fused_layers", {})
+        if fused:  # streamrnn.fused fast path for some or all recurrent layers
+            n = len(self.serving.rnn_layers)
+            impl = "fused" if len(fused) == n else f"fused {len(fused)}/{n} + {impl}"
         xla = ", XLA" if self.jit_compile else ""
         return f"{'+'.join(names)} {impl} on {where}{xla}"
 

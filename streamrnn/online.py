@@ -155,11 +155,11 @@ class OnlineTrainer:
     def validate(self, chunk: Any) -> np.ndarray:
         """Check a training chunk (raises InvalidInputError); returns it unchanged."""
         inputs, targets = self._split(chunk)
-        x = self.trainer._as_input(np.asarray(inputs), batched=False)
+        x = self.trainer.check_inputs(np.asarray(inputs), batched=False)
         if len(x) == 0:
             raise InvalidInputError("empty chunk (T = 0)", ErrorCode.EMPTY_CHUNK)
         if targets is not None:
-            self.trainer._as_target(np.ascontiguousarray(targets), batched=False)
+            self.trainer.check_targets(np.ascontiguousarray(targets), batched=False)
         return np.asarray(chunk)
 
     def push(self, stream: str, chunk: Any) -> np.ndarray:

@@ -473,14 +473,15 @@ class FreeRunningTrainer:
         Returns:
             ``(B, T, output_dim)`` float32.
         """
-        x = self._as_input(np.asarray(x), batched=True)
+        x = self.check_inputs(np.asarray(x), batched=True)
         mask = np.ones(x.shape[:2], bool)
         return self._rollout_fn(
             tf.constant(x), tf.constant(mask), tf.constant(warmup), tf.constant(p_own),
             tf.constant(step, tf.int64),
         ).numpy()
 
-    def _as_input(self, x: np.ndarray, batched: bool) -> np.ndarray:
+    def check_inputs(self, x: np.ndarray, batched: bool) -> np.ndarray:
+        """Validate inputs (``[B,] T, D`` float or ``[B,] T`` int ids); InvalidInputError."""
         rank = (1 if self.input_kind == "tokens" else 2) + int(batched)
         if x.ndim != rank or (self.input_kind == "features" and x.shape[-1] != self.input_dim):
             want = "[T]" if self.input_kind == "tokens" else f"[T, {self.input_dim}]"
@@ -505,7 +506,8 @@ class FreeRunningTrainer:
             raise InvalidInputError("inputs contain NaN or Inf", ErrorCode.NON_FINITE)
         return x
 
-    def _as_target(self, y: np.ndarray, batched: bool) -> np.ndarray:
+    def check_targets(self, y: np.ndarray, batched: bool) -> np.ndarray:
+        """Validate targets (``[B,] T`` int ids or ``[B,] T, out`` float); InvalidInputError."""
         if self.loss_name == "sparse_ce":
             if y.ndim != 1 + int(batched) or y.dtype.kind not in "iu":
                 raise InvalidInputError(
@@ -526,8 +528,8 @@ class FreeRunningTrainer:
         return y.astype(np.float32, copy=False)
 
     def _check_batch(self, x, target, mask):
-        x = self._as_input(np.asarray(x), batched=True)
-        target = self._as_target(np.asarray(target), batched=True)
+        x = self.check_inputs(np.asarray(x), batched=True)
+        target = self.check_targets(np.asarray(target), batched=True)
         if x.shape[0] != self.slots:
             raise InvalidInputError(f"batch has {x.shape[0]} rows, trainer has {self.slots} "
                                     "slots", ErrorCode.BAD_SHAPE)
@@ -559,11 +561,11 @@ class FreeRunningTrainer:
             ``(inputs, targets, lead, kept)``: ``lead`` (0 or 1) chunk elements have no
             prediction; ``kept`` is the observation to keep for the next chunk (or None).
         """
-        chunk = self._as_input(np.asarray(chunk), batched=False)
+        chunk = self.check_inputs(np.asarray(chunk), batched=False)
         if len(chunk) == 0:
             raise InvalidInputError("empty chunk (T = 0)", ErrorCode.EMPTY_CHUNK)
         if target is not None:
-            target = self._as_target(np.asarray(target), batched=False)
+            target = self.check_targets(np.asarray(target), batched=False)
             if len(target) != len(chunk):
                 raise InvalidInputError(
                     f"target has {len(target)} steps, chunk has {len(chunk)}",

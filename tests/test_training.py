@@ -337,3 +337,39 @@ def test_models_that_cannot_feed_back_are_refused():
     with pytest.raises(InvalidInputError) as err:
         FreeRunningTrainer(regression_model(), slots=2, config=TrainConfig(sample="temperature"))
     assert err.value.code == ErrorCode.BAD_VALUE
+
+
+def test_update_is_the_truncated_bptt_gradient():
+    """Chunk 2's SGD update equals the gradient of chunk 2's loss computed by Keras itself
+    from chunk 1's final state taken as a constant (the gradient stops at the boundary)."""
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((None, 2)), keras.layers.GRU(6, return_sequences=True),
+                              keras.layers.Dense(2)])
+    lr = 0.1
+    trainer = FreeRunningTrainer(model, slots=1, config=TrainConfig(mode="teacher"),
+                                 optimizer=keras.optimizers.SGD(learning_rate=lr))
+    seq = np.random.default_rng(0).standard_normal((1, 21, 2)).astype(np.float32)
+    w0 = model.get_weights()
+    trainer.train_batch(seq[:, :10], seq[:, 1:11])
+    # the carried state is the pre-update model's state after chunk 1
+    x = keras.Input((None, 2))
+    h0 = keras.Input((6,))
+    hs, h_last = keras.layers.GRU(6, return_sequences=True, return_state=True)(
+        x, initial_state=[h0])
+    explicit = keras.Model([x, h0], [keras.layers.Dense(2)(hs), h_last])
+    explicit.set_weights(w0)
+    _, state = explicit([seq[:, :10], np.zeros((1, 6), np.float32)])
+    assert np.abs(trainer.state_vars[0].numpy() - np.asarray(state)).max() <= 1e-6
+    # the update on chunk 2
+    w1 = model.get_weights()
+    explicit.set_weights(w1)
+    with tf.GradientTape() as tape:
+        y, _ = explicit([tf.constant(seq[:, 10:20]), tf.constant(np.asarray(state))])
+        loss = tf.reduce_mean(tf.square(y - seq[:, 11:21]))
+    grads = tape.gradient(loss, explicit.trainable_variables)
+    trainer.train_batch(seq[:, 10:20], seq[:, 11:21])
+    assert abs(trainer.last_loss - float(loss)) <= 1e-6
+    for got, w, g in zip(model.get_weights(), w1, grads, strict=True):
+        np.testing.assert_allclose(got, w - lr * np.asarray(g), rtol=0, atol=1e-6)

@@ -48,6 +48,7 @@ from streamrnn.errors import (
     ProtocolError,
     StreamRNNError,
 )
+from streamrnn.metrics import Metrics
 from streamrnn.protocol import (
     A_CHUNK,
     A_OUTPUT,
@@ -94,6 +95,7 @@ class WorkerConfig:
     idle_timeout_s: float = 0.0  # expire streams idle this long (0: never)
     max_frame_bytes: int = MAX_FRAME_BYTES  # ZMQ_MAXMSGSIZE on the ROUTER
     busy_retry_after_ms: int = 5
+    metrics_port: int | None = None  # serve Prometheus /metrics here (0: any free port)
     checkpoint_dir: str | None = None  # accepted and stored; durability is a later issue
     model_name: str = ""
 
@@ -147,6 +149,10 @@ class StreamWorker:
         # requests taken but left for the next step (a stream's second chunk, and everything
         # of that stream after it), so every step can be filled with fresh streams
         self._carry: list[_Work] = []
+        self.metrics = Metrics("worker")
+        self.metrics.slots_total.set(engine.slots)
+        self.metrics_port: int | None = None
+        self._engine_swaps = {"in": 0, "out": 0}
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -160,6 +166,8 @@ class StreamWorker:
         router.setsockopt(zmq.LINGER, 2000)
         router.bind(self.config.bind)
         self.endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode()
+        if self.config.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(self.config.metrics_port)
         pull = self._ctx.socket(zmq.PULL)
         pull.bind(self._pipe_address)
         push = self._ctx.socket(zmq.PUSH)
@@ -196,10 +204,37 @@ class StreamWorker:
     def _count(self, key: str, n: int = 1) -> None:
         with self._stats_lock:
             self._counts[key] += n
+        metrics = self.metrics
+        if key.startswith("requests_"):
+            metrics.requests.labels(type=key.removeprefix("requests_")).inc(n)
+        elif key == "busy":
+            metrics.busy.inc(n)
+        elif key == "expired_streams":
+            metrics.expiries.inc(n)
+        elif key == "batches":
+            metrics.steps.inc(n)
+        elif key == "timesteps":
+            metrics.record_timesteps(n)
 
     def _count_error(self, code: ErrorCode | int) -> None:
+        name = error_code_name(int(code))
         with self._stats_lock:
-            self._errors[error_code_name(int(code))] += 1
+            self._errors[name] += 1
+        self.metrics.errors.labels(code=name).inc()
+
+    def _update_gauges(self) -> None:
+        """Refresh stream/slot/swap/weights metrics from the engine (compute thread)."""
+        stats = self.engine.stats()
+        self.metrics.streams.set(stats["streams"])
+        self.metrics.slots_in_use.set(stats["slots"] - stats["free_slots"])
+        for direction in ("in", "out"):
+            total = stats.get(f"swaps_{direction}", 0)
+            self.metrics.swaps.labels(direction=direction).inc(
+                total - self._engine_swaps[direction])
+            self._engine_swaps[direction] = total
+        version = getattr(self.engine, "weights_version", None)
+        if isinstance(version, int):
+            self.metrics.weights_version.set(version)
 
     def stats(self) -> dict[str, Any]:
         """Counters of the worker plus the engine's stats (compute thread only)."""
@@ -521,6 +556,7 @@ class StreamWorker:
                              "retry later", work.seq)
         if not ready:
             return
+        began = time.monotonic()
         try:
             outputs = self.engine.push_many({s: w.chunk for s, w in ready.items()})
         except Exception:
@@ -535,6 +571,9 @@ class StreamWorker:
                     log.exception("push of stream %r failed", stream)
                     self._send_error(work, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}",
                                      work.seq)
+        self.metrics.step_latency.observe(time.monotonic() - began)
+        self.metrics.batch_fill.observe(len(ready) / self.engine.slots)
+        self._update_gauges()
         self._count("batches")
         self._count("applied_push", len(outputs))
         self._count("timesteps", sum(len(o) for o in outputs.values()))
@@ -545,6 +584,7 @@ class StreamWorker:
                                   {A_OUTPUT: out})
             self._seq.applied(stream, work.seq, reply)
             self._send(work, *reply)
+            self.metrics.chunk_latency.observe(time.monotonic() - work.received)
 
     # ---- replies (compute thread) -----------------------------------------------------
 

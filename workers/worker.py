@@ -52,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "between steps (stream states are kept)")
     parser.add_argument("--weights-poll-s", type=float, default=0.5,
                         help="check the --weights-from directory at most this often")
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="serve Prometheus metrics on http://127.0.0.1:PORT/metrics "
+                             "(0 picks a free port; the ready line shows it)")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     return parser
 
@@ -76,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         bind=args.bind, batch_window_us=args.batch_window_us, max_queue=args.max_queue,
         idle_timeout_s=args.idle_timeout_s, max_frame_bytes=args.max_frame_bytes,
         checkpoint_dir=args.checkpoint_dir, model_name=os.path.basename(args.model),
+        metrics_port=args.metrics_port,
     )
     worker = StreamWorker(engine, config)
 
@@ -87,8 +91,10 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     endpoint = worker.start()
-    log.info("%s%s (slots=%d, model=%s, kernel=%s)", READY_MARKER, endpoint, engine.slots,
-             config.model_name, engine.kernel)
+    metrics = f", metrics=http://127.0.0.1:{worker.metrics_port}/metrics" if (
+        worker.metrics_port is not None) else ""
+    log.info("%s%s (slots=%d, model=%s, kernel=%s%s)", READY_MARKER, endpoint, engine.slots,
+             config.model_name, engine.kernel, metrics)
     if args.checkpoint_dir:
         log.warning("--checkpoint-dir %s is stored but not used yet", args.checkpoint_dir)
     while not worker.join(timeout=0.2):  # short joins keep the signal handlers responsive

@@ -1,0 +1,48 @@
+"""Prometheus metrics of a real worker process, scraped over real HTTP."""
+
+import re
+import urllib.request
+
+import numpy as np
+import pytest
+
+from streamrnn import Client
+from tests.modelzoo import ModelSpec, build_model
+from workers.process import WorkerProcess
+
+
+def scrape(url: str) -> dict[str, float]:
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory):
+    path = tmp_path_factory.mktemp("metrics") / "m.keras"
+    build_model(ModelSpec("gru", features=4)).save(path)
+    with WorkerProcess.start(path, 4, "--no-xla", "--metrics-port", "0") as process:
+        yield process
+
+
+def test_metrics_endpoint_counts_move_with_traffic(worker):
+    url = re.search(r"metrics=(http://\S+/metrics)", worker.log()).group(1)
+    before = scrape(url)
+    assert before["streamrnn_slots"] == 4
+    with Client(worker.endpoint) as client:
+        for _ in range(3):
+            client.push("m1", np.zeros((8, 4), np.float32))
+        client.push("m2", np.zeros((5, 4), np.float32))
+        with pytest.raises(Exception, match="shape"):
+            client.push("m2", np.zeros((5, 3), np.float32))
+    after = scrape(url)
+    assert after["streamrnn_timesteps_total"] - before.get("streamrnn_timesteps_total", 0) == 29
+    assert after["streamrnn_steps_total"] >= 4
+    assert after["streamrnn_streams"] == 2 and after["streamrnn_slots_in_use"] == 2
+    assert after['streamrnn_errors_total{code="BAD_SHAPE"}'] == 1
+    assert after["streamrnn_chunk_latency_seconds_count"] == 4
+    assert after['streamrnn_requests_total{type="push"}'] >= 5

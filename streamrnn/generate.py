@@ -272,15 +272,22 @@ def pick_tokens(
     vocab = y.shape[-1]
     logits = tf.math.log(tf.maximum(y, 1e-30)) if probs else y
     best = tf.argmax(logits, axis=-1, output_type=tf.int32)
-    scaled = logits * inv_temperature[:, None]
-    ordered = tf.sort(scaled, axis=-1, direction="DESCENDING")
-    k = tf.where(top_k > 0, top_k, vocab)
-    kth = tf.gather(ordered, k - 1, axis=1, batch_dims=1)
-    scaled = tf.where(scaled >= kth[:, None], scaled, -np.inf)
-    u = hash_uniform(key, counter, vocab)
-    gumbel = -tf.math.log(-tf.math.log(u))
-    drawn = tf.argmax(scaled + gumbel, axis=-1, output_type=tf.int32)
-    return tf.where(greedy, best, drawn)
+
+    def drawn() -> tf.Tensor:
+        scaled = logits * inv_temperature[:, None]
+
+        def keep_top_k() -> tf.Tensor:
+            ordered = tf.sort(scaled, axis=-1, direction="DESCENDING")
+            k = tf.where(top_k > 0, top_k, vocab)
+            kth = tf.gather(ordered, k - 1, axis=1, batch_dims=1)
+            return tf.where(scaled >= kth[:, None], scaled, -np.inf)
+
+        scaled = tf.cond(tf.reduce_any(top_k > 0), keep_top_k, lambda: scaled)
+        gumbel = -tf.math.log(-tf.math.log(hash_uniform(key, counter, vocab)))
+        return tf.where(greedy, best, tf.argmax(scaled + gumbel, axis=-1, output_type=tf.int32))
+
+    # all-greedy batches skip the sort and the noise
+    return tf.cond(tf.reduce_all(greedy), lambda: best, drawn)
 
 
 # ---- the compiled loop ---------------------------------------------------------------------

@@ -60,6 +60,8 @@ Feedback = str | Callable[[tf.Tensor], tf.Tensor] | None
 SAMPLERS = ("greedy", "temperature", "top_k", "sample")  # "sample" == "temperature"
 #: Steps one compiled call runs at most; longer generations call it again (state carries).
 LOOP_CHUNK = 256
+#: Compiled loops kept for user feedback callables (oldest dropped first).
+MAX_CUSTOM_LOOPS = 8
 _M32 = 0xFFFFFFFF
 
 
@@ -350,6 +352,10 @@ class Generator:
             return values.stack(), count, y, ended
 
         fn = tf.function(loop, jit_compile=self.jit_compile)
+        if plan.fn is not None:  # one compiled loop per callable: pass the same one to reuse it
+            custom = [k for k in self._loops if k[2] != id(None)]
+            for k in custom[: max(0, len(custom) - MAX_CUSTOM_LOOPS + 1)]:
+                del self._loops[k]
         self._loops[cache_key] = (fn, plan.fn)  # keep fn alive so its id() stays unique
         return fn
 

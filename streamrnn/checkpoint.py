@@ -9,7 +9,7 @@ File layout (little-endian)::
     32 bytes     SHA-256 of the body
     body         msgpack map (no pickle): {"model": str, "layout": [[dtype, shape], ...],
                  "weights_version": int, "created": float, "streams": {id: {"next_seq": int,
-                 "steps": int, "state": [bytes, ...]}}}
+                 "steps": int, "state": [bytes, ...], "replies": [...]}}, "extra": {...}}
 
 A truncated or corrupted file fails the length or checksum test and raises
 :class:`CheckpointError`; a checkpoint of a different model (other state layout) is refused.
@@ -55,6 +55,9 @@ class StreamRecord:
     state: list[np.ndarray]
     next_seq: int = 0
     steps: int = 0
+    #: the worker's cached replies (msgpack-able; see streamrnn.durable), so that a resent
+    #: request that was applied before the checkpoint is still answered after a restart
+    replies: list = field(default_factory=list)
 
 
 @dataclass
@@ -64,6 +67,7 @@ class Checkpoint:
     streams: dict[str, StreamRecord] = field(default_factory=dict)
     weights_version: int = 0
     created: float = field(default_factory=time.time)
+    extra: dict = field(default_factory=dict)  # msgpack-able (the worker's closed streams)
 
 
 def layout_of(rows: list[np.ndarray]) -> StateLayout:
@@ -78,6 +82,7 @@ def _encode(ckpt: Checkpoint) -> bytes:
         streams[name] = {
             "next_seq": int(rec.next_seq),
             "steps": int(rec.steps),
+            "replies": rec.replies,
             "state": [np.ascontiguousarray(r).astype(r.dtype.newbyteorder("<")).tobytes()
                       for r in rec.state],
         }
@@ -88,6 +93,7 @@ def _encode(ckpt: Checkpoint) -> bytes:
             "weights_version": int(ckpt.weights_version),
             "created": float(ckpt.created),
             "streams": streams,
+            "extra": ckpt.extra,
         },
         use_bin_type=True,
     )
@@ -152,9 +158,10 @@ def load_checkpoint(
         for name, rec in data["streams"].items():
             state = [np.frombuffer(buf, dtype=np.dtype(d).newbyteorder("<")).reshape(s)
                      .astype(d) for buf, (d, s) in zip(rec["state"], layout, strict=True)]
-            streams[name] = StreamRecord(state, int(rec["next_seq"]), int(rec["steps"]))
+            streams[name] = StreamRecord(state, int(rec["next_seq"]), int(rec["steps"]),
+                                         list(rec.get("replies", [])))
         ckpt = Checkpoint(data["model"], layout, streams, int(data["weights_version"]),
-                          float(data["created"]))
+                          float(data["created"]), dict(data.get("extra", {})))
     except (KeyError, TypeError, ValueError, msgpack.UnpackException) as exc:
         raise CheckpointError(f"checkpoint {path} has a malformed body: {exc}") from exc
     if expect_layout is not None and [(d, tuple(s)) for d, s in expect_layout] != layout:

@@ -62,6 +62,7 @@ from streamrnn.protocol import (
     A_OUTPUT,
     A_PROMPT,
     F_CODE,
+    F_DURABLE_SEQ,
     F_EXPECTED,
     F_MESSAGE,
     F_NEXT_SEQ,
@@ -101,6 +102,7 @@ class _Request:
     busy_since: float | None = None
     busy_count: int = 0
     busy_resend_at: float | None = None  # control requests: resend after a BUSY backoff
+    replay: bool = False  # re-sent from the resend buffer after a worker restart
 
 
 @dataclass(eq=False)
@@ -113,6 +115,10 @@ class _Stream:
     # Ask the worker for next_seq (OPEN) before sending: true for a stream this client has
     # not used yet, so that it continues the worker's numbering instead of replaying seq 0.
     needs_sync: bool = True
+    # Resend buffer: applied requests at or above the worker's durable point (durable_seq in
+    # its replies), in seq order, to replay if the worker restarts from its checkpoint.
+    done: deque[_Request] = field(default_factory=deque)
+    durable: int = 0
 
 
 class Client:
@@ -125,10 +131,14 @@ class Client:
         retries: resends after a timeout before the request fails with
             :class:`~streamrnn.RequestTimeoutError`.
         window: requests per stream in flight at once (at most the worker's reply cache).
+        replay_buffer: applied requests kept per stream beyond the worker's durable point
+            (``durable_seq``), to replay after the worker restarts from a checkpoint. Only a
+            checkpointing worker makes the client keep anything. When full, the oldest are
+            dropped and a replay that would need them fails the stream with an error.
     """
 
     def __init__(self, endpoint: str, timeout: float = 30.0, retries: int = 3, window: int = 8,
-                 *, context: zmq.Context | None = None):
+                 *, replay_buffer: int = 4096, context: zmq.Context | None = None):
         if not 1 <= window <= REPLY_CACHE_SIZE:
             raise ValueError(f"window must be in 1..{REPLY_CACHE_SIZE}, got {window}")
         if timeout <= 0 or retries < 0:
@@ -137,6 +147,7 @@ class Client:
         self.timeout = timeout
         self.retries = retries
         self.window = window
+        self.replay_buffer = replay_buffer
         self.counters: Counter[str] = Counter()  # retries, busy, unmatched replies, ... (I/O)
         self._ctx = context or zmq.Context.instance()
         self._socket = self._ctx.socket(zmq.DEALER)
@@ -387,6 +398,8 @@ class Client:
             self.counters["unmatched_replies"] += 1  # late duplicate or renumbered request
             return
         kind = msg.type
+        if kind in (MessageType.OUTPUT, MessageType.ACK) and request.stream is not None:
+            self._note_durable(request, msg)
         if kind == MessageType.BUSY:
             self._on_busy(request, msg)
         elif kind == MessageType.OUTPUT:
@@ -403,16 +416,38 @@ class Client:
             st = self._streams.get(request.stream or "")
             if st is not None:
                 st.needs_sync = True  # the worker forgot the stream: learn next_seq again
+                st.done.clear()
+                st.durable = 0
             self._finish(request, exc=StreamExpiredError(msg.header.get(F_MESSAGE, "expired")))
         elif kind == MessageType.ERROR:
             self._on_error(request, msg)
+
+    def _note_durable(self, request: _Request, msg: Message) -> None:
+        st = self._streams.get(request.stream or "")
+        if st is None:
+            return
+        durable = msg.header.get(F_DURABLE_SEQ)
+        if request.seq is not None:
+            # no durable_seq: the worker keeps no checkpoint, so there is nothing to replay
+            limit = request.seq + 1
+            durable = limit if durable is None else min(int(durable), limit)
+        elif durable is None:
+            return
+        if durable > st.durable:
+            st.durable = int(durable)
+            while st.done and st.done[0].seq < st.durable:
+                st.done.popleft()
 
     def _on_ack(self, request: _Request, msg: Message) -> None:
         st = self._streams.get(request.stream or "")
         if st is not None and request.kind == MessageType.OPEN:
             st.next_seq = int(msg.header.get(F_NEXT_SEQ, 0))
+            st.done.clear()
+            st.durable = min(st.durable, st.next_seq)
         elif st is not None and request.kind == MessageType.CLOSE:
             st.next_seq = 0  # the worker forgot the stream; the id starts over
+            st.done.clear()
+            st.durable = 0
         self._finish(request, result=msg.header if request.kind == MessageType.OPEN else None)
 
     def _on_busy(self, request: _Request, msg: Message) -> None:
@@ -439,13 +474,30 @@ class Client:
         code = msg.header.get(F_CODE, ErrorCode.INTERNAL)
         expected = msg.header.get(F_EXPECTED)
         st = self._streams.get(request.stream or "")
-        if st is not None and code == ErrorCode.SEQ_GAP and expected is not None:
+        if (st is not None and request.replay and request.seq is not None
+                and expected is not None and expected > request.seq):
+            # a replayed request the worker already has (e.g. SEQ_STALE): its output was
+            # delivered before, so nothing is missing
+            self._finish(request, result=None)
+            return
+        if (st is not None and code in (ErrorCode.SEQ_GAP, ErrorCode.UNKNOWN_STREAM)
+                and expected is not None and request.seq is not None
+                and expected < request.seq):
             # An earlier request of ours was not applied (BUSY, lost): go back to it.
             target = next((r for r in st.inflight if r.seq == expected), None)
-            if target is not None and expected < (request.seq or 0):
+            if target is not None:
                 self.counters["go_back"] += 1
                 self._schedule_resend(st, target, time.monotonic())
                 return
+            # The worker restarted from a checkpoint (or a survivor adopted the stream) and
+            # lost what it applied after it: replay from the resend buffer.
+            if self._replay(st, expected):
+                return
+        if st is not None and request.replay:
+            self._fail_stream(st, StreamRNNError(
+                f"stream {request.stream!r}: replaying seq {request.seq} after a worker "
+                f"restart failed: {msg.header.get(F_MESSAGE, '')}"))
+            return
         exc = remote_error(code, msg.header.get(F_MESSAGE, ""), expected)
         not_applied = request.seq is not None and expected == request.seq
         if st is not None and code in (ErrorCode.SEQ_GAP, ErrorCode.SEQ_STALE,
@@ -467,6 +519,8 @@ class Client:
                 pass
             if not_applied and request.seq is not None:
                 self._renumber_after(st, request.seq)
+            elif exc is None and request.seq is not None and request.seq >= st.durable:
+                self._remember(st, request)
         if not request.future.done():
             if exc is None:
                 request.future.set_result(result)
@@ -474,6 +528,39 @@ class Client:
                 request.future.set_exception(exc)
         if st is not None:
             self._pump(st)
+
+    def _remember(self, st: _Stream, request: _Request) -> None:
+        """Keep an applied request for replay until the worker reports it durable."""
+        if st.done and st.done[-1].seq > request.seq:
+            st.done.append(request)
+            st.done = deque(sorted(st.done, key=lambda r: r.seq))
+        else:
+            st.done.append(request)
+        while len(st.done) > self.replay_buffer:
+            st.done.popleft()
+            self.counters["replay_dropped"] += 1
+
+    def _replay(self, st: _Stream, start: int) -> bool:
+        """Resend the buffered requests ``start ..`` before the in-flight ones; False if the
+        buffer does not hold all of them."""
+        first_inflight = min((r.seq for r in st.inflight if r.seq is not None),
+                             default=st.next_seq)
+        ghosts = [r for r in st.done if start <= r.seq < first_inflight]
+        if [r.seq for r in ghosts] != list(range(start, first_inflight)):
+            return False
+        for request in ghosts:
+            st.done.remove(request)
+            request.replay = True
+            request.timeouts = 0
+            request.rid = next(self._rids)
+            self._by_rid[request.rid] = request
+        st.inflight.extendleft(reversed(ghosts))
+        self.counters["replayed"] += len(ghosts)
+        log.info("stream %r: worker resumed at seq %d; replaying %d requests", ghosts[0].stream
+                 if ghosts else "", start, len(ghosts))
+        st.resend_from = None
+        self._schedule_resend(st, st.inflight[0], time.monotonic())
+        return True
 
     def _renumber_after(self, st: _Stream, seq: int) -> None:
         """Request ``seq`` failed unapplied: later in-flight ones move down by one."""
@@ -502,6 +589,11 @@ class Client:
         for request in list(st.inflight):
             if request.seq is not None and request.seq >= start:
                 self.counters["resent"] += 1
+                # a fresh rid: late replies to the earlier send (e.g. SEQ_GAP from before a
+                # go-back) are then ignored instead of triggering another go-back
+                self._by_rid.pop(request.rid, None)
+                request.rid = next(self._rids)
+                self._by_rid[request.rid] = request
                 self._send(request)
         self._pump(st)
 
@@ -512,6 +604,7 @@ class Client:
         st.waiting.clear()
         st.resend_from = None
         st.needs_sync = True
+        st.done.clear()
         for request in requests:
             self._by_rid.pop(request.rid, None)
             if not request.future.done():

@@ -85,6 +85,9 @@ F_RETRY_AFTER_MS = "retry_after_ms"  # int: BUSY hint
 F_VERSIONS = "versions"  # list[int]: versions a PING offers / a PONG supports
 F_STATS = "stats"  # map: STATS reply payload
 F_STEPS = "steps"  # int: number of timesteps in an OUTPUT / GENERATE request
+#: int: in OUTPUT/ACK from a checkpointing worker: every request of the stream with a lower
+#: seq is in a checkpoint on disk (a client may drop those from its resend buffer)
+F_DURABLE_SEQ = "durable_seq"
 
 # array descriptor keys
 D_DTYPE = "dtype"
@@ -165,8 +168,8 @@ REQUEST_ARRAYS: dict[MessageType, dict[str, tuple[int, ...]]] = {
 _REPLY_BASE: Schema = {F_VERSION: (_INT, True), F_REQUEST_ID: (_INT, False),
                        F_STREAM: (_STR, False), F_SEQ: (_INT, False)}
 REPLY_SCHEMAS: dict[MessageType, Schema] = {
-    MessageType.OUTPUT: {**_REPLY_BASE, F_STEPS: (_INT, False)},
-    MessageType.ACK: {**_REPLY_BASE, F_NEXT_SEQ: (_INT, False)},
+    MessageType.OUTPUT: {**_REPLY_BASE, F_STEPS: (_INT, False), F_DURABLE_SEQ: (_INT, False)},
+    MessageType.ACK: {**_REPLY_BASE, F_NEXT_SEQ: (_INT, False), F_DURABLE_SEQ: (_INT, False)},
     MessageType.ERROR: {**_REPLY_BASE, F_CODE: (_INT, True), F_MESSAGE: (_STR, True),
                         F_EXPECTED: (_INT, False)},
     MessageType.BUSY: {**_REPLY_BASE, F_RETRY_AFTER_MS: (_INT, False)},

@@ -154,3 +154,31 @@ class SequenceTable:
         self._tombstones.move_to_end(stream)
         while len(self._tombstones) > self.max_tombstones:
             self._tombstones.popitem(last=False)
+
+    # ---- durability (streamrnn.durable writes these into checkpoints) -----------------
+
+    def export(self) -> dict[str, tuple[int, list[tuple[int, CachedReply]]]]:
+        """Every held stream's ``(next_seq, [(seq, cached reply), ...])``, oldest first."""
+        return {s: (e.next_seq, list(e.replies.items())) for s, e in self._streams.items()}
+
+    def export_closed(self) -> dict[str, tuple[int, CachedReply]]:
+        """Streams closed by CLOSE that still answer a resent CLOSE: ``(seq, reply)``."""
+        return {s: (t.seq, t.reply) for s, t in self._tombstones.items()
+                if not t.expired and t.reply is not None}
+
+    def restore(self, stream: str, next_seq: int,
+                replies: list[tuple[int, CachedReply]] = ()) -> None:
+        """Hold ``stream`` at ``next_seq`` with ``replies`` cached (from a checkpoint)."""
+        self._tombstones.pop(stream, None)
+        entry = self._streams[stream] = _Stream(next_seq=next_seq)
+        for seq, reply in replies[-self.cache_size:]:
+            entry.replies[seq] = reply
+
+    def restore_closed(self, stream: str, seq: int, reply: CachedReply) -> None:
+        """Remember that ``stream`` was closed by CLOSE ``seq`` (from a checkpoint)."""
+        if stream not in self._streams:
+            self._bury(stream, _Tombstone(False, seq, reply))
+
+    def forget(self, stream: str) -> None:
+        """Drop ``stream`` without a tombstone (it moved to another worker)."""
+        self._streams.pop(stream, None)

@@ -35,6 +35,8 @@ import queue
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +44,7 @@ import numpy as np
 import zmq
 
 from streamrnn.codec import Message, decode_request, encode
+from streamrnn.durable import WorkerCheckpointer
 from streamrnn.errors import (
     InvalidInputError,
     NotSupportedError,
@@ -54,6 +57,7 @@ from streamrnn.protocol import (
     A_OUTPUT,
     A_PROMPT,
     F_CODE,
+    F_DURABLE_SEQ,
     F_EXPECTED,
     F_MESSAGE,
     F_NEXT_SEQ,
@@ -82,6 +86,7 @@ log = logging.getLogger("streamrnn.worker")
 
 _worker_ids = itertools.count()
 _STOP_FRAME = b""  # a one-frame message on the reply pipe: the compute thread is done
+_DURABLE_REPLIES = (MessageType.OUTPUT, MessageType.ACK)  # carry durable_seq when durable
 
 
 @dataclass
@@ -96,7 +101,10 @@ class WorkerConfig:
     max_frame_bytes: int = MAX_FRAME_BYTES  # ZMQ_MAXMSGSIZE on the ROUTER
     busy_retry_after_ms: int = 5
     metrics_port: int | None = None  # serve Prometheus /metrics here (0: any free port)
-    checkpoint_dir: str | None = None  # accepted and stored; durability is a later issue
+    checkpoint_dir: str | None = None  # write/restore checkpoints here (None: not durable)
+    checkpoint_every_steps: int = 0  # write after this many batched steps (0: not by count)
+    checkpoint_every_s: float = 0.0  # write when this much time passed (0: not by time)
+    name: str = "worker"  # this worker's name: its checkpoint is <checkpoint_dir>/<name>.ckpt
     model_name: str = ""
 
 
@@ -153,6 +161,74 @@ class StreamWorker:
         self.metrics.slots_total.set(engine.slots)
         self.metrics_port: int | None = None
         self._engine_swaps = {"in": 0, "out": 0}
+        self.checkpointer: WorkerCheckpointer | None = None
+        if config.checkpoint_dir:
+            self.checkpointer = WorkerCheckpointer(
+                config.checkpoint_dir, config.name, config.model_name,
+                config.checkpoint_every_steps, config.checkpoint_every_s)
+        self._held: list[tuple[_Work, CachedReply]] = []  # CLOSE ACKs waiting for a checkpoint
+        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Future]] = queue.SimpleQueue()
+
+    # ---- durability --------------------------------------------------------------------
+
+    def restore_checkpoint(self) -> int:
+        """Before :meth:`start`: resume the streams of this worker's checkpoint file.
+
+        Returns how many streams were restored (0 without a file). A corrupt, truncated or
+        foreign file raises :class:`~streamrnn.checkpoint.CheckpointError`; nothing loads.
+        """
+        if self.checkpointer is None:
+            return 0
+        return self.checkpointer.restore(self.engine, self._seq)
+
+    def call_in_compute(self, fn: Callable[[], Any]) -> Future:
+        """Run ``fn()`` on the compute thread between steps (it owns the engine)."""
+        future: Future = Future()
+        self._calls.put((fn, future))
+        return future
+
+    def adopt(self, path: str, streams: list[str] | None = None) -> Future:
+        """Take over ``streams`` of another worker's checkpoint file (failover); the Future
+        gives the adopted ids once they are in this worker's own checkpoint."""
+        def run() -> list[str]:
+            if self.checkpointer is None:
+                raise NotSupportedError("this worker has no --checkpoint-dir")
+            adopted = self.checkpointer.adopt(path, streams, self.engine, self._seq)
+            self._checkpoint()
+            log.info("adopted %d streams from %s", len(adopted), path)
+            return adopted
+        return self.call_in_compute(run)
+
+    def _run_calls(self) -> None:
+        while True:
+            try:
+                fn, future = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                future.set_result(fn())
+            except Exception as exc:  # reported to the caller
+                future.set_exception(exc)
+
+    def _checkpoint(self) -> None:
+        assert self.checkpointer is not None
+        try:
+            self.checkpointer.save(self.engine, self._seq)
+        except Exception:
+            # a failed write leaves the previous file in place; durable_seq does not advance
+            log.exception("writing checkpoint %s failed", self.checkpointer.path)
+            self._count("checkpoint_failures")
+        else:
+            self._count("checkpoints")
+
+    def _after_batch(self) -> None:
+        """Periodic checkpoint, then the CLOSE ACKs that waited for one."""
+        ckpt = self.checkpointer
+        if ckpt is not None and (self._held or ckpt.due()):
+            self._checkpoint()
+        held, self._held = self._held, []
+        for work, reply in held:
+            self._send(work, *reply)
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -250,6 +326,11 @@ class StreamWorker:
             "errors": errors,
             "engine": _plain(self.engine.stats()),
             "checkpoint_dir": self.config.checkpoint_dir,
+            "checkpoint": None if self.checkpointer is None else {
+                "path": str(self.checkpointer.path), "written": self.checkpointer.written,
+                "bytes": self.checkpointer.last_bytes,
+                "seconds": round(self.checkpointer.last_seconds, 6),
+                "streams": len(self.checkpointer.durable)},
         }
 
     def describe(self) -> dict[str, Any]:
@@ -387,20 +468,25 @@ class StreamWorker:
         next_expiry = time.monotonic() + 1.0
         try:
             while True:
+                self._run_calls()
                 if self._carry:
                     batch, self._carry = self._carry, []
                     self._process(self._take_batch(batch, 0.0))
+                    self._after_batch()
                     continue
                 try:
                     first = self._queue.get(timeout=0.05)
                 except queue.Empty:
                     if self._reading_stopped.is_set() and self._queue.empty():
+                        if self.checkpointer is not None:
+                            self._checkpoint()  # graceful stop: everything applied is kept
                         break
                 else:
                     self._process(self._take_batch([first], window))
                 if self.config.idle_timeout_s > 0 and time.monotonic() >= next_expiry:
                     self._expire_idle()
                     next_expiry = time.monotonic() + 1.0
+                self._after_batch()
         except Exception:  # pragma: no cover - a bug; still let the I/O thread finish
             log.exception("compute thread failed")
         finally:
@@ -425,11 +511,17 @@ class StreamWorker:
         return batch
 
     def _expire_idle(self) -> None:
-        for stream in self._seq.expire_idle(self.config.idle_timeout_s):
+        expired = self._seq.expire_idle(self.config.idle_timeout_s)
+        for stream in expired:
+            where = "never held"
             if stream in self.engine:
-                self.engine.close(stream)
+                where = "resident" if stream in self.engine.table else "swapped out"
+                self.engine.close(stream)  # frees its slot or its host-memory copy
             self._count("expired_streams")
-            log.info("stream %r expired after %.1f s idle", stream, self.config.idle_timeout_s)
+            log.info("stream %r (%s) expired after %.1f s idle", stream, where,
+                     self.config.idle_timeout_s)
+        if expired and self.checkpointer is not None:
+            self._checkpoint()  # a restart must not bring expired streams back
 
     def _process(self, batch: list[_Work]) -> None:
         rounds: list[_Round] = []
@@ -507,6 +599,12 @@ class StreamWorker:
                     self.engine.close(stream)
                 reply = (MessageType.ACK, {F_STREAM: stream, F_SEQ: seq, F_NEXT_SEQ: 0}, {})
                 self._seq.closed(stream, seq, reply)
+                if self.checkpointer is not None:
+                    # ACK only once the close is on disk: a restart must not resurrect
+                    # the stream under an id the client may already reuse from seq 0
+                    self._count("applied_close")
+                    self._held.append((work, reply))
+                    return
             else:
                 reply = self._generate(work)
                 self._seq.applied(stream, seq, reply)
@@ -548,12 +646,14 @@ class StreamWorker:
         if not ready:
             return
         new_streams = [s for s in ready if s not in self.engine]
-        free = self.engine.free_slots
-        for stream in new_streams[free:]:
+        room = self.engine.capacity_left  # free slots plus host-memory swap room
+        for stream in new_streams[room:]:
             work = ready.pop(stream)
             self._send_error(work, ErrorCode.ENGINE_FULL,
-                             f"all {self.engine.slots} slots are taken; close a stream or "
-                             "retry later", work.seq)
+                             f"worker is full: {len(self.engine.streams)} streams live "
+                             f"(slots={self.engine.slots}, max_streams="
+                             f"{getattr(self.engine, 'max_streams', self.engine.slots)}); "
+                             "close a stream or retry later", work.seq)
         if not ready:
             return
         began = time.monotonic()
@@ -575,6 +675,8 @@ class StreamWorker:
         self.metrics.batch_fill.observe(len(ready) / self.engine.slots)
         self._update_gauges()
         self._count("batches")
+        if self.checkpointer is not None:
+            self.checkpointer.count_step()
         self._count("applied_push", len(outputs))
         self._count("timesteps", sum(len(o) for o in outputs.values()))
         for stream, out in outputs.items():
@@ -592,6 +694,9 @@ class StreamWorker:
               arrays: dict[str, np.ndarray] | None = None) -> None:
         if work.rid is not None:
             header = {**header, F_REQUEST_ID: work.rid}
+        if self.checkpointer is not None and msg_type in _DURABLE_REPLIES and F_STREAM in header:
+            header = {**header,
+                      F_DURABLE_SEQ: self.checkpointer.durable.get(header[F_STREAM], 0)}
         self._pipe.send_multipart([work.identity, *encode(msg_type, header, arrays)],
                                   copy=False)
 

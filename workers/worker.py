@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 
 log = logging.getLogger("streamrnn.worker")
@@ -45,8 +46,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                         help="trace every step bucket before announcing ready")
     parser.add_argument("--checkpoint-dir", default=None,
-                        help="accepted and stored only: durable checkpoints of stream states "
-                             "are a later issue, nothing is written yet")
+                        help="keep stream states durable: write <dir>/<name>.ckpt between "
+                             "steps and on shutdown, resume from it on start")
+    parser.add_argument("--checkpoint-every-steps", type=int, default=100,
+                        help="write a checkpoint after this many batched steps (0: off)")
+    parser.add_argument("--checkpoint-every-s", type=float, default=1.0,
+                        help="write a checkpoint when this many seconds passed (0: off)")
+    parser.add_argument("--ignore-bad-checkpoint", action="store_true",
+                        help="start empty if the checkpoint is corrupt (the bad file is moved "
+                             "aside to <name>.ckpt.bad-<time>); default: refuse to start")
+    parser.add_argument("--name", default="worker",
+                        help="this worker's name (checkpoint file name; unique per router)")
+    parser.add_argument("--max-streams", type=int, default=None,
+                        help="live streams in all; those beyond --slots are swapped to host "
+                             "memory (LRU) and back (default: --slots)")
     parser.add_argument("--weights-from", default=None,
                         help="follow a trainer's --publish-dir: load each newer weights-v{N} "
                              "between steps (stream states are kept)")
@@ -68,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     from streamrnn.server import StreamWorker, WorkerConfig
 
     engine = Engine.from_keras(args.model, slots=args.slots, max_bucket=args.max_bucket,
-                               jit_compile=args.xla)
+                               jit_compile=args.xla, max_streams=args.max_streams)
     if args.warmup:
         engine.runner.warmup()
     if args.weights_from:
@@ -79,9 +92,13 @@ def run(args: argparse.Namespace) -> int:
         bind=args.bind, batch_window_us=args.batch_window_us, max_queue=args.max_queue,
         idle_timeout_s=args.idle_timeout_s, max_frame_bytes=args.max_frame_bytes,
         checkpoint_dir=args.checkpoint_dir, model_name=os.path.basename(args.model),
+        checkpoint_every_steps=args.checkpoint_every_steps,
+        checkpoint_every_s=args.checkpoint_every_s, name=args.name,
         metrics_port=args.metrics_port,
     )
     worker = StreamWorker(engine, config)
+    if not _restore(worker, args):
+        return 2
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("received %s: finishing queued work, then exiting",
@@ -95,12 +112,34 @@ def run(args: argparse.Namespace) -> int:
         worker.metrics_port is not None) else ""
     log.info("%s%s (slots=%d, model=%s, kernel=%s%s)", READY_MARKER, endpoint, engine.slots,
              config.model_name, engine.kernel, metrics)
-    if args.checkpoint_dir:
-        log.warning("--checkpoint-dir %s is stored but not used yet", args.checkpoint_dir)
     while not worker.join(timeout=0.2):  # short joins keep the signal handlers responsive
         pass
     log.info("worker stopped cleanly")
     return 0
+
+
+def _restore(worker: object, args: argparse.Namespace) -> bool:
+    """Resume the worker's checkpoint; False if it is bad and must not be ignored."""
+    from streamrnn.checkpoint import CheckpointError
+
+    if worker.checkpointer is None:
+        return True
+    path = worker.checkpointer.path
+    try:
+        restored = worker.restore_checkpoint()
+    except CheckpointError as exc:
+        if not args.ignore_bad_checkpoint:
+            log.error("refusing to start: %s. Move the file away, or pass "
+                      "--ignore-bad-checkpoint to start without its streams.", exc)
+            return False
+        aside = path.with_name(f"{path.name}.bad-{int(time.time())}")
+        os.replace(path, aside)
+        log.warning("ignoring bad checkpoint (%s); moved it to %s and starting empty", exc,
+                    aside)
+        return True
+    if restored:
+        log.info("restored %d streams from %s", restored, path)
+    return True
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,194 @@
+"""A worker's durable state: checkpoints of its engine states + sequence table, and restores.
+
+The worker's compute thread calls :meth:`WorkerCheckpointer.save` between steps, so each
+file reflects exactly the applied requests: for every stream, its state rows, the next
+sequence number it expects, the replies it would answer duplicates with (the reply cache,
+so a client that resends a request applied just before a crash still gets its output), and
+the worker's recently closed streams. After :meth:`save` returns, the file is on disk and
+:attr:`WorkerCheckpointer.durable` says, per stream, below which ``seq`` everything is in it:
+the worker reports that in its replies (``durable_seq``), and a client keeps every request
+from there on to replay after a crash.
+
+Files are ``<dir>/<name>.ckpt`` (one per worker, so workers can share a directory and a
+survivor can adopt a dead worker's streams with :meth:`WorkerCheckpointer.adopt`).
+
+Example::
+
+    ckpt = WorkerCheckpointer("/var/lib/streamrnn", name="w1", model="m.keras")
+    ckpt.restore(engine, table)          # on start; CheckpointError if the file is bad
+    ckpt.save(engine, table)             # between steps; returns the durable map
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from streamrnn.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    StreamRecord,
+    load_checkpoint,
+    save_checkpoint,
+)
+from streamrnn.errors import EngineFullError
+from streamrnn.protocol import MessageType
+from streamrnn.sequencing import CachedReply, SequenceTable
+
+log = logging.getLogger("streamrnn.durable")
+
+
+def checkpoint_path(directory: str | os.PathLike, name: str) -> Path:
+    """Where the worker called ``name`` keeps its checkpoint in ``directory``."""
+    return Path(directory) / f"{name}.ckpt"
+
+
+def _pack_reply(seq: int, reply: CachedReply) -> list[Any]:
+    msg_type, header, arrays = reply
+    packed = {k: [str(a.dtype), list(a.shape), np.ascontiguousarray(a).tobytes()]
+              for k, a in arrays.items()}
+    return [int(seq), int(msg_type), dict(header), packed]
+
+
+def _unpack_reply(item: list[Any]) -> tuple[int, CachedReply]:
+    seq, msg_type, header, packed = item
+    arrays = {k: np.frombuffer(buf, dtype=np.dtype(d).newbyteorder("<")).reshape(shape)
+              .astype(d) for k, (d, shape, buf) in packed.items()}
+    return int(seq), (MessageType(msg_type), dict(header), arrays)
+
+
+class WorkerCheckpointer:
+    """Writes and reads one worker's checkpoint file.
+
+    Args:
+        directory: checkpoint directory (created if missing; may be shared by workers).
+        name: this worker's name; the file is ``<directory>/<name>.ckpt``.
+        model: the model's name, stored in the file (informational).
+        every_steps: write after this many engine steps (batched pushes); 0: never by count.
+        every_s: write when this many seconds passed since the last write; 0: never by time.
+    """
+
+    def __init__(self, directory: str | os.PathLike, name: str = "worker", model: str = "",
+                 every_steps: int = 0, every_s: float = 0.0):
+        if every_steps < 0 or every_s < 0:
+            raise ValueError("checkpoint intervals must be >= 0")
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.name = name
+        self.model = model
+        self.every_steps = every_steps
+        self.every_s = every_s
+        self.path = checkpoint_path(directory, name)
+        #: stream -> next_seq in the newest file on disk (everything below it is durable)
+        self.durable: dict[str, int] = {}
+        self.written = 0
+        self.last_bytes = 0
+        self.last_seconds = 0.0
+        self._steps_since = 0
+        self._last_write = time.monotonic()
+
+    # ---- when -------------------------------------------------------------------------
+
+    def count_step(self, n: int = 1) -> None:
+        self._steps_since += n
+
+    def due(self, now: float | None = None) -> bool:
+        """True when a periodic checkpoint should be written (and something changed)."""
+        if self._steps_since == 0:
+            return False
+        if self.every_steps and self._steps_since >= self.every_steps:
+            return True
+        now = time.monotonic() if now is None else now
+        return bool(self.every_s) and now - self._last_write >= self.every_s
+
+    # ---- save -------------------------------------------------------------------------
+
+    def save(self, engine: Any, table: SequenceTable) -> dict[str, int]:
+        """Write every stream of ``table`` (state, next seq, cached replies) atomically.
+
+        Call it between steps (compute thread): the states and sequence numbers must be
+        taken at the same point. Returns the new durable map (stream -> next_seq).
+        """
+        began = time.monotonic()
+        states = engine.export_states()
+        initial = [np.array(r) for r in engine.bank.initial_rows]
+        streams: dict[str, StreamRecord] = {}
+        for stream, (next_seq, replies) in table.export().items():
+            # a stream the engine does not hold (e.g. RESET before any PUSH) is initial
+            state, steps = states.get(stream, (initial, 0))
+            streams[stream] = StreamRecord(
+                [np.asarray(r) for r in state], next_seq, steps,
+                [_pack_reply(seq, reply) for seq, reply in replies])
+        closed = {s: _pack_reply(seq, reply) for s, (seq, reply) in table.export_closed().items()}
+        ckpt = Checkpoint(self.model, engine.state_layout, streams,
+                          int(getattr(engine, "weights_version", 0) or 0),
+                          extra={"closed": closed, "worker": self.name})
+        self.last_bytes = save_checkpoint(self.path, ckpt)
+        self.durable = {s: r.next_seq for s, r in streams.items()}
+        self.written += 1
+        self._steps_since = 0
+        self._last_write = time.monotonic()
+        self.last_seconds = self._last_write - began
+        return self.durable
+
+    # ---- restore ----------------------------------------------------------------------
+
+    def restore(self, engine: Any, table: SequenceTable) -> int:
+        """Load this worker's own checkpoint, if there is one; returns the streams restored.
+
+        Raises CheckpointError (and changes nothing) if the file is corrupt, truncated, of
+        another model, or holds more streams than the engine has room for.
+        """
+        if not self.path.exists():
+            return 0
+        ckpt = load_checkpoint(self.path, expect_layout=engine.state_layout)
+        self._import(ckpt, ckpt.streams, engine, table)
+        for stream, item in ckpt.extra.get("closed", {}).items():
+            seq, reply = _unpack_reply(item)
+            table.restore_closed(stream, seq, reply)
+        version = int(getattr(engine, "weights_version", 0) or 0)
+        if ckpt.weights_version != version:
+            log.warning("checkpoint %s was written with weights version %d; serving %d",
+                        self.path, ckpt.weights_version, version)
+        return len(ckpt.streams)
+
+    def adopt(self, path: str | os.PathLike, streams: Iterable[str] | None, engine: Any,
+              table: SequenceTable) -> list[str]:
+        """Take over ``streams`` (None: all) of another worker's checkpoint at ``path``.
+
+        Streams this worker already holds are left alone. Returns the adopted stream ids;
+        the caller should :meth:`save` right after, so they are durable here too.
+        """
+        ckpt = load_checkpoint(path, expect_layout=engine.state_layout)
+        wanted = ckpt.streams.keys() if streams is None else set(streams)
+        chosen = {s: r for s, r in ckpt.streams.items()
+                  if s in wanted and s not in table and s not in engine}
+        self._import(ckpt, chosen, engine, table)
+        return list(chosen)
+
+    def _import(self, ckpt: Checkpoint, records: dict[str, StreamRecord], engine: Any,
+                table: SequenceTable) -> None:
+        try:
+            unpacked = {s: [_unpack_reply(item) for item in r.replies]
+                        for s, r in records.items()}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint {self.path}: malformed reply cache: {exc}") \
+                from exc
+        try:
+            engine.import_states({s: (r.state, r.steps) for s, r in records.items()})
+        except EngineFullError as exc:
+            raise CheckpointError(
+                f"checkpoint holds {len(records)} streams but this worker has room for "
+                f"{engine.capacity_left} (raise --max-streams): {exc}") from exc
+        for stream, record in records.items():
+            table.restore(stream, record.next_seq, unpacked[stream])
+            self.durable[stream] = record.next_seq
+
+
+__all__ = ["WorkerCheckpointer", "checkpoint_path"]

@@ -77,7 +77,7 @@ class Engine:
         jit_compile: bool | None = None,
         allow_nonfinite: bool = False,
         use_cudnn: bool | str = "auto",
-        fused: bool | None = None,
+        fused: bool = False,
         max_chunk_steps: int = DEFAULT_MAX_CHUNK_STEPS,
         max_streams: int | None = None,
     ) -> Engine:
@@ -96,7 +96,7 @@ class Engine:
             allow_nonfinite: accept NaN/Inf in chunks (rejected by default).
             use_cudnn: passed to LSTM/GRU clones (Keras does not save this setting).
             fused: run standard LSTM/GRU/SimpleRNN layers through the fused fast path
-                (:mod:`streamrnn.fused`). None: on CPU; on GPU only where cuDNN cannot run.
+                (:mod:`streamrnn.fused`); off by default (not measurably faster on CPU).
             max_streams: live streams allowed in all; those beyond ``slots`` are swapped to
                 host memory (least recently used first) and back in on their next chunk,
                 with identical outputs. Default: ``slots`` (no swapping).

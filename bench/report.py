@@ -1,0 +1,318 @@
+"""Benchmark report: runs the kernel suite and writes a markdown table plus PNG plots.
+
+    python bench/report.py              # quick kernel grid (a few minutes on 2 cores)
+    python bench/report.py --long       # the full grid (slots x chunk x every variant)
+    python bench/report.py --no-run     # re-render from the JSON already in --out
+
+Reads pytest-benchmark JSON (``--benchmark-json``), the common format of every suite in
+``bench/``: the kernel suite's file is written here; any other ``*.json`` in the output folder
+(e.g. ``e2e.json`` from ``pytest bench/test_bench_e2e.py --benchmark-json
+bench/results/e2e.json``) is added as its own table (name, rate and ``extra_info``), and
+``bench/gpu_cudnn_h100.json`` (written by ``bench/gpu_cudnn.py`` on a GPU box) as the cuDNN
+table. Output: ``bench/results/report.md``, ``kernel_vs_slots.png``,
+``kernel_vs_chunk.png``, ``kernel_headline.png``.
+
+Entry point for a ``streamrnn bench`` subcommand: :func:`main` (argv list) or
+:func:`build_report`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+RESULTS = BENCH / "results"
+GPU_JSON = BENCH / "gpu_cudnn_h100.json"
+HEADLINE = (64, 16)
+
+
+# ---- running ---------------------------------------------------------------------------
+
+
+def run_kernel_suite(out_dir: Path, long: bool = False, extra_args: Iterable[str] = ()) -> Path:
+    """Run ``bench/test_bench_kernel.py`` under pytest; returns the JSON path it wrote."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "kernel.json"
+    env = dict(os.environ, STREAMRNN_BENCH="full" if long else "quick")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    cmd = [
+        sys.executable, "-m", "pytest", str(BENCH / "test_bench_kernel.py"), "-q",
+        "-p", "no:cacheprovider", f"--benchmark-json={path}", *extra_args,
+    ]
+    subprocess.run(cmd, check=True, env=env, cwd=BENCH.parent)
+    return path
+
+
+# ---- reading ---------------------------------------------------------------------------
+
+
+def load(path: Path) -> list[dict]:
+    """pytest-benchmark JSON -> one dict per benchmark: name, stats, extra_info merged."""
+    data = json.loads(path.read_text())
+    rows = []
+    for b in data.get("benchmarks", []):
+        row = {"name": b["name"], "median_s": b["stats"]["median"], "min_s": b["stats"]["min"]}
+        row.update(b.get("extra_info", {}))
+        rows.append(row)
+    return rows
+
+
+def machine(path: Path) -> str:
+    info = json.loads(path.read_text()).get("machine_info", {})
+    cpu = info.get("cpu", {})
+    return (
+        f"{cpu.get('brand_raw', info.get('processor', '?'))}, "
+        f"{cpu.get('count', '?')} logical CPUs, Python {info.get('python_version', '?')}"
+    )
+
+
+def label(row: dict) -> str:
+    variant = row.get("variant", row["name"])
+    if variant in ("keras-lstm", "keras-rnn-cell", "fused"):
+        return f"{variant} ({'XLA' if row.get('xla') else 'no XLA'})"
+    return variant
+
+
+# ---- rendering -------------------------------------------------------------------------
+
+
+def _fmt(x: float | None, digits: int = 0) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:,.{digits}f}"
+
+
+def kernel_table(rows: list[dict]) -> str:
+    lines = [
+        "| variant | slots | chunk | timesteps/s (median) | timesteps/s (best round) | "
+        "GFLOP/s | x Keras LSTM+XLA (interleaved) | compile s | kernel |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    steps = [r for r in rows if r.get("slots") is not None]
+    steps.sort(key=lambda r: (r["slots"], r["chunk"], label(r)))
+    for r in steps:
+        lines.append(
+            f"| {label(r)} | {r['slots']} | {r['chunk']} | {_fmt(r.get('timesteps_per_s'))} | "
+            f"{_fmt(r.get('timesteps_per_s_best'))} | {_fmt(r.get('gflops'), 1)} | "
+            f"{_fmt(r.get('ratio_vs_keras_lstm_xla'), 2)} | {_fmt(r.get('compile_s'), 1)} | "
+            f"{r.get('kernel', '')} |"
+        )
+    return "\n".join(lines)
+
+
+def headline(rows: list[dict]) -> str:
+    """Ratios at slots=64, chunk 16: the issue's targets."""
+    at = {label(r): r for r in rows if (r.get("slots"), r.get("chunk")) == HEADLINE}
+    gemm = next((r for r in rows if r.get("variant") == "gemm"), None)
+    torch = at.get("torch-nn.LSTM")
+    out = [f"At slots={HEADLINE[0]}, chunk {HEADLINE[1]}, 64 features, 256 units:", ""]
+    for name in ("fused (XLA)", "fused (no XLA)", "keras-lstm (XLA)", "keras-lstm (no XLA)",
+                 "keras-rnn-cell (XLA)", "keras-rnn-cell (no XLA)"):
+        r = at.get(name)
+        if r is None:
+            continue
+        parts = [f"- **{name}**: {_fmt(r['timesteps_per_s'])} timesteps/s, "
+                 f"{_fmt(r['gflops'], 1)} GFLOP/s"]
+        if r.get("ratio_vs_keras_lstm_xla") is not None:
+            parts.append(f"{r['ratio_vs_keras_lstm_xla']:.2f}x Keras LSTM+XLA (interleaved)")
+        if r.get("fraction_of_gemm") is not None:
+            parts.append(f"{100 * r['fraction_of_gemm']:.0f}% of the interleaved GEMM ceiling "
+                         f"({r['gemm_gflops_interleaved']:.1f} GFLOP/s)")
+        if torch:
+            parts.append(f"{r['timesteps_per_s'] / torch['timesteps_per_s']:.2f}x torch nn.LSTM")
+        out.append(", ".join(parts))
+    if torch:
+        out.append(f"- **torch nn.LSTM** ({torch.get('peer_output', '').splitlines()[0]}): "
+                   f"{_fmt(torch['timesteps_per_s'])} timesteps/s, "
+                   f"{_fmt(torch['gflops'], 1)} GFLOP/s (its own GEMM: "
+                   f"{torch.get('torch_gemm_gflops', 0):.1f} GFLOP/s)")
+    if gemm:
+        out.append(f"- **GEMM ceiling** (2048^3 tf.matmul, own test): "
+                   f"{gemm['gflops']:.1f} GFLOP/s median, {gemm['gflops_best']:.1f} best")
+    recipe = [r for r in rows if r.get("variant") == "predict-recipe"]
+    best = at.get("fused (XLA)") or at.get("keras-lstm (XLA)")
+    for r in recipe:
+        tail = ""
+        if best:
+            tail = f"; the engine step is {best['timesteps_per_s'] / r['timesteps_per_s']:,.0f}x"
+        out.append(f"- **predict([x, h, c]) per step**, batch {r['slots']}: "
+                   f"{_fmt(r['timesteps_per_s'])} timesteps/s{tail}")
+    return "\n".join(out)
+
+
+def other_table(rows: list[dict], title: str) -> str:
+    lines = [f"### {title}", "", "| benchmark | median s | extra_info |", "|---|---|---|"]
+    for r in rows:
+        extra = {k: v for k, v in r.items() if k not in ("name", "median_s", "min_s")}
+        text = ", ".join(
+            f"{k}={v:,.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in extra.items()
+        )
+        lines.append(f"| {r['name']} | {r['median_s']:.4g} | {text} |")
+    return "\n".join(lines)
+
+
+def gpu_table(path: Path) -> str:
+    data = json.loads(path.read_text())
+    lines = [
+        "### cuDNN vs non-cuDNN (GPU, Keras 3 on its torch backend)", "",
+        f"`{data['command']}`", "",
+        "| run | case | chunk | cuDNN timesteps/s | non-cuDNN timesteps/s | ratio | "
+        "max abs diff | kernels (cuDNN / other) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    notes = []
+    for run in data["runs"]:
+        env = run[0]
+        for r in run[1:]:
+            if r["case"] == "unmasked":
+                lines.append(
+                    f"| {env['run']} ({env['device']}) | all slots busy, no mask | {r['chunk']} | "
+                    f"{_fmt(r['cudnn_timesteps_s'])} | {_fmt(r['plain_timesteps_s'])} | "
+                    f"{r['ratio']:.1f}x | {r['max_abs_diff_out']:.1e} | "
+                    f"{r['kernel_cudnn']} / {r['kernel_plain']} |"
+                )
+            elif r["case"] == "active-rows":
+                lines.append(
+                    f"| {env['run']} | {r['active']}/{r['slots']} busy: gather+cuDNN vs masked | "
+                    f"{r['chunk']} | {_fmt(r['gather_cudnn_timesteps_s'])} | "
+                    f"{_fmt(r['masked_timesteps_s'])} | {r['ratio']:.1f}x | "
+                    f"{r['max_abs_diff_out']:.1e} | {r['kernel_gather']} / {r['kernel_masked']} |"
+                )
+            elif r["case"] == "mask" and env["run"] == data["runs"][0][0]["run"]:
+                what = r.get("error") or f"ran {r['kernel']}, max diff {r['max_abs_diff']:.1e}"
+                notes.append(f"- mask *{r['mask']}*, use_cudnn={r['use_cudnn']}: {what}")
+    return "\n".join(lines + ["", "Masks (Keras 3.15, torch backend):", *notes])
+
+
+def plots(rows: list[dict], out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r for r in rows if r.get("slots") is not None and r.get("chunk") is not None]
+    gemm = next((r for r in rows if r.get("variant") == "gemm"), None)
+    flops = next((r["flops_per_timestep"] for r in steps if r.get("flops_per_timestep")), None)
+    ceiling = gemm["gflops"] * 1e9 / flops if gemm and flops else None
+    written = []
+
+    def sweep(axis: str, fixed: str, fixed_value: int, fname: str, title: str) -> None:
+        fig, ax = plt.subplots(figsize=(7.5, 4.8))
+        series: dict[str, list[tuple[int, float]]] = {}
+        for r in steps:
+            if r[fixed] == fixed_value and r.get("variant") != "torch-nn.LSTM":
+                series.setdefault(label(r), []).append((r[axis], r["timesteps_per_s"]))
+        for name, pts in sorted(series.items()):
+            if len(pts) < 2:
+                continue
+            pts.sort()
+            style = "-" if "fused" in name else "--"
+            ax.plot(*zip(*pts, strict=True), style, marker="o", label=name)
+        if ceiling:
+            ax.axhline(ceiling, color="black", lw=1, ls=":",
+                       label=f"GEMM ceiling ({gemm['gflops']:.0f} GFLOP/s)")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel(axis if axis != "chunk" else "chunk length (timesteps per step)")
+        ax.set_ylabel("timesteps/s (median)")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / fname
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    sweep("slots", "chunk", HEADLINE[1], "kernel_vs_slots.png",
+          f"Serving step, LSTM 256 units, chunk {HEADLINE[1]}: timesteps/s vs slots")
+    sweep("chunk", "slots", HEADLINE[0], "kernel_vs_chunk.png",
+          f"Serving step, LSTM 256 units, {HEADLINE[0]} slots: timesteps/s vs chunk length")
+
+    at = [r for r in steps if (r["slots"], r["chunk"]) == HEADLINE]
+    if at:
+        at.sort(key=lambda r: r["timesteps_per_s"])
+        fig, (ax, rax) = plt.subplots(
+            1, 2, figsize=(11, 0.45 * len(at) + 1.8), sharey=True,
+            gridspec_kw={"width_ratios": [3, 2]},
+        )
+        names = [label(r) for r in at]
+        ratios = [r.get("ratio_vs_keras_lstm_xla", 1.0 if label(r) == "keras-lstm (XLA)"
+                        else float("nan")) for r in at]
+        rax.barh(names, ratios, color="tab:gray")
+        for i, v in enumerate(ratios):
+            if not math.isnan(v):
+                rax.text(v, i, f" {v:.2f}x", va="center", fontsize=8)
+        rax.axvline(1.0, color="black", lw=1)
+        rax.set_xlabel("x Keras LSTM+XLA (interleaved rounds)")
+        rax.set_xlim(0, max([v for v in ratios if not math.isnan(v)] + [1.0]) * 1.3)
+        colors = ["tab:green" if "fused" in n else "tab:orange" if "torch" in n else "tab:blue"
+                  for n in names]
+        ax.barh(names, [r["timesteps_per_s"] for r in at], color=colors)
+        for i, r in enumerate(at):
+            ax.text(r["timesteps_per_s"], i, f" {r['timesteps_per_s']:,.0f}", va="center",
+                    fontsize=8)
+        if ceiling:
+            ax.axvline(ceiling, color="black", lw=1, ls=":", label="GEMM ceiling")
+            ax.legend(fontsize=8, loc="lower right")
+        ax.set_xlabel("timesteps/s (median)")
+        fig.suptitle(f"slots={HEADLINE[0]}, chunk {HEADLINE[1]}, 64 features, 256 units")
+        fig.tight_layout()
+        path = out_dir / "kernel_headline.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def build_report(out_dir: Path = RESULTS, run: bool = True, long: bool = False) -> Path:
+    """Run the kernel suite (unless ``run`` is False) and write ``report.md`` + PNGs."""
+    out_dir = Path(out_dir)
+    kernel_json = out_dir / "kernel.json"
+    if run:
+        run_kernel_suite(out_dir, long=long)
+    if not kernel_json.exists():
+        raise FileNotFoundError(f"{kernel_json} missing: run without --no-run first")
+    rows = load(kernel_json)
+    images = plots(rows, out_dir)
+    parts = [
+        "# streamrnn benchmark report", "",
+        f"Machine: {machine(kernel_json)}. Kernel suite: `bench/test_bench_kernel.py` "
+        f"({'full' if long else 'quick'} grid; model Input(T, 64) -> LSTM(256) -> Dense(64); "
+        "each case times `ModelRunner.run` on a full batch). Ratios marked *interleaved* "
+        "alternate rounds of the two steps under the same load; plain rates drift with "
+        "whatever else runs on this machine.", "",
+        "## Headline", "", headline(rows), "",
+        *[f"![{p.stem}]({p.name})" for p in images], "",
+        "## Kernel step", "", kernel_table(rows), "",
+    ]
+    for extra in sorted(out_dir.glob("*.json")):
+        if extra.name != "kernel.json":
+            parts += [other_table(load(extra), f"{extra.stem} ({extra.name})"), ""]
+    if GPU_JSON.exists():
+        parts += [gpu_table(GPU_JSON), ""]
+    report = out_dir / "report.md"
+    report.write_text("\n".join(parts))
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Run the kernel benchmarks and write a report.")
+    p.add_argument("--long", action="store_true", help="the full grid (much longer)")
+    p.add_argument("--out", type=Path, default=RESULTS, help="output folder")
+    p.add_argument("--no-run", action="store_true", help="re-render from existing JSON")
+    a = p.parse_args(argv)
+    report = build_report(a.out, run=not a.no_run, long=a.long)
+    print(f"wrote {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

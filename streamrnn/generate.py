@@ -5,7 +5,8 @@ checked before any state changes (:func:`plan_feedback`):
 
 - ``"tokens"``: the model takes token ids (starts with an Embedding) and its output has one
   entry per vocabulary id (softmax probabilities or logits). A token is picked (greedy or
-  sampled) and fed back as the next id.
+  sampled) and fed back as the next id. With ``Embedding(mask_zero=True)`` id 0 is padding
+  (a masked step, not an input) and is never picked.
 - ``"onehot"``: the model takes float ``(T, V)`` one-hot vectors and ends in a softmax of
   size ``V``. A token is picked and fed back as its one-hot vector.
 - ``"prediction"``: a regression model whose output size equals its input size; the
@@ -78,6 +79,8 @@ class FeedbackPlan:
     mode: str
     probs: bool
     fn: Callable[[tf.Tensor], tf.Tensor] | None = None
+    #: Embedding(mask_zero=True): id 0 is padding (a masked step), never picked.
+    no_zero: bool = False
 
     @property
     def picks_tokens(self) -> bool:
@@ -141,7 +144,9 @@ def plan_feedback(serving: ServingModel, feedback: Feedback = None) -> FeedbackP
             f"got {feedback!r}",
             ErrorCode.BAD_VALUE,
         )
-    return FeedbackPlan(feedback, probs)
+    first = serving.layers[0]
+    no_zero = isinstance(first, keras.layers.Embedding) and bool(first.mask_zero)
+    return FeedbackPlan(feedback, probs, no_zero=no_zero)
 
 
 @dataclass(frozen=True)
@@ -207,6 +212,9 @@ def check_params(
             raise bad("end_token needs token ids; this model's inputs are float features")
         if not 0 <= end_token < limit:
             raise bad(f"end_token must be in 0..{limit - 1}, got {end_token}")
+        if plan.no_zero and end_token == 0:
+            raise bad("end_token 0 is this model's padding id (Embedding mask_zero=True) and "
+                      "is never generated")
     return SamplingParams(
         greedy=sample == "greedy",
         temperature=float(temperature),
@@ -260,6 +268,7 @@ def pick_tokens(
     top_k: tf.Tensor,
     key: tf.Tensor,
     counter: tf.Tensor,
+    no_zero: bool = False,
 ) -> tf.Tensor:
     """One token per row: argmax, or a sample of softmax(logits / T) limited to the top k.
 
@@ -273,6 +282,8 @@ def pick_tokens(
     """
     vocab = y.shape[-1]
     logits = tf.math.log(tf.maximum(y, 1e-30)) if probs else y
+    if no_zero:
+        logits = tf.concat([tf.fill([tf.shape(logits)[0], 1], -np.inf), logits[:, 1:]], -1)
     best = tf.argmax(logits, axis=-1, output_type=tf.int32)
 
     def drawn() -> tf.Tensor:
@@ -306,7 +317,7 @@ class Generator:
         self._loops: dict[Any, Any] = {}
 
     def _loop_fn(self, plan: FeedbackPlan) -> Any:
-        cache_key = (plan.mode, plan.probs, id(plan.fn))
+        cache_key = (plan.mode, plan.probs, plan.no_zero, id(plan.fn))
         if cache_key in self._loops:
             return self._loops[cache_key][0]
         serving = self.serving
@@ -320,7 +331,8 @@ class Generator:
             if plan.mode == "custom":
                 x = plan.fn(y)
                 return tf.cast(x, tf.int32 if token_input else tf.float32)
-            return pick_tokens(y, plan.probs, greedy, inv_t, top_k, key, counter)
+            return pick_tokens(y, plan.probs, greedy, inv_t, top_k, key, counter,
+                               plan.no_zero)
 
         def loop(y0, active0, budget, key, counter0, end, greedy, inv_t, top_k, length_like):
             self.trace_count += 1
@@ -353,7 +365,7 @@ class Generator:
 
         fn = tf.function(loop, jit_compile=self.jit_compile)
         if plan.fn is not None:  # one compiled loop per callable: pass the same one to reuse it
-            custom = [k for k in self._loops if k[2] != id(None)]
+            custom = [k for k in self._loops if k[3] != id(None)]
             for k in custom[: max(0, len(custom) - MAX_CUSTOM_LOOPS + 1)]:
                 del self._loops[k]
         self._loops[cache_key] = (fn, plan.fn)  # keep fn alive so its id() stays unique

@@ -412,3 +412,25 @@ def test_generate_over_zeromq_equals_in_process(tmp_path) -> None:
         with pytest.raises(streamrnn.RemoteError) as info:
             client.generate("bad", prompt, steps=4, end_token=VOCAB + 3)
         assert info.value.code == ErrorCode.BAD_VALUE
+
+
+def test_mask_zero_models_never_pick_the_padding_id() -> None:
+    keras.utils.set_random_seed(16)
+    bias = np.zeros(VOCAB, np.float32)
+    bias[0] = 5.0  # padding id is the most likely output
+    model = keras.Sequential([
+        keras.Input((None,), dtype="int32"), keras.layers.Embedding(VOCAB, 8, mask_zero=True),
+        keras.layers.GRU(16, return_sequences=True),
+        keras.layers.Dense(VOCAB, activation="softmax",
+                           bias_initializer=keras.initializers.Constant(bias)),
+    ])
+    engine = make_engine(model, slots=2)
+    prompt = np.array([3, 4], np.int32)
+    got = engine.generate("s", prompt, steps=12)
+    assert (got != 0).all()
+    sampled = engine.generate("t", prompt, steps=30, sample="temperature", seed=1)
+    assert (sampled != 0).all()
+    with pytest.raises(InvalidInputError, match="padding"):
+        engine.generate("u", prompt, steps=3, end_token=0)
+    full = np.asarray(model(np.concatenate([prompt, got])[None]))[0]
+    np.testing.assert_array_equal(np.argmax(full[1:-1, 1:], -1) + 1, got)

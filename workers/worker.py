@@ -14,7 +14,9 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("streamrnn.worker")
 
@@ -77,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if not _precheck(args):
+        return 2
     from streamrnn.engine import Engine
     from streamrnn.server import StreamWorker, WorkerConfig
 
@@ -118,15 +122,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _restore(worker: object, args: argparse.Namespace) -> bool:
-    """Resume the worker's checkpoint; False if it is bad and must not be ignored."""
+def _checkpoint_usable(path: Path, args: argparse.Namespace,
+                       check: Callable[[], object]) -> bool:
+    """Run ``check`` (which may raise CheckpointError); on a bad file refuse to start
+    (False), or with --ignore-bad-checkpoint move it aside and go on empty (True)."""
     from streamrnn.checkpoint import CheckpointError
 
-    if worker.checkpointer is None:
-        return True
-    path = worker.checkpointer.path
     try:
-        restored = worker.restore_checkpoint()
+        check()
     except CheckpointError as exc:
         if not args.ignore_bad_checkpoint:
             log.error("refusing to start: %s. Move the file away, or pass "
@@ -136,9 +139,32 @@ def _restore(worker: object, args: argparse.Namespace) -> bool:
         os.replace(path, aside)
         log.warning("ignoring bad checkpoint (%s); moved it to %s and starting empty", exc,
                     aside)
+    return True
+
+
+def _precheck(args: argparse.Namespace) -> bool:
+    """Before loading TensorFlow: is the checkpoint file (if any) intact?"""
+    from streamrnn.checkpoint import load_checkpoint
+    from streamrnn.durable import checkpoint_path
+
+    if not args.checkpoint_dir:
         return True
-    if restored:
-        log.info("restored %d streams from %s", restored, path)
+    path = checkpoint_path(args.checkpoint_dir, args.name)
+    if not path.exists():
+        return True
+    return _checkpoint_usable(path, args, lambda: load_checkpoint(path))
+
+
+def _restore(worker: Any, args: argparse.Namespace) -> bool:
+    """Resume the worker's checkpoint (its states must fit this model and --max-streams)."""
+    if worker.checkpointer is None:
+        return True
+    path = worker.checkpointer.path
+    restored: list[int] = []
+    if not _checkpoint_usable(path, args, lambda: restored.append(worker.restore_checkpoint())):
+        return False
+    if restored and restored[0]:
+        log.info("restored %d streams from %s", restored[0], path)
     return True
 
 

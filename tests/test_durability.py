@@ -1,0 +1,220 @@
+"""Durable streams: checkpoints, SIGKILL + restart, swapping under load, refused bad files.
+
+Real worker processes, real sockets, a real TF model. The contract: every stream's outputs,
+concatenated as the client received them, equal one offline call over the whole sequence,
+even when the worker is killed with SIGKILL in the middle and restarted from its checkpoint
+(so no chunk is lost and none is applied twice).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+
+import streamrnn
+from streamrnn import Engine
+from streamrnn.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from streamrnn.durable import WorkerCheckpointer
+from streamrnn.protocol import MessageType
+from streamrnn.sequencing import SequenceTable
+from tests.modelzoo import ModelSpec, build_model, offline, random_input
+from workers.process import WorkerProcess
+
+TOL = 1e-5
+SPEC = ModelSpec("lstm", layers=2, units=16, features=5, out=3)
+FAST = ("--no-xla", "--max-bucket", "16")  # quick start: few, cheap traces
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    model = build_model(SPEC, seed=4)
+    path = tmp_path_factory.mktemp("durable") / "lstm.keras"
+    model.save(path)
+    return model, path
+
+
+def chunked(x: np.ndarray, rng: np.random.Generator, most: int = 12) -> list[np.ndarray]:
+    cuts = [0]
+    while cuts[-1] < len(x):
+        cuts.append(min(len(x), cuts[-1] + int(rng.integers(1, most + 1))))
+    return [x[a:b] for a, b in zip(cuts, cuts[1:], strict=False)]
+
+
+# ---- in-process: the checkpointer itself --------------------------------------------------
+
+
+def test_checkpointer_restores_states_seqs_and_reply_cache(tmp_path):
+    model = build_model(SPEC, seed=4)
+    rng = np.random.default_rng(0)
+    xs = {f"s{i}": random_input(SPEC, 30, rng) for i in range(5)}
+    engine = Engine.from_keras(model, slots=2, max_streams=5, jit_compile=False)
+    table = SequenceTable()
+    head = {}
+    for s, x in xs.items():
+        head[s] = engine.push(s, x[:12])
+        table.applied(s, 0, (MessageType.OUTPUT, {"stream": s, "seq": 0}, {"output": head[s]}))
+    ckpt = WorkerCheckpointer(tmp_path, name="w1", every_steps=1)
+    durable = ckpt.save(engine, table)
+    assert durable == {s: 1 for s in xs} and engine.stats()["swapped_streams"] == 3
+
+    engine2 = Engine.from_keras(model, slots=2, max_streams=5, jit_compile=False)
+    table2 = SequenceTable()
+    assert WorkerCheckpointer(tmp_path, name="w1").restore(engine2, table2) == 5
+    for s, x in xs.items():
+        assert table2.next_seq(s) == 1
+        cached = table2.check(s, 0, MessageType.PUSH).reply  # a resend after the restart
+        np.testing.assert_array_equal(cached[2]["output"], head[s])
+        got = np.concatenate([head[s], engine2.push(s, x[12:])])
+        np.testing.assert_allclose(got, offline(model, x), atol=TOL)
+
+    # a survivor adopts only the streams it is given, and never one it already holds
+    engine3 = Engine.from_keras(model, slots=2, max_streams=5, jit_compile=False)
+    table3 = SequenceTable()
+    table3.applied("s0", 0, (MessageType.OUTPUT, {}, {}))
+    adopted = WorkerCheckpointer(tmp_path / "other", name="w2").adopt(
+        ckpt.path, ["s0", "s1", "s2"], engine3, table3)
+    assert sorted(adopted) == ["s1", "s2"] and "s3" not in table3
+
+
+def test_checkpoint_with_more_streams_than_room_is_refused(tmp_path):
+    model = build_model(SPEC, seed=4)
+    engine = Engine.from_keras(model, slots=3, jit_compile=False)
+    table = SequenceTable()
+    for s in "abc":
+        engine.push(s, np.zeros((2, SPEC.features), np.float32))
+        table.applied(s, 0, (MessageType.OUTPUT, {}, {}))
+    WorkerCheckpointer(tmp_path).save(engine, table)
+    small = Engine.from_keras(model, slots=2, jit_compile=False)
+    with pytest.raises(CheckpointError, match="room for 2"):
+        WorkerCheckpointer(tmp_path).restore(small, SequenceTable())
+
+
+# ---- real processes ----------------------------------------------------------------------
+
+
+class Driver:
+    """``threads`` client threads, each with its own Client, pushing their streams' chunks
+    in random interleaving, pipelined (4 per stream); each stream's outputs kept in order."""
+
+    def __init__(self, endpoint: str, streams: dict[str, list[np.ndarray]], threads: int,
+                 **client_kwargs):
+        self.streams = streams
+        self.outputs: dict[str, list[np.ndarray]] = {s: [] for s in streams}
+        self.errors: list[BaseException] = []
+        self.received = 0
+        self.counters: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        names = sorted(streams)
+        self.threads = [threading.Thread(target=self._run, args=(endpoint, names[i::threads],
+                                                                 client_kwargs))
+                        for i in range(threads)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self, endpoint: str, mine: list[str], client_kwargs: dict) -> None:
+        try:
+            with streamrnn.Client(endpoint, **client_kwargs) as client:
+                rng = np.random.default_rng(len(self.outputs) + sum(map(len, mine)))
+                pos = dict.fromkeys(mine, 0)
+                pending: dict[str, list] = {s: [] for s in mine}
+                while any(pos[s] < len(self.streams[s]) or pending[s] for s in mine):
+                    s = mine[int(rng.integers(len(mine)))]
+                    if pos[s] < len(self.streams[s]) and len(pending[s]) < 4:
+                        pending[s].append(client.push_async(s, self.streams[s][pos[s]]))
+                        pos[s] += 1
+                    elif pending[s]:
+                        self.outputs[s].append(pending[s].pop(0).result())
+                        with self._lock:
+                            self.received += 1
+                with self._lock:
+                    self.counters.update(client.counters)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            self.errors.append(exc)
+
+    def join(self, timeout: float) -> None:
+        for t in self.threads:
+            t.join(timeout)
+        assert not any(t.is_alive() for t in self.threads), "client threads hung"
+        assert not self.errors, self.errors
+
+
+def test_sigkill_mid_stream_restart_resumes_every_stream_exactly(model_file, tmp_path):
+    model, path = model_file
+    rng = np.random.default_rng(7)
+    seqs = {f"k{i}": random_input(SPEC, int(rng.integers(150, 260)), rng) for i in range(12)}
+    streams = {s: chunked(x, rng) for s, x in seqs.items()}
+    args = (*FAST, "--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every-steps", "5",
+            "--checkpoint-every-s", "0", "--max-streams", "16")
+    first = WorkerProcess.start(path, 4, *args)  # 12 streams on 4 slots: swapping too
+    driver = Driver(first.endpoint, streams, 4, timeout=1.0, retries=120)
+    total = sum(len(c) for c in streams.values())
+    ckpt_file = tmp_path / "ckpt" / "worker.ckpt"
+    while (driver.received < total // 3 or not ckpt_file.exists()) and not driver.errors:
+        time.sleep(0.01)
+    first.proc.kill()  # SIGKILL: no shutdown checkpoint, replies in flight are lost
+    assert first.proc.wait(30) == -9
+    second = WorkerProcess.start(path, 4, *args, bind=first.endpoint)
+    try:
+        driver.join(240)
+        restored = re.search(r"restored (\d+) streams", second.log())
+        assert restored and int(restored.group(1)) > 0, second.log()[-3000:]
+        with streamrnn.Client(second.endpoint) as client:
+            stats = client.stats()
+    finally:
+        assert second.stop() == 0
+    assert driver.counters["timeouts_retried"] > 0  # the kill hit requests in flight
+    for s, x in seqs.items():
+        got = np.concatenate(driver.outputs[s])
+        assert got.shape[0] == len(x), s
+        np.testing.assert_allclose(got, offline(model, x), atol=TOL, err_msg=s)
+    assert stats["engine"]["swaps_out"] > 0
+    # the graceful stop wrote a final checkpoint holding every stream at its last seq
+    final = load_checkpoint(ckpt_file)
+    assert {s: r.next_seq for s, r in final.streams.items()} == {
+        s: len(c) for s, c in streams.items()}
+    print("client counters:", dict(driver.counters))
+
+
+def test_many_more_streams_than_slots_random_arrival(model_file):
+    model, path = model_file
+    rng = np.random.default_rng(11)
+    seqs = {f"m{i}": random_input(SPEC, int(rng.integers(20, 60)), rng) for i in range(40)}
+    streams = {s: chunked(x, rng, most=9) for s, x in seqs.items()}
+    with WorkerProcess.start(path, 4, *FAST, "--max-streams", "48") as worker:
+        driver = Driver(worker.endpoint, streams, 5, timeout=30)
+        driver.join(180)
+        with streamrnn.Client(worker.endpoint) as client:
+            engine = client.stats()["engine"]
+            with pytest.raises(streamrnn.EngineFullError, match="worker is full"):
+                for i in range(9):  # 40 live + 9 > max_streams 48
+                    client.push(f"extra{i}", seqs["m0"][:2])
+    assert engine["swaps_in"] > 0 and engine["swaps_out"] > 0 and engine["streams"] == 40
+    for s, x in seqs.items():
+        np.testing.assert_allclose(np.concatenate(driver.outputs[s]), offline(model, x), atol=TOL,
+                                   err_msg=s)
+
+
+def test_corrupt_checkpoint_is_refused_by_the_worker(model_file, tmp_path):
+    _, path = model_file
+    ckpt_dir = tmp_path / "bad"
+    file = ckpt_dir / "worker.ckpt"
+    save_checkpoint(file, Checkpoint("lstm.keras", [("float32", (16,))] * 4, {}))
+    blob = bytearray(file.read_bytes())
+    blob[-3] ^= 0x55
+    file.write_bytes(bytes(blob))
+    with pytest.raises(RuntimeError, match=r"refusing to start: .*corrupted") as info:
+        WorkerProcess.start(path, 2, *FAST, "--no-warmup", "--checkpoint-dir", str(ckpt_dir),
+                            ready_timeout=120)
+    assert "exit 2" in str(info.value)
+    assert file.read_bytes() == bytes(blob)  # left untouched for the operator
+    with WorkerProcess.start(path, 2, *FAST, "--no-warmup", "--checkpoint-dir", str(ckpt_dir),
+                             "--ignore-bad-checkpoint") as worker:
+        assert "ignoring bad checkpoint" in worker.log()
+        with streamrnn.Client(worker.endpoint) as client:
+            assert client.open("anything")["next_seq"] == 0
+    assert list(ckpt_dir.glob("worker.ckpt.bad-*"))

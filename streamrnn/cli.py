@@ -126,12 +126,51 @@ def _add_trainer(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-#: name -> registration function; add ``trainer``, ``router``, ``bench`` here.
+def _add_bench(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "bench", help="run the benchmark suites and write the report (bench/results/)",
+        description="Run the kernel benchmark suite (and with --e2e the end-to-end suite "
+                    "through a real worker) and write bench/results/report.md with PNG plots. "
+                    "Needs the source checkout (bench/ is not installed).")
+    parser.add_argument("--long", action="store_true", help="the full grid (much longer)")
+    parser.add_argument("--e2e", action="store_true",
+                        help="also run bench/test_bench_e2e.py (engine vs kernel-only, latency)")
+    parser.add_argument("--out", default=None, help="output folder (default bench/results)")
+    parser.add_argument("--no-run", action="store_true", help="re-render from existing JSON")
+    parser.set_defaults(func=_bench)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import importlib.util
+    import subprocess
+    from pathlib import Path
+
+    bench_dir = Path(__file__).resolve().parent.parent / "bench"
+    report_path = bench_dir / "report.py"
+    if not report_path.exists():
+        raise SystemExit(f"streamrnn bench needs the source checkout: {report_path} not found "
+                         "(install with `pip install -e .` from a clone)")
+    out = Path(args.out) if args.out else bench_dir / "results"
+    if args.e2e and not args.no_run:
+        out.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pytest", str(bench_dir / "test_bench_e2e.py"),
+                        "-q", "-p", "no:cacheprovider", f"--benchmark-json={out / 'e2e.json'}"],
+                       check=True, cwd=bench_dir.parent)
+    spec = importlib.util.spec_from_file_location("streamrnn_bench_report", report_path)
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    argv = ["--out", str(out)] + (["--long"] if args.long else []) + (
+        ["--no-run"] if args.no_run else [])
+    return int(report.main(argv) or 0)
+
+
+#: name -> registration function; add ``router`` here.
 SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "worker": _add_worker,
     "publish": _add_publish,
     "demo": _add_demo,
     "trainer": _add_trainer,
+    "bench": _add_bench,
 }
 
 

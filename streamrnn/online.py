@@ -111,6 +111,11 @@ class OnlineTrainer:
     def streams(self) -> list[str]:
         return self.trainer.streams
 
+    @property
+    def table(self) -> Any:
+        """The trainer's SlotTable (stream -> row)."""
+        return self.trainer.table
+
     def __contains__(self, stream: object) -> bool:
         return stream in self.trainer.table
 
@@ -128,9 +133,13 @@ class OnlineTrainer:
         }
 
     def stats(self) -> dict[str, Any]:
+        """The Engine.stats() keys (the worker reads them) plus the training counters."""
         p = self.progress()
-        return {**p, "loss": None if math.isnan(p["loss"]) else p["loss"], "slots": self.slots,
-                "traces": self.trainer.trace_count, "kernel": "trainer (tf.while_loop)"}
+        return {**p, "loss": None if math.isnan(p["loss"]) else p["loss"],
+                "slots": self.slots, "free_slots": self.free_slots, "swapped_streams": 0,
+                "swaps_in": 0, "swaps_out": 0, "steps": p["step"],
+                "weights_version": self.trainer.version, "traces": self.trainer.trace_count,
+                "kernel": "trainer (tf.while_loop)"}
 
     # ---- chunks ------------------------------------------------------------------------
 

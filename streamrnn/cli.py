@@ -164,13 +164,26 @@ def _bench(args: argparse.Namespace) -> int:
     return int(report.main(argv) or 0)
 
 
-#: name -> registration function; add ``router`` here.
+def _add_router(subparsers: argparse._SubParsersAction) -> None:
+    from workers.router import add_arguments, run
+
+    parser = subparsers.add_parser(
+        "router", help="one endpoint in front of many workers (sticky, failover)",
+        description="Route streams to registered workers (streamrnn worker --register): "
+                    "least-loaded admission, sticky routing, heartbeats, failover of a dead "
+                    "worker's streams from the shared checkpoint directory.")
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+#: name -> registration function.
 SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "worker": _add_worker,
     "publish": _add_publish,
     "demo": _add_demo,
     "trainer": _add_trainer,
     "bench": _add_bench,
+    "router": _add_router,
 }
 
 

@@ -135,10 +135,14 @@ class Client:
             (``durable_seq``), to replay after the worker restarts from a checkpoint. Only a
             checkpointing worker makes the client keep anything. When full, the oldest are
             dropped and a replay that would need them fails the stream with an error.
+        curve_server_key: the server's CURVE public key (a ``.key`` file or z85 key):
+            encrypt and authenticate with ``curve_keypair`` (this client's ``.key_secret``
+            file or a (public, secret) z85 pair), see :mod:`streamrnn.security`.
     """
 
     def __init__(self, endpoint: str, timeout: float = 30.0, retries: int = 3, window: int = 8,
-                 *, replay_buffer: int = 4096, context: zmq.Context | None = None):
+                 *, replay_buffer: int = 4096, curve_server_key: Any = None,
+                 curve_keypair: Any = None, context: zmq.Context | None = None):
         if not 1 <= window <= REPLY_CACHE_SIZE:
             raise ValueError(f"window must be in 1..{REPLY_CACHE_SIZE}, got {window}")
         if timeout <= 0 or retries < 0:
@@ -154,6 +158,12 @@ class Client:
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.SNDHWM, 100_000)
         self._socket.setsockopt(zmq.RCVHWM, 100_000)
+        if curve_server_key is not None:
+            from streamrnn.security import curve_client
+
+            if curve_keypair is None:
+                raise ValueError("curve_server_key needs curve_keypair (this client's keys)")
+            curve_client(self._socket, curve_server_key, curve_keypair)
         self._socket.connect(endpoint)
         self._submissions: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._wake_r, self._wake_w = socket.socketpair()

@@ -67,6 +67,7 @@ class ErrorCode(enum.IntEnum):
     EXPIRED = 14
     INTERNAL = 15
     TIMEOUT = 16
+    UNAVAILABLE = 17  # a router has no live worker that can take the stream
 
 
 # ---------------------------------------------------------------------------------------

@@ -105,6 +105,8 @@ class WorkerConfig:
     checkpoint_every_steps: int = 0  # write after this many batched steps (0: not by count)
     checkpoint_every_s: float = 0.0  # write when this much time passed (0: not by time)
     name: str = "worker"  # this worker's name: its checkpoint is <checkpoint_dir>/<name>.ckpt
+    curve_secret_key: str | None = None  # CURVE server key file (.key_secret); None: plain
+    curve_allow: str | None = None  # allowed client public keys: a .key file or a directory
     model_name: str = ""
 
 
@@ -168,6 +170,7 @@ class StreamWorker:
                 config.checkpoint_every_steps, config.checkpoint_every_s)
         self._held: list[tuple[_Work, CachedReply]] = []  # CLOSE ACKs waiting for a checkpoint
         self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Future]] = queue.SimpleQueue()
+        self._auth: Any = None  # the ZAP authenticator thread when CURVE is on
 
     # ---- durability --------------------------------------------------------------------
 
@@ -240,6 +243,11 @@ class StreamWorker:
         router.setsockopt(zmq.SNDHWM, 100_000)
         router.setsockopt(zmq.RCVHWM, 100_000)
         router.setsockopt(zmq.LINGER, 2000)
+        if self.config.curve_secret_key:
+            from streamrnn.security import curve_server
+
+            self._auth = curve_server(router, self.config.curve_secret_key,
+                                      self.config.curve_allow, self._ctx)
         router.bind(self.config.bind)
         self.endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode()
         if self.config.metrics_port is not None:
@@ -378,6 +386,8 @@ class StreamWorker:
         finally:
             router.close()
             pull.close()
+            if self._auth is not None:
+                self._auth.stop()
 
     def _forward_replies(self, router: zmq.Socket, pull: zmq.Socket) -> bool:
         """Send every reply waiting on the pipe; True when the compute thread is done."""

@@ -84,3 +84,72 @@ class WorkerProcess:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+class RouterProcess:
+    """A running ``python -m workers.router`` with its client and worker endpoints.
+
+    Example::
+
+        with RouterProcess.start() as router:
+            WorkerProcess.start("m.keras", 8, "--register", router.workers_endpoint)
+            client = Client(router.endpoint)
+    """
+
+    def __init__(self, proc: subprocess.Popen, endpoint: str, workers_endpoint: str,
+                 log_path: Path):
+        self.proc = proc
+        self.endpoint = endpoint
+        self.workers_endpoint = workers_endpoint
+        self.log_path = log_path
+
+    @classmethod
+    def start(cls, *extra_args: str, bind: str = "tcp://127.0.0.1:0",
+              workers_bind: str = "tcp://127.0.0.1:0", ready_timeout: float = 60.0,
+              log_path: str | os.PathLike | None = None) -> RouterProcess:
+        from workers.router import READY_MARKER as ROUTER_READY
+
+        if log_path is None:
+            fd, name = tempfile.mkstemp(prefix="streamrnn-router-", suffix=".log")
+            os.close(fd)
+            log_path = name
+        log_path = Path(log_path)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_REPO_ROOT),
+                                                          env.get("PYTHONPATH")]))
+        cmd = [sys.executable, "-m", "workers.router", "--bind", bind, "--workers-bind",
+               workers_bind, *extra_args]
+        with open(log_path, "wb") as log_file:
+            proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                                    cwd=_REPO_ROOT)
+        ready = re.compile(re.escape(ROUTER_READY) + r"(\S+) workers=(\S+)")
+        deadline = time.monotonic() + ready_timeout
+        while True:
+            match = ready.search(log_path.read_text(errors="replace"))
+            if match:
+                return cls(proc, match.group(1), match.group(2), log_path)
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
+                raise RuntimeError(f"router did not become ready (exit {proc.returncode}):\n"
+                                   + log_path.read_text(errors="replace")[-4000:])
+            time.sleep(0.05)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def __enter__(self) -> RouterProcess:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()

@@ -59,6 +59,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "aside to <name>.ckpt.bad-<time>); default: refuse to start")
     parser.add_argument("--name", default="worker",
                         help="this worker's name (checkpoint file name; unique per router)")
+    parser.add_argument("--register", default=None, metavar="ENDPOINT",
+                        help="register with a router's worker endpoint (streamrnn router "
+                             "--workers-bind) and heartbeat to it")
+    parser.add_argument("--advertise", default=None,
+                        help="endpoint the router should connect to (default: the bound one)")
+    parser.add_argument("--heartbeat-s", type=float, default=0.25,
+                        help="heartbeat interval to the router")
+    parser.add_argument("--curve-secret-key", default=None, metavar="FILE",
+                        help="CURVE: encrypt and authenticate clients with this server key "
+                             "(.key_secret from zmq.auth.create_certificates)")
+    parser.add_argument("--curve-allow", default=None, metavar="DIR_OR_FILE",
+                        help="CURVE: client public keys (.key files) that may connect")
     parser.add_argument("--max-streams", type=int, default=None,
                         help="live streams in all; those beyond --slots are swapped to host "
                              "memory (LRU) and back (default: --slots)")
@@ -98,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
         checkpoint_dir=args.checkpoint_dir, model_name=os.path.basename(args.model),
         checkpoint_every_steps=args.checkpoint_every_steps,
         checkpoint_every_s=args.checkpoint_every_s, name=args.name,
+        curve_secret_key=args.curve_secret_key, curve_allow=args.curve_allow,
         metrics_port=args.metrics_port,
     )
     worker = StreamWorker(engine, config)
@@ -116,8 +129,23 @@ def run(args: argparse.Namespace) -> int:
         worker.metrics_port is not None) else ""
     log.info("%s%s (slots=%d, model=%s, kernel=%s%s)", READY_MARKER, endpoint, engine.slots,
              config.model_name, engine.kernel, metrics)
+    link = None
+    if args.register:
+        from streamrnn.registration import RouterLink
+
+        def fenced(reason: str) -> None:
+            # another worker owns our streams now: exit without writing our checkpoint
+            log.error("exiting at once: %s", reason)
+            os._exit(3)
+
+        link = RouterLink(worker, args.register, args.name, heartbeat_s=args.heartbeat_s,
+                          advertise=args.advertise, on_fenced=fenced)
+        link.start()
+        log.info("registering with router %s as %r", args.register, args.name)
     while not worker.join(timeout=0.2):  # short joins keep the signal handlers responsive
         pass
+    if link is not None:
+        link.stop()
     log.info("worker stopped cleanly")
     return 0
 

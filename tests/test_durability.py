@@ -22,6 +22,7 @@ from streamrnn.checkpoint import Checkpoint, CheckpointError, load_checkpoint, s
 from streamrnn.durable import WorkerCheckpointer
 from streamrnn.protocol import MessageType
 from streamrnn.sequencing import SequenceTable
+from streamrnn.server import StreamWorker, WorkerConfig
 from tests.modelzoo import ModelSpec, build_model, offline, random_input
 from workers.process import WorkerProcess
 
@@ -92,6 +93,32 @@ def test_checkpoint_with_more_streams_than_room_is_refused(tmp_path):
     small = Engine.from_keras(model, slots=2, jit_compile=False)
     with pytest.raises(CheckpointError, match="room for 2"):
         WorkerCheckpointer(tmp_path).restore(small, SequenceTable())
+
+
+def test_idle_expiry_frees_swapped_streams_and_tells_the_client(tmp_path):
+    model = build_model(SPEC, seed=4)
+    engine = Engine.from_keras(model, slots=1, max_streams=3, jit_compile=False)
+    worker = StreamWorker(engine, WorkerConfig(
+        bind="tcp://127.0.0.1:0", idle_timeout_s=0.5, checkpoint_dir=str(tmp_path),
+        checkpoint_every_steps=1))
+    x = random_input(SPEC, 6, np.random.default_rng(5))
+    try:
+        with streamrnn.Client(worker.start(), timeout=10) as client:
+            for s in "abc":
+                client.push(s, x)
+            assert client.stats()["engine"]["swapped_streams"] == 2
+            deadline = time.monotonic() + 10
+            while client.stats()["engine"]["streams"] and time.monotonic() < deadline:
+                time.sleep(0.1)
+            engine_stats = client.stats()["engine"]
+            assert engine_stats["streams"] == 0 and engine_stats["swapped_streams"] == 0
+            with pytest.raises(streamrnn.StreamExpiredError, match="expired after being idle"):
+                client.push("b", x)
+            np.testing.assert_allclose(client.push("b", x), offline(model, x), atol=TOL)
+    finally:
+        worker.stop()
+        worker.join(10)
+    assert set(load_checkpoint(tmp_path / "worker.ckpt").streams) == {"b"}
 
 
 # ---- real processes ----------------------------------------------------------------------

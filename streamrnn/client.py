@@ -12,6 +12,13 @@ most ``timeout`` seconds). When a request fails without being applied (bad chunk
 full, ...), the requests after it are renumbered and resent, so the stream behaves exactly
 like the in-process ``Engine``: the failed chunk is skipped, the next ones apply.
 
+Worker restarts: a checkpointing worker reports in each reply the stream's ``durable_seq``
+(everything below it is on disk). The client keeps each applied request at or above it
+(``replay_buffer``); when a restarted worker (or a router's survivor) answers ``SEQ_GAP``
+/ ``UNKNOWN_STREAM`` with the seq it resumed at, the client resends the buffered requests
+from there, then the ones in flight, and drops the replayed outputs it already returned
+(docs/protocol.md, section 5a).
+
 Streams live on the worker, not in the client: the first request of a stream in a Client
 asks the worker where the stream stands (OPEN) and continues from there. Call
 :meth:`Client.reset` to start a stream over, :meth:`Client.close` to free it.

@@ -295,6 +295,8 @@ class StreamWorker:
             metrics.busy.inc(n)
         elif key == "expired_streams":
             metrics.expiries.inc(n)
+        elif key == "checkpoints":
+            metrics.checkpoints.inc(n)
         elif key == "batches":
             metrics.steps.inc(n)
         elif key == "timesteps":

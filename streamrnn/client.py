@@ -73,6 +73,7 @@ from streamrnn.protocol import (
     F_EXPECTED,
     F_MESSAGE,
     F_NEXT_SEQ,
+    F_PIN,
     F_REQUEST_ID,
     F_RETRY_AFTER_MS,
     F_SEQ,
@@ -93,6 +94,8 @@ log = logging.getLogger("streamrnn.client")
 
 # sent alone: nothing else of the same stream is in flight with them
 _BARRIERS = (MessageType.OPEN, MessageType.CLOSE)
+
+_UNSET = object()  # "argument not given" (None is a meaningful value)
 
 
 @dataclass(eq=False)
@@ -234,13 +237,18 @@ class Client:
         """
         self.close_async(stream).result()
 
-    def open(self, stream: str) -> dict[str, Any]:
+    def open(self, stream: str, pin_version: int | None | object = _UNSET) -> dict[str, Any]:
         """Ask the worker where ``stream`` stands and continue from there.
 
-        Returns the ACK header: ``next_seq`` (the next sequence number the worker expects)
-        and ``worker`` (slots, input kind and size, output size, limits).
+        Args:
+            pin_version: run this stream with that published weights version from now on
+                (``None``: unpin, follow the latest); needs a worker with ``--weights-from``.
+
+        Returns the ACK header: ``next_seq`` (the next sequence number the worker expects),
+        ``pin_version`` and ``worker`` (slots, input kind and size, output size, limits).
         """
-        return self._submit(MessageType.OPEN, _check_stream(stream), {}, {}).result()
+        fields = {} if pin_version is _UNSET else {F_PIN: pin_version}
+        return self._submit(MessageType.OPEN, _check_stream(stream), fields, {}).result()
 
     def generate(self, stream: str, prompt: Any, steps: int, sample: str = "greedy",
                  temperature: float = 1.0, top_k: int | None = None, seed: int | None = 0,

@@ -97,6 +97,7 @@ D_FRAME = "frame"
 
 # array names
 A_CHUNK = "chunk"  # PUSH input: float [T, D] or int token ids [T]
+F_PIN = "pin_version"  # OPEN: pin the stream to a weights version (None: unpin)
 A_PROMPT = "prompt"  # GENERATE input
 A_OUTPUT = "output"  # OUTPUT payload: float32 [T, output_dim] (or generated sequence)
 
@@ -142,7 +143,7 @@ _BASE: Schema = {F_VERSION: (_INT, True), F_REQUEST_ID: (_INT, False)}
 _STREAM_REQ: Schema = {**_BASE, F_STREAM: (_STR, True), F_SEQ: (_INT, True)}
 
 REQUEST_SCHEMAS: dict[MessageType, Schema] = {
-    MessageType.OPEN: {**_BASE, F_STREAM: (_STR, True)},
+    MessageType.OPEN: {**_BASE, F_STREAM: (_STR, True), F_PIN: ((int, type(None)), False)},
     MessageType.PUSH: _STREAM_REQ,
     MessageType.RESET: _STREAM_REQ,
     MessageType.CLOSE: _STREAM_REQ,

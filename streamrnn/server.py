@@ -61,6 +61,7 @@ from streamrnn.protocol import (
     F_EXPECTED,
     F_MESSAGE,
     F_NEXT_SEQ,
+    F_PIN,
     F_REQUEST_ID,
     F_RETRY_AFTER_MS,
     F_SEQ,
@@ -587,12 +588,34 @@ class StreamWorker:
             self._send_error(work, decision.code, decision.message, decision.expected)
         return None
 
+    def _set_pin(self, stream: str, version: int | None) -> None:
+        """Pin ``stream`` to a published weights version (None: follow the latest)."""
+        if not hasattr(self.engine, "pin"):
+            raise NotSupportedError("weights version pins need a worker that follows published "
+                                    "weights (streamrnn worker --weights-from DIR)")
+        if version is None:
+            self.engine.unpin(stream)
+            return
+        try:
+            self.engine.pin(stream, version)
+        except (OSError, ValueError, KeyError) as exc:
+            raise InvalidInputError(f"cannot pin {stream!r} to weights version {version}: {exc}",
+                                    ErrorCode.BAD_VALUE) from exc
+
     def _apply_single(self, work: _Work) -> None:
         msg_type = work.msg.type
         stream = work.stream
         if msg_type == MessageType.OPEN:
+            if F_PIN in work.msg.header:
+                try:
+                    self._set_pin(stream, work.msg.header[F_PIN])
+                except StreamRNNError as exc:
+                    self._send_error(work, exc.code, str(exc))
+                    return
             next_seq = self._seq.next_seq(stream)
+            pinned = getattr(self.engine, "pinned", None)
             self._send(work, MessageType.ACK, {F_STREAM: stream, F_NEXT_SEQ: next_seq,
+                                               F_PIN: pinned(stream) if pinned else None,
                                                "worker": self.describe()})
             return
         expected = self._admit(work)

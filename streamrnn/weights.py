@@ -193,7 +193,11 @@ class WeightsFollower:
     def pin(self, stream: str, version: int) -> None:
         """Run ``stream``'s steps with weights ``version`` until :meth:`unpin`."""
         version = int(version)
-        if version != self.engine.weights_version and version not in self._cache:
+        if version == self.engine.weights_version:
+            # keep the weights in use now: after the next swap they may exist nowhere else
+            # (version 0, the model file's own weights, is never published)
+            self._cache.setdefault(version, self._latest_weights)
+        elif version not in self._cache:
             self._cache[version] = load_weights(self.directory, version)[0]
         self._pins[stream] = version
 

@@ -198,9 +198,18 @@ def test_worker_process_follows_published_weights(tmp_path):
     with WorkerProcess.start(model_path, 2, "--weights-from", str(pub), "--weights-poll-s",
                              "0", "--no-xla", "--no-warmup") as worker:
         with Client(worker.endpoint, timeout=60) as client:
+            # version 0 = the model file's weights, in use now
+            assert client.open("pinned", pin_version=0)["pin_version"] == 0
+            with pytest.raises(RemoteError, match="BAD_VALUE"):
+                client.open("other", pin_version=7)  # never published
             first = client.push("a", x[:12])
+            pinned_first = client.push("pinned", x[:12])
             publish_weights(pub, new, 1)
             second = client.push("a", x[12:])
+            pinned_second = client.push("pinned", x[12:])
             assert client.stats()["engine"]["weights_version"] == 1
     got = np.concatenate([first, second])
     assert np.abs(got - offline_with_swap(old, new, x, 12)).max() <= 1e-5
+    # The pinned stream kept version 0 through the swap: old weights all the way.
+    pinned = np.concatenate([pinned_first, pinned_second])
+    assert np.abs(pinned - offline_with_swap(old, old, x, 12)).max() <= 1e-5

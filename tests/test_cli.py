@@ -22,10 +22,11 @@ def streamrnn(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 def test_help_lists_subcommands():
     result = streamrnn("--help")
     assert result.returncode == 0
-    for name in ("worker", "publish", "demo"):
+    for name in ("worker", "publish", "demo", "trainer", "bench"):
         assert name in result.stdout
     worker_help = streamrnn("worker", "--help").stdout
-    assert "--checkpoint-dir" in worker_help and "later issue" in worker_help
+    for option in ("--checkpoint-dir", "--metrics-port", "--weights-from", "--max-streams"):
+        assert option in worker_help
 
 
 def test_publish_writes_outputs_equal_to_offline(tmp_path):

@@ -1,5 +1,7 @@
-"""Prometheus metrics of a real worker process, scraped over real HTTP."""
+"""Operations: Prometheus metrics of a real worker process scraped over real HTTP, and its
+structured (JSON) logs."""
 
+import json
 import re
 import urllib.request
 
@@ -25,7 +27,8 @@ def scrape(url: str) -> dict[str, float]:
 def worker(tmp_path_factory):
     path = tmp_path_factory.mktemp("metrics") / "m.keras"
     build_model(ModelSpec("gru", features=4)).save(path)
-    with WorkerProcess.start(path, 4, "--no-xla", "--metrics-port", "0") as process:
+    with WorkerProcess.start(path, 4, "--no-xla", "--metrics-port", "0",
+                             "--log-format", "json") as process:
         yield process
 
 
@@ -46,3 +49,11 @@ def test_metrics_endpoint_counts_move_with_traffic(worker):
     assert after['streamrnn_errors_total{code="BAD_SHAPE"}'] == 1
     assert after["streamrnn_chunk_latency_seconds_count"] == 4
     assert after['streamrnn_requests_total{type="push"}'] >= 5
+
+
+def test_structured_logs_are_one_json_record_per_line(worker):
+    records = [json.loads(line) for line in worker.log().splitlines()
+               if line.startswith("{")]
+    ready = [r for r in records if "worker ready on" in r["message"]]
+    assert ready and ready[0]["level"] == "INFO" and ready[0]["logger"] == "streamrnn.worker"
+    assert {"time", "level", "logger", "message"} <= ready[0].keys()

@@ -20,6 +20,8 @@ import sys
 import time
 from collections.abc import Sequence
 
+from streamrnn.logs import add_logging_arguments, configure_logging
+
 log = logging.getLogger("streamrnn.trainer")
 
 READY_MARKER = "streamrnn trainer ready on "
@@ -74,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="live progress display (default: when stderr is a terminal)")
     parser.add_argument("--metrics-port", type=int, default=None,
                         help="serve Prometheus /metrics on this port")
-    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    add_logging_arguments(parser)
     return parser
 
 
@@ -94,8 +96,7 @@ def _progress_table(p: dict) -> object:
 
 def run(args: argparse.Namespace) -> int:
     """Train until SIGTERM/SIGINT; returns the exit status."""
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, args.log_format)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from streamrnn.models import load_model
     from streamrnn.online import OnlineTrainer, write_loss_curve

@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from streamrnn.logs import add_logging_arguments, configure_logging
+
 log = logging.getLogger("streamrnn.worker")
 
 READY_MARKER = "streamrnn worker ready on "
@@ -82,14 +84,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--metrics-port", type=int, default=None,
                         help="serve Prometheus metrics on http://127.0.0.1:PORT/metrics "
                              "(0 picks a free port; the ready line shows it)")
-    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    add_logging_arguments(parser)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit status."""
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, args.log_format)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if not _precheck(args):
         return 2

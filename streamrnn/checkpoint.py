@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from pathlib import Path
 import msgpack
 import numpy as np
 
+from streamrnn.atomic import atomic_write
 from streamrnn.errors import StreamRNNError
 
 MAGIC = b"SRNNCKPT"
@@ -101,25 +101,9 @@ def _encode(ckpt: Checkpoint) -> bytes:
 
 def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> int:
     """Write ``ckpt`` atomically (temp file, fsync, rename, fsync dir). Returns bytes written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     body = _encode(ckpt)
     blob = _HEADER.pack(MAGIC, FORMAT_VERSION, len(body), hashlib.sha256(body).digest()) + body
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    atomic_write(path, lambda f: f.write(blob))
     return len(blob)
 
 

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from streamrnn.atomic import atomic_write
 from streamrnn.errors import InvalidInputError
 from streamrnn.protocol import ErrorCode
 from streamrnn.training import FreeRunningTrainer
@@ -283,8 +284,6 @@ def write_loss_curve(history: list[tuple[int, float]], path: str | os.PathLike,
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".tmp-{path.name}")
-    fig.savefig(tmp, format="png")
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
     return path

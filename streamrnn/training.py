@@ -39,7 +39,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -48,6 +47,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from streamrnn.atomic import atomic_write
 from streamrnn.errors import EngineFullError, InvalidInputError, UnsupportedModelError
 from streamrnn.generate import SAMPLERS, Feedback, pick_tokens, plan_feedback
 from streamrnn.models import ServingModel, check_streamable, flatten_layers
@@ -766,31 +766,4 @@ def atomic_savez(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> N
 
     A reader (or a restart after kill -9) sees either the old file or the new one, whole.
     """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    atomic_write(path, lambda f: np.savez(f, **arrays))

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from streamrnn.atomic import atomic_write
 from streamrnn.errors import InvalidInputError
 from streamrnn.protocol import ErrorCode
 
@@ -40,28 +40,6 @@ _NAME = re.compile(r"^weights-v(\d+)\.npz$")
 
 def weights_filename(version: int) -> str:
     return f"weights-v{int(version)}.npz"
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
 
 
 def publish_weights(
@@ -81,8 +59,8 @@ def publish_weights(
     info = {"version": int(version), "time": time.time(), **(meta or {})}
     arrays = {f"w{i}": np.asarray(w) for i, w in enumerate(weights)}
     arrays["meta"] = np.frombuffer(json.dumps(info).encode(), np.uint8)
-    _atomic_write(path, lambda f: np.savez(f, **arrays))
-    _atomic_write(root / LATEST, lambda f: f.write(f"{path.name}\n".encode()))
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+    atomic_write(root / LATEST, lambda f: f.write(f"{path.name}\n".encode()))
     if keep > 0:
         for old in sorted(list_versions(root))[:-keep]:
             if old != version:

@@ -36,7 +36,7 @@ def test_roundtrip(tmp_path):
                                                                           rec.steps)
         for a, b in zip(back.streams[name].state, rec.state, strict=True):
             np.testing.assert_array_equal(a, b)
-    assert not [p for p in tmp_path.iterdir() if p.suffix == ".tmp"]  # no temp files left
+    assert [p.name for p in tmp_path.iterdir()] == ["c.ckpt"]  # no temp files left
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "magic", "empty"])

@@ -20,11 +20,16 @@ from streamrnn import Engine
 from streamrnn.protocol import ErrorCode
 from streamrnn.router import Router, RouterConfig
 from streamrnn.server import StreamWorker, WorkerConfig
+from tests.durable_helpers import FAST, SPEC, Driver, chunked, saved_model
 from tests.modelzoo import offline, random_input
-from tests.test_durability import FAST, SPEC, Driver, chunked, model_file  # noqa: F401
 from workers.process import RouterProcess, WorkerProcess
 
 TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    return saved_model(tmp_path_factory)
 
 
 def wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
@@ -42,7 +47,7 @@ def router_stats(endpoint: str) -> dict:
         return client.stats()["router"]
 
 
-def test_router_failover_after_kill9_keeps_every_stream_exact(model_file, tmp_path):  # noqa: F811
+def test_router_failover_after_kill9_keeps_every_stream_exact(model_file, tmp_path):
     model, path = model_file
     rng = np.random.default_rng(21)
     seqs = {f"r{i}": random_input(SPEC, int(rng.integers(120, 200)), rng) for i in range(10)}
@@ -114,7 +119,7 @@ def keys(tmp_path):
             "stranger_secret": stranger_secret}
 
 
-def test_curve_worker_serves_authorised_client_and_ignores_others(model_file, keys):  # noqa: F811
+def test_curve_worker_serves_authorised_client_and_ignores_others(model_file, keys):
     model, _ = model_file
     engine = Engine.from_keras(model, slots=2, jit_compile=False)
     worker = StreamWorker(engine, WorkerConfig(

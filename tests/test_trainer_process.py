@@ -187,7 +187,7 @@ def test_paired_targets_over_a_socket(tmp_path):
 def test_worker_process_follows_published_weights(tmp_path):
     """`streamrnn worker --weights-from DIR`: a new version published mid-stream is used
     from the next step on, and the stream continues from its state."""
-    from tests.test_weights import D, model_with_seed, offline_with_swap
+    from tests.weights_helpers import D, model_with_seed, offline_with_swap
     from workers.process import WorkerProcess
 
     model_path = tmp_path / "m.keras"

@@ -170,6 +170,7 @@ class StreamWorker:
                 config.checkpoint_dir, config.name, config.model_name,
                 config.checkpoint_every_steps, config.checkpoint_every_s)
         self._held: list[tuple[_Work, CachedReply]] = []  # CLOSE ACKs waiting for a checkpoint
+        self._held_retry_at = 0.0  # after a failed write: when to write again for them
         self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Future]] = queue.SimpleQueue()
         self._auth: Any = None  # the ZAP authenticator thread when CURVE is on
 
@@ -214,7 +215,7 @@ class StreamWorker:
             except Exception as exc:  # reported to the caller
                 future.set_exception(exc)
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self) -> bool:
         assert self.checkpointer is not None
         try:
             self.checkpointer.save(self.engine, self._seq)
@@ -222,17 +223,34 @@ class StreamWorker:
             # a failed write leaves the previous file in place; durable_seq does not advance
             log.exception("writing checkpoint %s failed", self.checkpointer.path)
             self._count("checkpoint_failures")
-        else:
-            self._count("checkpoints")
+            return False
+        self._count("checkpoints")
+        return True
 
     def _after_batch(self) -> None:
-        """Periodic checkpoint, then the CLOSE ACKs that waited for one."""
+        """Periodic checkpoint, then the CLOSE ACKs that waited for one.
+
+        The ACKs are sent only after a successful write: if it fails they stay held and the
+        write is retried after the next batch (at most once a second while idle).
+        """
         ckpt = self.checkpointer
-        if ckpt is not None and (self._held or ckpt.due()):
-            self._checkpoint()
+        if ckpt is None:
+            return
+        if self._held and time.monotonic() < self._held_retry_at:
+            return
+        if (self._held or ckpt.due()) and not self._checkpoint():
+            self._held_retry_at = time.monotonic() + 1.0
+            return
+        self._send_held()
+
+    def _send_held(self) -> None:
         held, self._held = self._held, []
         for work, reply in held:
             self._send(work, *reply)
+
+    def _close_pending(self, stream: str) -> bool:
+        """True while ``stream``'s CLOSE is applied but not yet in a checkpoint."""
+        return any(w.stream == stream and w.msg.type == MessageType.CLOSE for w, _ in self._held)
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -491,8 +509,9 @@ class StreamWorker:
                     first = self._queue.get(timeout=0.05)
                 except queue.Empty:
                     if self._reading_stopped.is_set() and self._queue.empty():
-                        if self.checkpointer is not None:
-                            self._checkpoint()  # graceful stop: everything applied is kept
+                        # graceful stop: everything applied is kept
+                        if self.checkpointer is not None and self._checkpoint():
+                            self._send_held()
                         break
                 else:
                     self._process(self._take_batch([first], window))
@@ -577,7 +596,12 @@ class StreamWorker:
             self._count("duplicates_replayed")
             assert decision.reply is not None
             msg_type, header, arrays = decision.reply
-            self._send(work, msg_type, header, arrays)
+            if work.msg.type == MessageType.CLOSE and self._close_pending(work.stream):
+                # a resent CLOSE (same batch as the first, or the write failed): its ACK
+                # too must wait until the close is on disk
+                self._held.append((work, decision.reply))
+            else:
+                self._send(work, msg_type, header, arrays)
         elif decision.verdict is Verdict.EXPIRED:
             self._count("expired_replies")
             self._send(work, MessageType.EXPIRED, {

@@ -9,14 +9,17 @@ even when the worker is killed with SIGKILL in the middle and restarted from its
 from __future__ import annotations
 
 import re
+import threading
 import time
 
 import numpy as np
 import pytest
+import zmq
 
 import streamrnn
 from streamrnn import Engine
 from streamrnn.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from streamrnn.codec import decode_reply, encode
 from streamrnn.durable import WorkerCheckpointer
 from streamrnn.protocol import MessageType
 from streamrnn.sequencing import SequenceTable
@@ -106,6 +109,112 @@ def test_idle_expiry_frees_swapped_streams_and_tells_the_client(tmp_path):
         worker.stop()
         worker.join(10)
     assert set(load_checkpoint(tmp_path / "worker.ckpt").streams) == {"b"}
+
+
+class RawSocket:
+    """A DEALER socket speaking the wire protocol directly, so two requests can be sent
+    back to back (a client's resend arriving in the same batch as the original)."""
+
+    def __init__(self, endpoint: str):
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+
+    def send(self, msg_type: MessageType, header: dict, arrays: dict | None = None) -> None:
+        self.sock.send_multipart(encode(msg_type, header, arrays))
+
+    def recv(self, timeout_s: float):
+        if not self.sock.poll(int(timeout_s * 1000)):
+            return None
+        return decode_reply(self.sock.recv_multipart())
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _durable_worker(tmp_path, model) -> StreamWorker:
+    engine = Engine.from_keras(model, slots=2, jit_compile=False)
+    return StreamWorker(engine, WorkerConfig(
+        bind="tcp://127.0.0.1:0", batch_window_us=300_000, checkpoint_dir=str(tmp_path),
+        checkpoint_every_steps=1))
+
+
+def _closed_on_disk(path, stream: str) -> bool:
+    ckpt = load_checkpoint(path)
+    return stream not in ckpt.streams and stream in ckpt.extra["closed"]
+
+
+def test_resent_close_in_the_same_batch_waits_for_the_checkpoint(tmp_path):
+    model = build_model(SPEC, seed=4)
+    worker = _durable_worker(tmp_path, model)
+    raw = RawSocket(worker.start())
+    save = worker.checkpointer.save
+
+    def slow_save(*args):  # the write takes a while: an early ACK would be seen
+        time.sleep(0.5)
+        return save(*args)
+
+    try:
+        x = random_input(SPEC, 4, np.random.default_rng(1))
+        raw.send(MessageType.PUSH, {"rid": 1, "stream": "a", "seq": 0}, {"chunk": x})
+        assert raw.recv(60).type == MessageType.OUTPUT
+        deadline = time.monotonic() + 10  # written right after the step's replies
+        while worker.checkpointer.written == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert "a" in load_checkpoint(worker.checkpointer.path).streams
+        worker.checkpointer.save = slow_save
+        for rid in (2, 3):  # the CLOSE and its resend, within one batching window
+            raw.send(MessageType.CLOSE, {"rid": rid, "stream": "a", "seq": 1})
+        acked = []
+        for _ in range(2):
+            reply = raw.recv(30)
+            assert reply is not None and reply.type == MessageType.ACK, reply
+            assert _closed_on_disk(worker.checkpointer.path, "a"), \
+                f"CLOSE (rid {reply.header['rid']}) acknowledged before it was on disk"
+            acked.append(reply.header["rid"])
+        assert sorted(acked) == [2, 3]
+        assert worker.stats()["counts"]["duplicates_replayed"] == 1
+    finally:
+        raw.close()
+        worker.stop()
+        worker.join(10)
+
+
+def test_close_is_not_acked_while_the_checkpoint_write_fails(tmp_path):
+    model = build_model(SPEC, seed=4)
+    worker = _durable_worker(tmp_path, model)
+    raw = RawSocket(worker.start())
+    save = worker.checkpointer.save
+    failing = threading.Event()
+
+    def flaky_save(*args):
+        if failing.is_set():
+            raise OSError("disk full")
+        return save(*args)
+
+    worker.checkpointer.save = flaky_save
+    try:
+        x = random_input(SPEC, 4, np.random.default_rng(1))
+        raw.send(MessageType.PUSH, {"rid": 1, "stream": "a", "seq": 0}, {"chunk": x})
+        assert raw.recv(60).type == MessageType.OUTPUT
+        failing.set()
+        raw.send(MessageType.CLOSE, {"rid": 2, "stream": "a", "seq": 1})
+        assert raw.recv(1.5) is None  # not on disk: no ACK
+        raw.send(MessageType.CLOSE, {"rid": 3, "stream": "a", "seq": 1})  # a client resend
+        assert raw.recv(1.5) is None
+        assert worker.stats()["counts"]["checkpoint_failures"] >= 2
+        failing.clear()
+        acked = set()
+        for _ in range(2):
+            reply = raw.recv(10)
+            assert reply is not None and reply.type == MessageType.ACK, reply
+            assert _closed_on_disk(worker.checkpointer.path, "a")
+            acked.add(reply.header["rid"])
+        assert acked == {2, 3}
+    finally:
+        raw.close()
+        worker.stop()
+        worker.join(10)
 
 
 # ---- real processes ----------------------------------------------------------------------

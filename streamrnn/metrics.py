@@ -16,8 +16,11 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 _FILL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
@@ -86,3 +89,54 @@ class Metrics:
         if server is not None:
             server.shutdown()
             server.server_close()
+
+
+class RouterMetrics:
+    """Router metrics, read from :meth:`streamrnn.router.Router.stats` at scrape time.
+
+    The router's counters live in its single routing thread; reading them when Prometheus
+    scrapes keeps the hot path free of metric calls.
+    """
+
+    def __init__(self, stats: Callable[[], dict]):
+        self._stats = stats
+        self.registry = CollectorRegistry()
+        self.registry.register(self)
+
+    def collect(self) -> Iterator[Any]:
+        for _ in range(3):  # the routing thread may resize a dict while we copy it
+            try:
+                stats = self._stats()
+                break
+            except RuntimeError:
+                continue
+        else:
+            return
+        counts = stats.get("counts", {})
+        requests = CounterMetricFamily("streamrnn_router_requests", "Client requests by type",
+                                       labels=["type"])
+        events = CounterMetricFamily("streamrnn_router_events",
+                                     "Router events (forwarded, busy, refusals, failovers, ...)",
+                                     labels=["event"])
+        for key, value in counts.items():
+            if key.startswith("requests_"):
+                requests.add_metric([key.removeprefix("requests_")], value)
+            else:
+                events.add_metric([key], value)
+        yield requests
+        yield events
+        yield GaugeMetricFamily("streamrnn_router_streams", "Streams assigned to workers",
+                                value=stats.get("streams", 0))
+        workers = stats.get("workers", {})
+        yield GaugeMetricFamily("streamrnn_router_workers_alive", "Registered workers alive",
+                                value=sum(1 for w in workers.values() if w["alive"]))
+        per_worker = GaugeMetricFamily("streamrnn_router_worker_streams",
+                                       "Streams assigned per worker", labels=["worker"])
+        for name, w in workers.items():
+            per_worker.add_metric([name], w["assigned"])
+        yield per_worker
+
+    def serve(self, port: int, addr: str = "127.0.0.1") -> int:
+        server, _thread = start_http_server(port, addr=addr, registry=self.registry)
+        self._http_server = server
+        return int(server.server_address[1])

@@ -3,6 +3,7 @@ structured (JSON) logs."""
 
 import json
 import re
+import time
 import urllib.request
 
 import numpy as np
@@ -57,3 +58,27 @@ def test_structured_logs_are_one_json_record_per_line(worker):
     ready = [r for r in records if "worker ready on" in r["message"]]
     assert ready and ready[0]["level"] == "INFO" and ready[0]["logger"] == "streamrnn.worker"
     assert {"time", "level", "logger", "message"} <= ready[0].keys()
+
+
+def test_router_metrics_show_workers_streams_and_requests(tmp_path):
+    from workers.process import RouterProcess
+
+    path = tmp_path / "m.keras"
+    build_model(ModelSpec("gru", features=4)).save(path)
+    with RouterProcess.start("--metrics-port", "0") as router:
+        url = re.search(r"metrics=(http://\S+/metrics)", router.log()).group(1)
+        assert scrape(url)["streamrnn_router_workers_alive"] == 0
+        with WorkerProcess.start(path, 2, "--no-xla", "--register", router.workers_endpoint,
+                                 "--heartbeat-s", "0.2"):
+            with Client(router.endpoint, timeout=60) as client:
+                for _ in range(20):  # wait for the registration to reach the router
+                    if scrape(url)["streamrnn_router_workers_alive"] == 1:
+                        break
+                    time.sleep(0.2)
+                client.push("r1", np.zeros((3, 4), np.float32))
+                client.push("r1", np.zeros((2, 4), np.float32))
+            after = scrape(url)
+    assert after["streamrnn_router_workers_alive"] == 1
+    assert after["streamrnn_router_streams"] == 1
+    assert after['streamrnn_router_requests_total{type="push"}'] == 2
+    assert after['streamrnn_router_events_total{event="forwarded"}'] >= 2

@@ -14,6 +14,8 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from streamrnn.logs import add_logging_arguments, configure_logging
+
 log = logging.getLogger("streamrnn.router")
 
 READY_MARKER = "streamrnn router ready on "
@@ -32,13 +34,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="CURVE on the client endpoint: this server key (.key_secret)")
     parser.add_argument("--curve-allow", default=None, metavar="DIR_OR_FILE",
                         help="CURVE: client public keys (.key files) that may connect")
-    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="serve Prometheus metrics on http://127.0.0.1:PORT/metrics "
+                             "(0 picks a free port; the ready line shows it)")
+    add_logging_arguments(parser)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, args.log_format)
     from streamrnn.router import Router, RouterConfig
 
     router = Router(RouterConfig(
@@ -53,7 +57,13 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     endpoint, workers_endpoint = router.start()
-    log.info("%s%s workers=%s", READY_MARKER, endpoint, workers_endpoint)
+    metrics = ""
+    if args.metrics_port is not None:
+        from streamrnn.metrics import RouterMetrics
+
+        port = RouterMetrics(router.stats).serve(args.metrics_port)
+        metrics = f" metrics=http://127.0.0.1:{port}/metrics"
+    log.info("%s%s workers=%s%s", READY_MARKER, endpoint, workers_endpoint, metrics)
     while not router.join(timeout=0.2):
         pass
     log.info("router stopped cleanly")

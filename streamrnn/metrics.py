@@ -13,6 +13,7 @@ Example::
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import deque
@@ -24,6 +25,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 _FILL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+
+
+def metrics_address() -> str:
+    """Where /metrics listens: ``$STREAMRNN_METRICS_ADDR``, else loopback only."""
+    return os.environ.get("STREAMRNN_METRICS_ADDR", "127.0.0.1")
 
 
 class Metrics:
@@ -78,8 +84,13 @@ class Metrics:
             span = max(now - self._window[0][0], 1.0)
             self.timesteps_per_second.set(sum(k for _, k in self._window) / span)
 
-    def serve(self, port: int, addr: str = "127.0.0.1") -> int:
-        """Expose ``/metrics`` over HTTP on ``addr:port`` (0 = any free port); returns port."""
+    def serve(self, port: int, addr: str | None = None) -> int:
+        """Expose ``/metrics`` over HTTP on ``addr:port`` (0 = any free port); returns port.
+
+        ``addr`` defaults to ``$STREAMRNN_METRICS_ADDR`` or 127.0.0.1 (containers set
+        0.0.0.0 so the port can be published).
+        """
+        addr = addr or metrics_address()
         server, _thread = start_http_server(port, addr=addr, registry=self.registry)
         self._http_server = server
         return int(server.server_address[1])
@@ -136,7 +147,8 @@ class RouterMetrics:
             per_worker.add_metric([name], w["assigned"])
         yield per_worker
 
-    def serve(self, port: int, addr: str = "127.0.0.1") -> int:
-        server, _thread = start_http_server(port, addr=addr, registry=self.registry)
+    def serve(self, port: int, addr: str | None = None) -> int:
+        server, _thread = start_http_server(port, addr=addr or metrics_address(),
+                                            registry=self.registry)
         self._http_server = server
         return int(server.server_address[1])

@@ -3,8 +3,8 @@
 The worker's compute thread calls :meth:`WorkerCheckpointer.save` between steps, so each
 file reflects exactly the applied requests: for every stream, its state rows, the next
 sequence number it expects, the replies it would answer duplicates with (the reply cache,
-so a client that resends a request applied just before a crash still gets its output), and
-the worker's recently closed streams. After :meth:`save` returns, the file is on disk and
+so a client that resends a request applied just before a crash still gets its output),
+the worker's recently closed streams, and the streams' weights-version pins. After :meth:`save` returns, the file is on disk and
 :attr:`WorkerCheckpointer.durable` says, per stream, below which ``seq`` everything is in it:
 the worker reports that in its replies (``durable_seq``), and a client keeps every request
 from there on to replay after a crash.
@@ -37,7 +37,7 @@ from streamrnn.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from streamrnn.errors import EngineFullError
+from streamrnn.errors import EngineFullError, StreamRNNError
 from streamrnn.protocol import MessageType
 from streamrnn.sequencing import CachedReply, SequenceTable
 
@@ -126,9 +126,11 @@ class WorkerCheckpointer:
                 [np.asarray(r) for r in state], next_seq, steps,
                 [_pack_reply(seq, reply) for seq, reply in replies])
         closed = {s: _pack_reply(seq, reply) for s, (seq, reply) in table.export_closed().items()}
+        pins = getattr(engine, "pins", None)  # a WeightsFollower's weights-version pins
         ckpt = Checkpoint(self.model, engine.state_layout, streams,
                           int(getattr(engine, "weights_version", 0) or 0),
-                          extra={"closed": closed, "worker": self.name})
+                          extra={"closed": closed, "worker": self.name,
+                                 "pins": dict(pins()) if pins else {}})
         self.last_bytes = save_checkpoint(self.path, ckpt)
         self.durable = {s: r.next_seq for s, r in streams.items()}
         self.written += 1
@@ -149,6 +151,7 @@ class WorkerCheckpointer:
             return 0
         ckpt = load_checkpoint(self.path, expect_layout=engine.state_layout)
         self._import(ckpt, ckpt.streams, engine, table)
+        self._restore_pins(ckpt.extra.get("pins", {}), engine)  # absent in older files
         for stream, item in ckpt.extra.get("closed", {}).items():
             seq, reply = _unpack_reply(item)
             table.restore_closed(stream, seq, reply)
@@ -170,7 +173,30 @@ class WorkerCheckpointer:
         chosen = {s: r for s, r in ckpt.streams.items()
                   if s in wanted and s not in table and s not in engine}
         self._import(ckpt, chosen, engine, table)
+        pins = ckpt.extra.get("pins", {})
+        self._restore_pins({s: v for s, v in pins.items() if s in chosen}, engine)
         return list(chosen)
+
+    def _restore_pins(self, pins: dict[str, int], engine: Any) -> None:
+        """Pin the restored streams to their weights versions again.
+
+        A version that can no longer be loaded (pruned from the publish directory) or an
+        engine without pins leaves the stream following the latest weights, with a warning.
+        """
+        if not pins:
+            return
+        if not hasattr(engine, "pin"):
+            log.warning("checkpoint %s pins %d streams to weights versions, but this worker "
+                        "does not follow published weights (--weights-from): pins dropped",
+                        self.path, len(pins))
+            return
+        for stream, version in pins.items():
+            try:
+                engine.pin(stream, int(version))
+            except (OSError, ValueError, KeyError, TypeError, StreamRNNError) as exc:
+                log.warning("stream %r was pinned to weights version %s, which cannot be "
+                            "loaded (%s): it follows the latest weights now", stream, version,
+                            exc)
 
     def _import(self, ckpt: Checkpoint, records: dict[str, StreamRecord], engine: Any,
                 table: SequenceTable) -> None:

@@ -131,6 +131,10 @@ class WeightsFollower:
         self._latest_weights: list[np.ndarray] = [
             np.array(w) for w in engine.serving.get_weights()
         ]
+        if engine.weights_version == 0:
+            # the model file's own weights are never published: keep them pinnable after
+            # the first swap (a checkpoint restored after a restart may pin version 0)
+            self._cache[0] = self._latest_weights
         self.poll(force=True)
 
     def __getattr__(self, name: str) -> Any:
@@ -184,6 +188,10 @@ class WeightsFollower:
 
     def pinned(self, stream: str) -> int | None:
         return self._pins.get(stream)
+
+    def pins(self) -> dict[str, int]:
+        """Every pinned stream's version (a copy; the worker's checkpoints save it)."""
+        return dict(self._pins)
 
     def _weights_of(self, version: int) -> list[np.ndarray]:
         if version == self.engine.weights_version:

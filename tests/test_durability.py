@@ -24,8 +24,10 @@ from streamrnn.durable import WorkerCheckpointer
 from streamrnn.protocol import MessageType
 from streamrnn.sequencing import SequenceTable
 from streamrnn.server import StreamWorker, WorkerConfig
+from streamrnn.weights import publish_weights
 from tests.durable_helpers import FAST, SPEC, Driver, chunked, saved_model
 from tests.modelzoo import build_model, offline, random_input
+from tests.weights_helpers import D, model_with_seed, offline_with_swap
 from workers.process import WorkerProcess
 
 TOL = 1e-5
@@ -295,3 +297,29 @@ def test_corrupt_checkpoint_is_refused_by_the_worker(model_file, tmp_path):
         with streamrnn.Client(worker.endpoint) as client:
             assert client.open("anything")["next_seq"] == 0
     assert list(ckpt_dir.glob("worker.ckpt.bad-*"))
+
+
+def test_pin_set_over_the_wire_survives_a_worker_restart(tmp_path):
+    """OPEN pin_version=0, publish v1, stop and restart the worker from its checkpoint: the
+    pinned stream still runs on the model file's weights, the other one on v1."""
+    model_path = tmp_path / "m.keras"
+    model_with_seed(0).save(model_path)
+    w0, w1 = model_with_seed(0).get_weights(), model_with_seed(1).get_weights()
+    pub = tmp_path / "pub"
+    x = np.random.default_rng(0).standard_normal((20, D)).astype(np.float32)
+    args = ("--weights-from", str(pub), "--weights-poll-s", "0", "--no-xla", "--no-warmup",
+            "--checkpoint-dir", str(tmp_path / "ckpt"))
+    with WorkerProcess.start(model_path, 2, *args) as worker:
+        with streamrnn.Client(worker.endpoint, timeout=60) as client:
+            assert client.open("pinned", pin_version=0)["pin_version"] == 0
+            head = {s: client.push(s, x[:8]) for s in ("pinned", "free")}
+            publish_weights(pub, w1, 1)
+    assert "pinned" in load_checkpoint(tmp_path / "ckpt" / "worker.ckpt").extra["pins"]
+    with WorkerProcess.start(model_path, 2, *args) as worker:
+        with streamrnn.Client(worker.endpoint, timeout=60) as client:
+            assert client.open("pinned")["pin_version"] == 0
+            assert client.open("free")["pin_version"] is None
+            tail = {s: client.push(s, x[8:]) for s in ("pinned", "free")}
+    got = {s: np.concatenate([head[s], tail[s]]) for s in head}
+    assert np.abs(got["pinned"] - offline_with_swap(w0, w0, x, 8)).max() <= 1e-5
+    assert np.abs(got["free"] - offline_with_swap(w0, w1, x, 8)).max() <= 1e-5

@@ -6,8 +6,11 @@ import numpy as np
 import pytest
 
 import streamrnn
+from streamrnn.checkpoint import load_checkpoint, save_checkpoint
+from streamrnn.durable import WorkerCheckpointer
 from streamrnn.errors import InvalidInputError
-from streamrnn.protocol import ErrorCode
+from streamrnn.protocol import ErrorCode, MessageType
+from streamrnn.sequencing import SequenceTable
 from streamrnn.weights import (
     WeightsFollower,
     latest_version,
@@ -105,3 +108,48 @@ def test_pinned_stream_stays_on_its_version(tmp_path):
     assert third.shape == (4, 2)
     with pytest.raises(InvalidInputError):
         follower.pin("c", 9)
+
+
+def test_pins_survive_a_checkpoint_and_restore(tmp_path):
+    """A worker checkpoint keeps every stream's pin (version 0 too, the model file's own
+    weights, which are never published), so a restarted worker keeps serving the pinned
+    streams with their versions; files without pins still load."""
+    w0, w1 = model_with_seed(0).get_weights(), model_with_seed(1).get_weights()
+    pub = tmp_path / "pub"
+    rng = np.random.default_rng(3)
+    x = {s: rng.standard_normal((16, D)).astype(np.float32) for s in ("zero", "one", "free")}
+
+    def follower() -> WeightsFollower:
+        engine = streamrnn.Engine.from_keras(model_with_seed(0), slots=3, jit_compile=False)
+        return WeightsFollower(engine, pub, poll_s=0)
+
+    first = follower()  # serving version 0
+    first.pin("zero", 0)
+    publish_weights(pub, w1, 1)
+    head = first.push_many({s: v[:6] for s, v in x.items()})  # polls: v1 from here on
+    first.pin("one", 1)
+    table = SequenceTable()
+    for s in x:
+        table.applied(s, 0, (MessageType.OUTPUT, {}, {}))
+    WorkerCheckpointer(tmp_path / "ckpt").save(first, table)
+    publish_weights(pub, model_with_seed(2).get_weights(), 2)
+
+    second = follower()  # a restart: starts at the latest published version, 2
+    assert second.weights_version == 2
+    assert WorkerCheckpointer(tmp_path / "ckpt").restore(second, SequenceTable()) == 3
+    assert second.pins() == {"zero": 0, "one": 1}
+    tail = second.push_many({s: v[6:] for s, v in x.items()})
+    got = {s: np.concatenate([head[s], tail[s]]) for s in x}
+    assert np.abs(got["zero"] - offline_with_swap(w0, w0, x["zero"], 6)).max() <= 1e-5
+    assert np.abs(got["one"] - offline_with_swap(w1, w1, x["one"], 6)).max() <= 1e-5
+    w2 = model_with_seed(2).get_weights()
+    assert np.abs(got["free"] - offline_with_swap(w1, w2, x["free"], 6)).max() <= 1e-5
+
+    # a checkpoint written before pins were saved (no "pins" entry) restores unpinned
+    path = tmp_path / "ckpt" / "worker.ckpt"
+    old = load_checkpoint(path)
+    del old.extra["pins"]
+    save_checkpoint(path, old)
+    third = follower()
+    assert WorkerCheckpointer(tmp_path / "ckpt").restore(third, SequenceTable()) == 3
+    assert third.pins() == {}

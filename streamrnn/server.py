@@ -8,7 +8,8 @@ Threads (zmq sockets are not thread-safe, so each socket has one owner):
 * **compute thread** owns the Engine (which is not thread-safe). It takes all work that
   arrives within the batching window, checks sequence numbers (exactly-once, see
   :mod:`streamrnn.sequencing`), groups PUSHes of distinct streams into one
-  ``engine.push_many`` call per round, and encodes the replies.
+  ``engine.push_many`` call per round (and GENERATEs of distinct streams with the same
+  options into one ``engine.generate_many`` call), and encodes the replies.
 
 Within one batch the requests of a stream keep their order: its n-th PUSH goes into the
 n-th round, and its RESET/CLOSE/OPEN/GENERATE run before the PUSHes of the round that
@@ -578,8 +579,7 @@ class StreamWorker:
                 rounds[index].before.append(work)
         if not rounds:
             return
-        for work in rounds[0].before:
-            self._apply_single(work)
+        self._apply_before(rounds[0].before)
         self._apply_pushes(rounds[0].pushes)
         if len(rounds) > 1:
             later = {id(w) for r in rounds[1:] for w in (*r.before, *r.pushes)}
@@ -626,6 +626,64 @@ class StreamWorker:
             raise InvalidInputError(f"cannot pin {stream!r} to weights version {version}: {exc}",
                                     ErrorCode.BAD_VALUE) from exc
 
+    def _apply_before(self, works: list[_Work]) -> None:
+        """RESET/CLOSE/OPEN/GENERATE of a round, in order per stream; the GENERATEs of
+        distinct streams with the same options run in one ``engine.generate_many`` call."""
+        if not hasattr(self.engine, "generate_many"):
+            for work in works:
+                self._apply_single(work)
+            return
+        groups: dict[tuple, dict[str, _Work]] = {}
+        # streams pinned to different weights versions go in different calls, so each call
+        # is one engine.generate_many that refuses bad input before changing any state
+        pinned = getattr(self.engine, "pinned", lambda stream: None)
+
+        def flush() -> None:
+            for options, group in groups.items():
+                self._apply_generates(options, group)
+            groups.clear()
+
+        for work in works:
+            if any(work.stream in group for group in groups.values()):
+                flush()  # this stream's earlier GENERATE must be applied first
+            if work.msg.type != MessageType.GENERATE:
+                self._apply_single(work)
+            elif self._admit(work) is not None:
+                key = (_generate_options(work.msg.header), pinned(work.stream))
+                groups.setdefault(key, {})[work.stream] = work
+        flush()
+
+    def _apply_generates(self, key: tuple, group: dict[str, _Work]) -> None:
+        """Run admitted GENERATEs of distinct streams sharing options and pin in one call."""
+        if len(group) == 1:
+            (work,) = group.values()
+            self._apply_admitted(work, work.seq)
+            return
+        (steps, rest), _ = key
+        kwargs = dict(rest)
+        seeds = {s: int(w.msg.header.get("seed") or 0) for s, w in group.items()}
+        prompts = {s: w.msg.arrays[A_PROMPT] for s, w in group.items()}
+        try:
+            outputs = self.engine.generate_many(prompts, steps=steps, seed=seeds, **kwargs)
+        except (StreamRNNError, ValueError):
+            # refused before any state changed (a bad prompt, no room for all): run each
+            # alone, so every request gets its own answer
+            for work in group.values():
+                self._apply_admitted(work, work.seq)
+            return
+        except Exception as exc:
+            log.exception("batched GENERATE of %d streams failed", len(group))
+            for work in group.values():
+                self._send_error(work, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}",
+                                 work.seq)
+            return
+        self._count("generate_calls")
+        self._count("applied_generate", len(group))
+        for stream, work in group.items():
+            reply = _generate_reply(work, outputs[stream])
+            self._seq.applied(stream, work.seq, reply)
+            self._send(work, *reply)
+
     def _apply_single(self, work: _Work) -> None:
         msg_type = work.msg.type
         stream = work.stream
@@ -643,8 +701,13 @@ class StreamWorker:
                                                "worker": self.describe()})
             return
         expected = self._admit(work)
-        if expected is None:
-            return
+        if expected is not None:
+            self._apply_admitted(work, expected)
+
+    def _apply_admitted(self, work: _Work, expected: int) -> None:
+        """Apply a sequenced RESET/CLOSE/GENERATE that passed the sequence check."""
+        msg_type = work.msg.type
+        stream = work.stream
         seq = work.seq
         try:
             if msg_type == MessageType.RESET:
@@ -686,11 +749,9 @@ class StreamWorker:
             raise NotSupportedError("this worker's engine does not support GENERATE yet")
         header = work.msg.header
         options = {k: header[k] for k in GENERATE_OPTIONS if k in header}
-        out = np.asarray(generate(work.stream, work.msg.arrays[A_PROMPT], steps=header[F_STEPS],
-                                  **options))
-        return (MessageType.OUTPUT, {F_STREAM: work.stream, F_SEQ: work.seq,
-                                     F_STEPS: int(out.shape[0]) if out.ndim else 0},
-                {A_OUTPUT: out})
+        out = generate(work.stream, work.msg.arrays[A_PROMPT], steps=header[F_STEPS], **options)
+        self._count("generate_calls")
+        return _generate_reply(work, out)
 
     def _apply_pushes(self, pushes: list[_Work]) -> None:
         ready: dict[str, _Work] = {}
@@ -767,6 +828,22 @@ class StreamWorker:
         if expected is not None:
             header[F_EXPECTED] = expected
         self._send(work, MessageType.ERROR, header)
+
+
+_GENERATE_DEFAULTS = {"sample": "greedy", "temperature": 1.0, "top_k": None,
+                      "end_token": None}  # Engine.generate's; "seed" may differ per stream
+
+
+def _generate_options(header: dict[str, Any]) -> tuple:
+    """The options GENERATE requests must share to run in one batched call (hashable)."""
+    return header[F_STEPS], tuple((k, header.get(k, v)) for k, v in _GENERATE_DEFAULTS.items())
+
+
+def _generate_reply(work: _Work, out: Any) -> CachedReply:
+    out = np.asarray(out)
+    return (MessageType.OUTPUT, {F_STREAM: work.stream, F_SEQ: work.seq,
+                                 F_STEPS: int(out.shape[0]) if out.ndim else 0},
+            {A_OUTPUT: out})
 
 
 def _echo(msg: Message) -> dict[str, Any]:

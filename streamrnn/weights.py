@@ -225,6 +225,20 @@ class WeightsFollower:
             return self.engine.generate(stream, prompt, **kwargs)
         return self._with_version(version, self.engine.generate, stream, prompt, **kwargs)
 
+    def generate_many(self, prompts: Mapping[str, Any], **kwargs: Any) -> dict[str, np.ndarray]:
+        """Poll, then generate each version group of streams in its own batched call."""
+        self.poll()
+        current = self.engine.weights_version
+        groups: dict[int | None, dict[str, Any]] = {}
+        for stream, prompt in prompts.items():
+            version = self._pins.get(stream)
+            groups.setdefault(None if version in (None, current) else version, {})[stream] = \
+                prompt
+        out = self.engine.generate_many(groups.pop(None, {}), **kwargs)
+        for version, group in groups.items():
+            out.update(self._with_version(version, self.engine.generate_many, group, **kwargs))
+        return out
+
     def _with_version(self, version: int, fn: Any, *args: Any, **kwargs: Any) -> Any:
         latest = self.engine.weights_version
         self.engine.set_weights(self._weights_of(version), latest)

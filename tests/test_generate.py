@@ -434,3 +434,95 @@ def test_mask_zero_models_never_pick_the_padding_id() -> None:
         engine.generate("u", prompt, steps=3, end_token=0)
     full = np.asarray(model(np.concatenate([prompt, got])[None]))[0]
     np.testing.assert_array_equal(np.argmax(full[1:-1, 1:], -1) + 1, got)
+
+
+def test_concurrent_generates_through_a_worker_are_batched_and_equal_alone(tmp_path) -> None:
+    """GENERATEs of distinct streams taken in one round run in one generate_many call per
+    set of options (seeds may differ), and each result equals Engine.generate alone."""
+    import threading
+
+    from workers.process import WorkerProcess
+
+    model = token_model("gru", seed=21)
+    path = tmp_path / "chars.keras"
+    model.save(path)
+    rng = np.random.default_rng(4)
+    sampled = {"sample": "top_k", "top_k": 4, "temperature": 0.9}
+    jobs = {f"s{i}": (rng.integers(1, VOCAB, int(rng.integers(2, 6))).astype(np.int32),
+                      {**sampled, "seed": i} if i < 5 else {}) for i in range(8)}
+    want = {}
+    for s, (prompt, options) in jobs.items():
+        want[s] = make_engine(model, slots=1).generate(s, prompt, steps=12, **options)
+    got: dict[str, np.ndarray] = {}
+    errors: list[BaseException] = []
+    with WorkerProcess.start(path, 9, "--no-xla", "--batch-window-us", "300000") as worker, \
+            streamrnn.Client(worker.endpoint, timeout=120) as client:
+        client.generate("warm", np.array([1], np.int32), steps=2)  # compile before timing
+        barrier = threading.Barrier(len(jobs))
+
+        def run(stream: str) -> None:
+            try:
+                prompt, options = jobs[stream]
+                barrier.wait()
+                got[stream] = client.generate(stream, prompt, steps=12, **options)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(s,)) for s in jobs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors, errors
+        counts = client.stats()["counts"]
+        after = client.push("s0", np.array([2, 5], np.int32))  # the state continues exactly
+    for s in jobs:
+        np.testing.assert_array_equal(got[s], want[s], err_msg=s)
+    assert counts["applied_generate"] == len(jobs) + 1
+    # 8 requests, two sets of options: far fewer engine calls than requests
+    assert counts["generate_calls"] - 1 <= 4, counts
+    seq = np.concatenate([jobs["s0"][0], want["s0"], [2, 5]])
+    np.testing.assert_allclose(after, np.asarray(model(seq[None]))[0, -2:], atol=1e-5)
+
+
+def test_batched_generates_keep_each_streams_order_and_own_errors() -> None:
+    """Back to back in one batch: a stream's second GENERATE continues from its first, and
+    a bad prompt fails only its own request."""
+    import zmq
+
+    from streamrnn.codec import decode_reply, encode
+    from streamrnn.protocol import MessageType
+    from streamrnn.server import StreamWorker, WorkerConfig
+
+    model = token_model("lstm", seed=22)
+    worker = StreamWorker(make_engine(model, slots=4),
+                          WorkerConfig(bind="tcp://127.0.0.1:0", batch_window_us=300_000))
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(worker.start())
+    a, b = np.array([1, 2, 3], np.int32), np.array([4], np.int32)
+    requests = [("a", 0, a), ("b", 0, b), ("a", 1, b), ("c", 0, np.array([VOCAB + 5], np.int32))]
+    try:
+        for rid, (stream, seq, prompt) in enumerate(requests):
+            sock.send_multipart(encode(MessageType.GENERATE, {
+                "rid": rid, "stream": stream, "seq": seq, "steps": 6, "seed": rid,
+                "sample": "temperature"}, {"prompt": prompt}))
+        replies = {}
+        for _ in requests:
+            assert sock.poll(60_000)
+            reply = decode_reply(sock.recv_multipart())
+            replies[reply.header["rid"]] = reply
+        counts = worker.stats()["counts"]
+    finally:
+        sock.close()
+        worker.stop()
+        worker.join(10)
+    local = make_engine(model, slots=4)
+    for rid, (stream, _, prompt) in enumerate(requests[:3]):
+        want = local.generate(stream, prompt, steps=6, seed=rid, sample="temperature")
+        assert replies[rid].type == MessageType.OUTPUT
+        np.testing.assert_array_equal(replies[rid].arrays["output"], want, err_msg=str(rid))
+    assert replies[3].type == MessageType.ERROR
+    assert replies[3].header["code"] == ErrorCode.BAD_VALUE
+    assert counts["applied_generate"] == 3
+    assert counts["generate_calls"] == 2  # a's first with b's, then a's second

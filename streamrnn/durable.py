@@ -4,10 +4,10 @@ The worker's compute thread calls :meth:`WorkerCheckpointer.save` between steps,
 file reflects exactly the applied requests: for every stream, its state rows, the next
 sequence number it expects, the replies it would answer duplicates with (the reply cache,
 so a client that resends a request applied just before a crash still gets its output),
-the worker's recently closed streams, and the streams' weights-version pins. After :meth:`save` returns, the file is on disk and
-:attr:`WorkerCheckpointer.durable` says, per stream, below which ``seq`` everything is in it:
-the worker reports that in its replies (``durable_seq``), and a client keeps every request
-from there on to replay after a crash.
+the worker's recently closed streams, and the streams' weights-version pins. After
+:meth:`save` returns, the file is on disk and :attr:`WorkerCheckpointer.durable` says, per
+stream, below which ``seq`` everything is in it: the worker reports that in its replies
+(``durable_seq``), and a client keeps every request from there on to replay after a crash.
 
 Files are ``<dir>/<name>.ckpt`` (one per worker, so workers can share a directory and a
 survivor can adopt a dead worker's streams with :meth:`WorkerCheckpointer.adopt`).

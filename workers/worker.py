@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="ZMQ_MAXMSGSIZE: peers sending a bigger frame are disconnected")
     parser.add_argument("--max-bucket", type=int, default=64,
                         help="longest padded step (power of two); longer chunks are split")
+    parser.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
+                        help="fused LSTM/GRU/SimpleRNN fast path (default: on for CPU, off for "
+                             "GPU where Keras can use cuDNN)")
     parser.add_argument("--xla", action=argparse.BooleanOptionalAction, default=None,
                         help="compile the step with XLA (default: on for CPU, off for GPU); "
                              "XLA runs faster but takes longer to trace")
@@ -98,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
     from streamrnn.server import StreamWorker, WorkerConfig
 
     engine = Engine.from_keras(args.model, slots=args.slots, max_bucket=args.max_bucket,
-                               jit_compile=args.xla, max_streams=args.max_streams)
+                               jit_compile=args.xla, max_streams=args.max_streams,
+                               fused=args.fused)
     if args.warmup:
         engine.runner.warmup()
     if args.weights_from:

@@ -13,6 +13,8 @@ Example::
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Mapping
 
 import numpy as np
@@ -22,7 +24,9 @@ from streamrnn.models import ServingModel
 from streamrnn.scheduler import bucket_sizes
 
 
+@functools.cache
 def gpu_available() -> bool:
+    """Whether TensorFlow sees a GPU (asked once per process)."""
     return bool(tf.config.list_physical_devices("GPU"))
 
 
@@ -97,8 +101,18 @@ class ModelRunner:
         return {slot: y[slot, : len(chunk)].copy() for slot, chunk in chunks.items()}
 
     def warmup(self) -> None:
-        """Trace every bucket once (on an all-masked batch, which changes no state)."""
-        for b in self.buckets:
-            x, mask = self._buffers[b]
-            mask[:] = False
-            self._step(x, mask)
+        """Trace every bucket once (on an all-masked batch, which changes no state).
+
+        Tracing one bucket after another is what this is for, so TensorFlow's "excessive
+        retracing" warning is silenced meanwhile.
+        """
+        tf_logger = logging.getLogger("tensorflow")
+        level = tf_logger.level
+        tf_logger.setLevel(logging.ERROR)
+        try:
+            for b in self.buckets:
+                x, mask = self._buffers[b]
+                mask[:] = False
+                self._step(x, mask)
+        finally:
+            tf_logger.setLevel(level)

@@ -229,11 +229,12 @@ class StreamWorker:
         return True
 
     def _after_batch(self) -> None:
-        """Periodic checkpoint, then the CLOSE ACKs that waited for one.
+        """Refresh the gauges; periodic checkpoint, then the CLOSE ACKs that waited for one.
 
         The ACKs are sent only after a successful write: if it fails they stay held and the
         write is retried after the next batch (at most once a second while idle).
         """
+        self._update_gauges()  # after every batch: pushes, resets, closes and expiries
         ckpt = self.checkpointer
         if ckpt is None:
             return
@@ -793,7 +794,6 @@ class StreamWorker:
                                      work.seq)
         self.metrics.step_latency.observe(time.monotonic() - began)
         self.metrics.batch_fill.observe(len(ready) / self.engine.slots)
-        self._update_gauges()
         self._count("batches")
         if self.checkpointer is not None:
             self.checkpointer.count_step()

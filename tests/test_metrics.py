@@ -50,6 +50,11 @@ def test_metrics_endpoint_counts_move_with_traffic(worker):
     assert after['streamrnn_errors_total{code="BAD_SHAPE"}'] == 1
     assert after["streamrnn_chunk_latency_seconds_count"] == 4
     assert after['streamrnn_requests_total{type="push"}'] >= 5
+    with Client(worker.endpoint) as client:
+        client.close("m2")
+    time.sleep(0.3)  # the gauges refresh after the batch that closed it
+    closed = scrape(url)
+    assert closed["streamrnn_streams"] == 1 and closed["streamrnn_slots_in_use"] == 1
 
 
 def test_structured_logs_are_one_json_record_per_line(worker):

@@ -1,4 +1,4 @@
-"""Start a stream worker as a subprocess and wait until it is ready (demo, tests, bench).
+"""Start a worker or router as a subprocess and wait until it is ready (demo, tests, bench).
 
 Example::
 
@@ -19,27 +19,23 @@ import tempfile
 import time
 from pathlib import Path
 
-from workers.worker import READY_MARKER
-
 _REPO_ROOT = Path(__file__).resolve().parent.parent
-_ENDPOINT = re.compile(re.escape(READY_MARKER) + r"(\S+)")
 
 
-class WorkerProcess:
-    """A running ``python -m workers.worker`` with its endpoint and log file."""
+class _ManagedProcess:
+    """A ``python -m workers.<role>`` subprocess logging to a file, stopped with SIGTERM."""
 
-    def __init__(self, proc: subprocess.Popen, endpoint: str, log_path: Path):
+    def __init__(self, proc: subprocess.Popen, log_path: Path):
         self.proc = proc
-        self.endpoint = endpoint
         self.log_path = log_path
 
-    @classmethod
-    def start(cls, model: str | os.PathLike, slots: int = 16, *extra_args: str,
-              bind: str = "tcp://127.0.0.1:0", ready_timeout: float = 180.0,
-              log_path: str | os.PathLike | None = None) -> WorkerProcess:
-        """Launch a worker on ``bind`` (port 0: a free port) and wait for its ready line."""
+    @staticmethod
+    def _launch(role: str, args: list[str], ready: re.Pattern[str], ready_timeout: float,
+                log_path: str | os.PathLike | None
+                ) -> tuple[subprocess.Popen, re.Match[str], Path]:
+        """Start ``workers.<role>`` and wait until its log matches ``ready``."""
         if log_path is None:
-            fd, name = tempfile.mkstemp(prefix="streamrnn-worker-", suffix=".log")
+            fd, name = tempfile.mkstemp(prefix=f"streamrnn-{role}-", suffix=".log")
             os.close(fd)
             log_path = name
         log_path = Path(log_path)
@@ -47,21 +43,20 @@ class WorkerProcess:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_REPO_ROOT),
                                                           env.get("PYTHONPATH")]))
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        cmd = [sys.executable, "-m", "workers.worker", "--model", str(model),
-               "--slots", str(slots), "--bind", bind, *extra_args]
         with open(log_path, "wb") as log_file:
-            # the log goes to a file, not a pipe: a full pipe would block the worker
-            proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env,
+            # the log goes to a file, not a pipe: a full pipe would block the process
+            proc = subprocess.Popen([sys.executable, "-m", f"workers.{role}", *args],
+                                    stdout=log_file, stderr=subprocess.STDOUT, env=env,
                                     cwd=_REPO_ROOT)
         deadline = time.monotonic() + ready_timeout
         while True:
-            match = _ENDPOINT.search(log_path.read_text(errors="replace"))
+            match = ready.search(log_path.read_text(errors="replace"))
             if match:
-                return cls(proc, match.group(1), log_path)
+                return proc, match, log_path
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
                 proc.wait()
-                raise RuntimeError(f"worker did not become ready (exit {proc.returncode}):\n"
+                raise RuntimeError(f"{role} did not become ready (exit {proc.returncode}):\n"
                                    + log_path.read_text(errors="replace")[-4000:])
             time.sleep(0.05)
 
@@ -79,14 +74,35 @@ class WorkerProcess:
                 self.proc.wait()
         return self.proc.returncode
 
-    def __enter__(self) -> WorkerProcess:
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
 
-class RouterProcess:
+class WorkerProcess(_ManagedProcess):
+    """A running ``python -m workers.worker`` with its endpoint and log file."""
+
+    def __init__(self, proc: subprocess.Popen, endpoint: str, log_path: Path):
+        super().__init__(proc, log_path)
+        self.endpoint = endpoint
+
+    @classmethod
+    def start(cls, model: str | os.PathLike, slots: int = 16, *extra_args: str,
+              bind: str = "tcp://127.0.0.1:0", ready_timeout: float = 180.0,
+              log_path: str | os.PathLike | None = None) -> WorkerProcess:
+        """Launch a worker on ``bind`` (port 0: a free port) and wait for its ready line."""
+        from workers.worker import READY_MARKER
+
+        proc, match, log_path = cls._launch(
+            "worker", ["--model", str(model), "--slots", str(slots), "--bind", bind,
+                       *extra_args],
+            re.compile(re.escape(READY_MARKER) + r"(\S+)"), ready_timeout, log_path)
+        return cls(proc, match.group(1), log_path)
+
+
+class RouterProcess(_ManagedProcess):
     """A running ``python -m workers.router`` with its client and worker endpoints.
 
     Example::
@@ -98,58 +114,19 @@ class RouterProcess:
 
     def __init__(self, proc: subprocess.Popen, endpoint: str, workers_endpoint: str,
                  log_path: Path):
-        self.proc = proc
+        super().__init__(proc, log_path)
         self.endpoint = endpoint
         self.workers_endpoint = workers_endpoint
-        self.log_path = log_path
 
     @classmethod
     def start(cls, *extra_args: str, bind: str = "tcp://127.0.0.1:0",
               workers_bind: str = "tcp://127.0.0.1:0", ready_timeout: float = 60.0,
               log_path: str | os.PathLike | None = None) -> RouterProcess:
-        from workers.router import READY_MARKER as ROUTER_READY
+        """Launch a router and wait for its ready line (both endpoints)."""
+        from workers.router import READY_MARKER
 
-        if log_path is None:
-            fd, name = tempfile.mkstemp(prefix="streamrnn-router-", suffix=".log")
-            os.close(fd)
-            log_path = name
-        log_path = Path(log_path)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_REPO_ROOT),
-                                                          env.get("PYTHONPATH")]))
-        cmd = [sys.executable, "-m", "workers.router", "--bind", bind, "--workers-bind",
-               workers_bind, *extra_args]
-        with open(log_path, "wb") as log_file:
-            proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env,
-                                    cwd=_REPO_ROOT)
-        ready = re.compile(re.escape(ROUTER_READY) + r"(\S+) workers=(\S+)")
-        deadline = time.monotonic() + ready_timeout
-        while True:
-            match = ready.search(log_path.read_text(errors="replace"))
-            if match:
-                return cls(proc, match.group(1), match.group(2), log_path)
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                proc.wait()
-                raise RuntimeError(f"router did not become ready (exit {proc.returncode}):\n"
-                                   + log_path.read_text(errors="replace")[-4000:])
-            time.sleep(0.05)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-    def __enter__(self) -> RouterProcess:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+        proc, match, log_path = cls._launch(
+            "router", ["--bind", bind, "--workers-bind", workers_bind, *extra_args],
+            re.compile(re.escape(READY_MARKER) + r"(\S+) workers=(\S+)"), ready_timeout,
+            log_path)
+        return cls(proc, match.group(1), match.group(2), log_path)

@@ -2,8 +2,9 @@
 
     pytest bench/test_bench_e2e.py -q -s [--benchmark-json bench/results/e2e.json]
 
-Same model (2-layer LSTM, 32 features, 64 units, 8 outputs), same slots (64), same chunk
-length (32), same compile settings (engine default: XLA on CPU) in both measurements:
+Same model (by default a 2-layer LSTM, 32 features, 64 units, 8 outputs; see
+STREAMRNN_E2E_MODEL below), same slots (64), same chunk length (32), same compile settings
+(engine default: XLA on CPU) in both measurements:
 
 * ``kernel``: ``engine.push_many`` over all 64 streams in this process (no sockets);
 * ``e2e``: a real worker subprocess; the client keeps ``WINDOW`` chunks in flight per
@@ -16,6 +17,7 @@ The ratio e2e/kernel (target >= 0.9) is printed and stored in ``extra_info``. No
 
 from __future__ import annotations
 
+import os
 import tempfile
 import threading
 import time
@@ -24,7 +26,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-SLOTS, CHUNK, FEATURES, UNITS, OUTPUTS = 64, 32, 32, 64, 8
+# STREAMRNN_E2E_MODEL=headline measures the kernel suite's headline shape instead (64
+# features, one LSTM(256), Dense(64), chunks of 16): more compute per message.
+if os.environ.get("STREAMRNN_E2E_MODEL", "small") == "headline":
+    SLOTS, CHUNK, FEATURES, UNITS, OUTPUTS, LAYERS = 64, 16, 64, 256, 64, 1
+else:
+    SLOTS, CHUNK, FEATURES, UNITS, OUTPUTS, LAYERS = 64, 32, 32, 64, 8, 2
 WINDOW = 3
 ROUNDS = 60  # chunks per stream in one throughput measurement
 RESULTS: dict[str, float] = {}
@@ -36,8 +43,7 @@ def _model():
     keras.utils.set_random_seed(0)
     return keras.Sequential([
         keras.Input((None, FEATURES)),
-        keras.layers.LSTM(UNITS, return_sequences=True),
-        keras.layers.LSTM(UNITS, return_sequences=True),
+        *[keras.layers.LSTM(UNITS, return_sequences=True) for _ in range(LAYERS)],
         keras.layers.Dense(OUTPUTS),
     ])
 

@@ -66,6 +66,7 @@ from streamrnn.protocol import (
     MessageType,
     negotiate_version,
 )
+from streamrnn.server import bind_client_socket
 
 log = logging.getLogger("streamrnn.router")
 
@@ -139,18 +140,9 @@ class Router:
 
     def start(self) -> tuple[str, str]:
         """Bind both sockets and start the routing thread; returns (client, worker) endpoints."""
-        front = self._ctx.socket(zmq.ROUTER)
-        front.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        front.setsockopt(zmq.MAXMSGSIZE, self.config.max_frame_bytes)
-        front.setsockopt(zmq.SNDHWM, 100_000)
-        front.setsockopt(zmq.RCVHWM, 100_000)
-        front.setsockopt(zmq.LINGER, 1000)
-        if self.config.curve_secret_key:
-            from streamrnn.security import curve_server
-
-            self._auth = curve_server(front, self.config.curve_secret_key,
-                                      self.config.curve_allow, self._ctx)
-        front.bind(self.config.bind)
+        front, self._auth = bind_client_socket(
+            self._ctx, self.config.bind, self.config.max_frame_bytes, linger_ms=1000,
+            curve_secret_key=self.config.curve_secret_key, curve_allow=self.config.curve_allow)
         back = self._ctx.socket(zmq.ROUTER)
         back.setsockopt(zmq.ROUTER_MANDATORY, 1)
         back.setsockopt(zmq.LINGER, 0)

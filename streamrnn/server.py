@@ -91,6 +91,30 @@ _STOP_FRAME = b""  # a one-frame message on the reply pipe: the compute thread i
 _DURABLE_REPLIES = (MessageType.OUTPUT, MessageType.ACK)  # carry durable_seq when durable
 
 
+def bind_client_socket(ctx: zmq.Context, bind: str, max_frame_bytes: int, linger_ms: int,
+                       curve_secret_key: str | None = None, curve_allow: str | None = None
+                       ) -> tuple[zmq.Socket, Any]:
+    """The ROUTER socket clients talk to (a worker's, or a router's front), bound.
+
+    ROUTER_MANDATORY (an unroutable reply raises instead of vanishing), ZMQ_MAXMSGSIZE
+    (a bigger frame disconnects its peer), deep queues, and CURVE when a secret key is
+    given. Returns the socket and the ZAP authenticator (None without CURVE) to stop later.
+    """
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
+    sock.setsockopt(zmq.SNDHWM, 100_000)
+    sock.setsockopt(zmq.RCVHWM, 100_000)
+    sock.setsockopt(zmq.LINGER, linger_ms)
+    auth = None
+    if curve_secret_key:
+        from streamrnn.security import curve_server
+
+        auth = curve_server(sock, curve_secret_key, curve_allow, ctx)
+    sock.bind(bind)
+    return sock, auth
+
+
 @dataclass
 class WorkerConfig:
     """Settings of one stream worker."""
@@ -258,18 +282,9 @@ class StreamWorker:
 
     def start(self) -> str:
         """Bind, start the I/O and compute threads, and return the bound endpoint."""
-        router = self._ctx.socket(zmq.ROUTER)
-        router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        router.setsockopt(zmq.MAXMSGSIZE, self.config.max_frame_bytes)
-        router.setsockopt(zmq.SNDHWM, 100_000)
-        router.setsockopt(zmq.RCVHWM, 100_000)
-        router.setsockopt(zmq.LINGER, 2000)
-        if self.config.curve_secret_key:
-            from streamrnn.security import curve_server
-
-            self._auth = curve_server(router, self.config.curve_secret_key,
-                                      self.config.curve_allow, self._ctx)
-        router.bind(self.config.bind)
+        router, self._auth = bind_client_socket(
+            self._ctx, self.config.bind, self.config.max_frame_bytes, linger_ms=2000,
+            curve_secret_key=self.config.curve_secret_key, curve_allow=self.config.curve_allow)
         self.endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode()
         if self.config.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.config.metrics_port)

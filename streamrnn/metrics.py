@@ -13,6 +13,7 @@ Example::
 
 from __future__ import annotations
 
+import argparse
 import os
 import threading
 import time
@@ -30,6 +31,18 @@ _FILL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 def metrics_address() -> str:
     """Where /metrics listens: ``$STREAMRNN_METRICS_ADDR``, else loopback only."""
     return os.environ.get("STREAMRNN_METRICS_ADDR", "127.0.0.1")
+
+
+def add_metrics_argument(parser: argparse.ArgumentParser) -> None:
+    """``--metrics-port``, the same for worker, router and trainer."""
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="serve Prometheus metrics at /metrics on this port (0 picks a free "
+                             "port; the ready line shows the URL); listens on "
+                             "$STREAMRNN_METRICS_ADDR, default 127.0.0.1")
+
+
+def metrics_url(port: int) -> str:
+    return f"http://{metrics_address()}:{port}/metrics"
 
 
 class Metrics:

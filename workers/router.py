@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from streamrnn.logs import add_logging_arguments, configure_logging
+from streamrnn.metrics import add_metrics_argument, metrics_url
 
 log = logging.getLogger("streamrnn.router")
 
@@ -34,9 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="CURVE on the client endpoint: this server key (.key_secret)")
     parser.add_argument("--curve-allow", default=None, metavar="DIR_OR_FILE",
                         help="CURVE: client public keys (.key files) that may connect")
-    parser.add_argument("--metrics-port", type=int, default=None,
-                        help="serve Prometheus metrics on http://127.0.0.1:PORT/metrics "
-                             "(0 picks a free port; the ready line shows it)")
+    add_metrics_argument(parser)
     add_logging_arguments(parser)
     return parser
 
@@ -62,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         from streamrnn.metrics import RouterMetrics
 
         port = RouterMetrics(router.stats).serve(args.metrics_port)
-        metrics = f" metrics=http://127.0.0.1:{port}/metrics"
+        metrics = f" metrics={metrics_url(port)}"
     log.info("%s%s workers=%s%s", READY_MARKER, endpoint, workers_endpoint, metrics)
     while not router.join(timeout=0.2):
         pass

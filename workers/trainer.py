@@ -21,6 +21,7 @@ import time
 from collections.abc import Sequence
 
 from streamrnn.logs import add_logging_arguments, configure_logging
+from streamrnn.metrics import Metrics, add_metrics_argument, metrics_url
 
 log = logging.getLogger("streamrnn.trainer")
 
@@ -74,8 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="wait this long for chunks of more streams to share a step")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="live progress display (default: when stderr is a terminal)")
-    parser.add_argument("--metrics-port", type=int, default=None,
-                        help="serve Prometheus /metrics on this port")
+    add_metrics_argument(parser)
     add_logging_arguments(parser)
     return parser
 
@@ -113,10 +113,8 @@ def run(args: argparse.Namespace) -> int:
     trainer = FreeRunningTrainer(load_model(args.model), slots=args.slots, config=config)
     metrics = None
     if args.metrics_port is not None:
-        from streamrnn.metrics import Metrics
-
         metrics = Metrics(role="trainer")
-        log.info("metrics on http://127.0.0.1:%d/metrics", metrics.serve(args.metrics_port))
+        log.info("metrics on %s", metrics_url(metrics.serve(args.metrics_port)))
     online = OnlineTrainer(
         trainer, checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
         publish_dir=args.publish_dir, publish_every=args.publish_every,

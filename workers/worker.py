@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from streamrnn.logs import add_logging_arguments, configure_logging
+from streamrnn.metrics import add_metrics_argument, metrics_url
 
 log = logging.getLogger("streamrnn.worker")
 
@@ -84,9 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "between steps (stream states are kept)")
     parser.add_argument("--weights-poll-s", type=float, default=0.5,
                         help="check the --weights-from directory at most this often")
-    parser.add_argument("--metrics-port", type=int, default=None,
-                        help="serve Prometheus metrics on http://127.0.0.1:PORT/metrics "
-                             "(0 picks a free port; the ready line shows it)")
+    add_metrics_argument(parser)
     add_logging_arguments(parser)
     return parser
 
@@ -130,8 +129,7 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     endpoint = worker.start()
-    metrics = f", metrics=http://127.0.0.1:{worker.metrics_port}/metrics" if (
-        worker.metrics_port is not None) else ""
+    metrics = "" if worker.metrics_port is None else f", metrics={metrics_url(worker.metrics_port)}"
     log.info("%s%s (slots=%d, model=%s, kernel=%s%s)", READY_MARKER, endpoint, engine.slots,
              config.model_name, engine.kernel, metrics)
     link = None

@@ -174,7 +174,11 @@ def _check_fields(header: dict[str, Any], schema: Schema, name: str, ctx: dict) 
             )
 
 
-def _check_ranges(msg_type: MessageType, header: dict[str, Any], ctx: dict) -> None:
+def _check_ranges(msg_type: MessageType, header: dict[str, Any], schema: Schema,
+                  ctx: dict) -> None:
+    """Value checks of the fields ``schema`` declares (their types are already checked);
+    undeclared fields are ignored, whatever their type, as the protocol promises."""
+    header = {k: v for k, v in header.items() if k in schema}
     rid = header.get(F_REQUEST_ID)
     if rid is not None and not 0 <= rid <= MAX_REQUEST_ID:
         raise ProtocolError(f"'rid' must be in [0, 2**64), got {rid}", ErrorCode.BAD_VALUE, ctx)
@@ -332,7 +336,7 @@ def _decode(
             "with 'versions' to negotiate",
             ErrorCode.UNSUPPORTED_VERSION, ctx,
         )
-    _check_ranges(msg_type, header, ctx)
+    _check_ranges(msg_type, header, schemas[msg_type], ctx)
     arrays = _decode_arrays(header, frames[2:], array_specs.get(msg_type, {}), name, ctx)
     return Message(msg_type, header, arrays)
 

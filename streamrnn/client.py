@@ -176,6 +176,11 @@ class Client:
             curve_client(self._socket, curve_server_key, curve_keypair)
         self._socket.connect(endpoint)
         self._submissions: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
+        # Requests submitted on the I/O thread itself (from a Future callback): no queue and
+        # no wake-up, sent in the same loop turn as the reply that triggered them.
+        self._io_ident: int | None = None
+        self._local: deque[_Request] = deque()
+        self._resend_due = math.inf  # earliest Stream.resend_at of a stream resending
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -291,8 +296,12 @@ class Client:
         if self._closed:
             raise StreamRNNError("client is shut down")
         future: Future = Future()
-        self._submissions.put(_Request(kind, stream, fields, arrays, future))
-        self._wake()
+        request = _Request(kind, stream, fields, arrays, future)
+        if threading.get_ident() == self._io_ident:
+            self._local.append(request)
+        else:
+            self._submissions.put(request)
+            self._wake()
         return future
 
     def _wake(self) -> None:
@@ -306,23 +315,30 @@ class Client:
     def _io_loop(self) -> None:
         poller = zmq.Poller()
         poller.register(self._socket, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        # pyzmq's poll reports a plain socket by its file descriptor, not by the object
+        wake_fd = self._wake_r.fileno()
+        poller.register(wake_fd, zmq.POLLIN)
         next_check = 0.0
+        self._io_ident = threading.get_ident()
         try:
             while True:
                 now = time.monotonic()
-                wait_ms = max(0, min(100, int((self._next_timer(now) - now) * 1000) + 1))
+                if self._local:
+                    wait_ms = 0
+                else:
+                    soonest = min(now + 0.1, self._resend_due)
+                    wait_ms = max(0, min(100, int((soonest - now) * 1000) + 1))
                 events = dict(poller.poll(wait_ms))
-                if self._wake_r in events:
+                if wake_fd in events:
                     try:
                         while self._wake_r.recv(4096):
                             pass
                     except BlockingIOError:
                         pass
+                if self._socket in events:
+                    self._read_replies()  # callbacks may submit more: sent just below
                 if not self._take_submissions():
                     break
-                if self._socket in events:
-                    self._read_replies()
                 now = time.monotonic()
                 if now >= next_check:
                     self._check_timers(now)
@@ -336,11 +352,17 @@ class Client:
             self._wake_r.close()
             self._wake_w.close()
 
+    def _next_submission(self) -> _Request | None:
+        """The next submitted request (I/O-thread ones first); raises queue.Empty."""
+        if self._local:
+            return self._local.popleft()
+        return self._submissions.get_nowait()
+
     def _take_submissions(self) -> bool:
         touched: set[str] = set()
         while True:
             try:
-                request = self._submissions.get_nowait()
+                request = self._next_submission()
             except queue.Empty:
                 break
             if request is None:
@@ -606,6 +628,7 @@ class Client:
     def _schedule_resend(self, st: _Stream, first: _Request, at: float) -> None:
         if st.resend_from is None:
             st.resend_from, st.resend_at = first.seq, at
+            self._resend_due = min(self._resend_due, at)
         else:
             st.resend_from = min(st.resend_from, first.seq)
 
@@ -635,13 +658,6 @@ class Client:
             if not request.future.done():
                 request.future.set_exception(exc)
 
-    def _next_timer(self, now: float) -> float:
-        soonest = now + 0.1
-        for st in self._streams.values():
-            if st.resend_from is not None:
-                soonest = min(soonest, st.resend_at)
-        return soonest
-
     def _check_timers(self, now: float) -> None:
         for st in list(self._streams.values()):
             if st.resend_from is not None and now >= st.resend_at:
@@ -650,6 +666,8 @@ class Client:
                 self._check_deadline(st, st.inflight[0], now)
         for request in list(self._control.values()):
             self._check_deadline(None, request, now)
+        self._resend_due = min((st.resend_at for st in self._streams.values()
+                                if st.resend_from is not None), default=math.inf)
 
     def _check_deadline(self, st: _Stream | None, request: _Request, now: float) -> None:
         if request.busy_resend_at is not None:
@@ -687,7 +705,7 @@ class Client:
         self._control.clear()
         while True:
             try:
-                request = self._submissions.get_nowait()
+                request = self._next_submission()
             except queue.Empty:
                 break
             if request is not None and not request.future.done():

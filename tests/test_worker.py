@@ -261,6 +261,27 @@ def test_client_skips_bad_chunk_like_the_engine(worker):
     np.testing.assert_allclose(got, offline(worker.model, x), atol=TOL)
 
 
+def _thread_cpu_seconds(native_id: int) -> float:
+    with open(f"/proc/self/task/{native_id}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="needs Linux /proc")
+def test_idle_client_io_thread_sleeps(worker):
+    """After traffic, an idle Client's I/O thread waits in poll instead of spinning (it once
+    polled its wake-up socket by object while pyzmq reports it by fd: a core burnt for
+    good after the first request)."""
+    with streamrnn.Client(worker.endpoint) as client:
+        client.push("idle-cpu", data(4, 8))
+        time.sleep(0.2)
+        before = _thread_cpu_seconds(client._thread.native_id)
+        time.sleep(1.0)
+        busy = _thread_cpu_seconds(client._thread.native_id) - before
+        client.close("idle-cpu")
+    assert busy < 0.2, f"idle client I/O thread used {busy:.2f} CPU-s in 1 s"
+
+
 def test_generate_on_a_feature_model_is_refused_cleanly(worker):
     with streamrnn.Client(worker.endpoint) as client:
         with pytest.raises(streamrnn.RemoteError) as info:

@@ -228,16 +228,26 @@ class Engine:
         """Feed ``chunk`` to ``stream`` (opened if new); returns ``(T, output_dim)`` float32."""
         return self.push_many({stream: chunk})[stream]
 
-    def push_many(self, chunks: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    def push_many(
+        self, chunks: Mapping[str, Any], *, validated: bool = False
+    ) -> dict[str, np.ndarray]:
         """Feed one chunk to each of several streams in shared batched steps.
 
         Every chunk is validated, and room for new streams is checked, before any state
         changes: on an error nothing has been applied. More streams than slots are served in
         waves of at most ``slots`` streams, swapping idle streams out between waves.
+
+        Args:
+            chunks: stream -> ``(T, D)`` float or ``(T,)`` int ids.
+            validated: every chunk is already what :meth:`validate` returned for it (the
+                worker validates each request on arrival), so it is not checked again.
         """
         if not chunks:
             return {}
-        ready = {stream: self.validate(chunk) for stream, chunk in chunks.items()}
+        if validated:
+            ready = dict(chunks)
+        else:
+            ready = {stream: self.validate(chunk) for stream, chunk in chunks.items()}
         new = [s for s in ready if s not in self]
         if len(new) > self.capacity_left:
             raise EngineFullError(

@@ -175,8 +175,14 @@ class OnlineTrainer:
     def push(self, stream: str, chunk: Any) -> np.ndarray:
         return self.push_many({stream: chunk})[stream]
 
-    def push_many(self, chunks: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """Train on one chunk per stream; returns each chunk's training outputs."""
+    def push_many(
+        self, chunks: Mapping[str, Any], *, validated: bool = False
+    ) -> dict[str, np.ndarray]:
+        """Train on one chunk per stream; returns each chunk's training outputs.
+
+        ``validated`` is accepted for the worker's sake; the chunks are split into inputs
+        and targets here either way.
+        """
         if not chunks:
             return {}
         inputs: dict[str, np.ndarray] = {}

@@ -35,7 +35,7 @@ import math
 import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -87,7 +87,9 @@ from streamrnn.sequencing import CachedReply, SequenceTable, Verdict
 log = logging.getLogger("streamrnn.worker")
 
 _worker_ids = itertools.count()
-_STOP_FRAME = b""  # a one-frame message on the reply pipe: the compute thread is done
+# One-frame messages on the pipe from the compute thread to the I/O thread:
+_STOP_FRAME = b""  # the compute thread is done (after its last replies)
+_WAKE_FRAME = b"r"  # replies are waiting in the outbox
 _DURABLE_REPLIES = (MessageType.OUTPUT, MessageType.ACK)  # carry durable_seq when durable
 
 
@@ -197,6 +199,11 @@ class StreamWorker:
         self._held: list[tuple[_Work, CachedReply]] = []  # CLOSE ACKs waiting for a checkpoint
         self._held_retry_at = 0.0  # after a failed write: when to write again for them
         self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Future]] = queue.SimpleQueue()
+        # Replies go from the compute thread to the I/O thread through this outbox, with at
+        # most one wake-up frame on the pipe per drain: the I/O thread encodes and sends them
+        # while the compute thread runs the next step.
+        self._outbox: deque[tuple[bytes, MessageType, dict[str, Any], dict | None]] = deque()
+        self._outbox_signalled = False
         self._auth: Any = None  # the ZAP authenticator thread when CURVE is on
 
     # ---- durability --------------------------------------------------------------------
@@ -428,15 +435,21 @@ class StreamWorker:
                 self._auth.stop()
 
     def _forward_replies(self, router: zmq.Socket, pull: zmq.Socket) -> bool:
-        """Send every reply waiting on the pipe; True when the compute thread is done."""
+        """Encode and send every reply in the outbox; True when the compute thread is done."""
+        done = False
         while True:
             try:
-                frames = pull.recv_multipart(zmq.NOBLOCK, copy=False)
+                frame = pull.recv(zmq.NOBLOCK)
             except zmq.Again:
-                return False
-            if len(frames) == 1:
-                return True
-            self._route(router, frames)
+                break
+            done = done or frame == _STOP_FRAME
+        self._outbox_signalled = False  # before draining: a reply added later wakes us again
+        while True:
+            try:
+                identity, msg_type, header, arrays = self._outbox.popleft()
+            except IndexError:
+                return done
+            self._route(router, [identity, *encode(msg_type, header, arrays)])
 
     def _route(self, router: zmq.Socket, frames: list) -> None:
         try:
@@ -794,7 +807,8 @@ class StreamWorker:
             return
         began = time.monotonic()
         try:
-            outputs = self.engine.push_many({s: w.chunk for s, w in ready.items()})
+            outputs = self.engine.push_many({s: w.chunk for s, w in ready.items()},
+                                            validated=True)
         except Exception:
             log.exception("batched push failed; retrying the %d chunks one by one", len(ready))
             outputs = {}
@@ -832,8 +846,10 @@ class StreamWorker:
         if self.checkpointer is not None and msg_type in _DURABLE_REPLIES and F_STREAM in header:
             header = {**header,
                       F_DURABLE_SEQ: self.checkpointer.durable.get(header[F_STREAM], 0)}
-        self._pipe.send_multipart([work.identity, *encode(msg_type, header, arrays)],
-                                  copy=False)
+        self._outbox.append((work.identity, msg_type, header, arrays))
+        if not self._outbox_signalled:
+            self._outbox_signalled = True
+            self._pipe.send(_WAKE_FRAME)
 
     def _send_error(self, work: _Work, code: ErrorCode | int, message: str,
                     expected: int | None = None) -> None:

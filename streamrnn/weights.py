@@ -205,7 +205,9 @@ class WeightsFollower:
     def push(self, stream: str, chunk: Any) -> np.ndarray:
         return self.push_many({stream: chunk})[stream]
 
-    def push_many(self, chunks: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    def push_many(
+        self, chunks: Mapping[str, Any], *, validated: bool = False
+    ) -> dict[str, np.ndarray]:
         """Poll, then run each version group of streams in its own batched step(s)."""
         self.poll()
         groups: dict[int | None, dict[str, Any]] = {}
@@ -213,9 +215,10 @@ class WeightsFollower:
         for stream, chunk in chunks.items():
             version = self._pins.get(stream)
             groups.setdefault(None if version in (None, current) else version, {})[stream] = chunk
-        out = self.engine.push_many(groups.pop(None, {}))
+        out = self.engine.push_many(groups.pop(None, {}), validated=validated)
         for version, group in groups.items():
-            out.update(self._with_version(version, self.engine.push_many, group))
+            out.update(self._with_version(version, self.engine.push_many, group,
+                                          validated=validated))
         return out
 
     def generate(self, stream: str, prompt: Any, **kwargs: Any) -> np.ndarray:

@@ -489,8 +489,12 @@ class StreamWorker:
         # Once a request of a stream was answered BUSY, later ones of that stream are too
         # until the client resends from the first, so that nothing is applied out of order.
         if latched is None or msg.header[F_SEQ] <= latched:
+            work = _Work(identity, msg, received)
+            if msg.type == MessageType.PUSH:
+                # here, not on the compute thread: it overlaps with the running step
+                self._validate_chunk(work)
             try:
-                self._queue.put_nowait(_Work(identity, msg, received))
+                self._queue.put_nowait(work)
             except queue.Full:
                 pass
             else:
@@ -503,6 +507,18 @@ class StreamWorker:
         header = _echo(msg)
         header[F_RETRY_AFTER_MS] = self.config.busy_retry_after_ms
         self._reply_now(router, identity, MessageType.BUSY, header)
+
+    def _validate_chunk(self, work: _Work) -> None:
+        """Check a PUSH's chunk (engine.validate reads only fixed engine facts, so any
+        thread may call it): sets ``work.chunk`` or ``work.invalid``."""
+        try:
+            work.chunk = self.engine.validate(work.msg.arrays[A_CHUNK])
+        except InvalidInputError as exc:
+            work.invalid = exc
+        except Exception as exc:  # a bug in a check: answer this request, keep serving
+            log.exception("checking the chunk of stream %r failed", work.stream)
+            work.invalid = InvalidInputError(f"chunk could not be checked: "
+                                             f"{type(exc).__name__}: {exc}", ErrorCode.INTERNAL)
 
     def _on_ping(self, router: zmq.Socket, identity: bytes, msg: Message) -> None:
         offered = msg.header.get(F_VERSIONS) or [msg.header["v"]]
@@ -596,11 +612,6 @@ class StreamWorker:
             index = next_round.get(stream, 0)
             while len(rounds) <= index:
                 rounds.append(_Round())
-            if work.msg.type == MessageType.PUSH and work.chunk is None and work.invalid is None:
-                try:
-                    work.chunk = self.engine.validate(work.msg.arrays[A_CHUNK])
-                except InvalidInputError as exc:
-                    work.invalid = exc
             if work.msg.type == MessageType.PUSH:
                 rounds[index].pushes.append(work)
                 next_round[stream] = index + 1

@@ -148,6 +148,35 @@ def headline(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def e2e_table(rows: list[dict]) -> str | None:
+    """The end-to-end suite's rows (``suite == "e2e"``): e2e vs kernel-only per chunk length,
+    and the latency line; None if the file holds none of them."""
+    cases = [r for r in rows if r.get("suite") == "e2e" and "ratio_vs_kernel" in r]
+    latency = [r for r in rows if r.get("suite") == "e2e" and "latency_p50_ms" in r]
+    if not cases and not latency:
+        return None
+    lines = [
+        "## End to end through ZeroMQ vs kernel-only", "",
+        "`bench/test_bench_e2e.py`: a real worker process and one `Client` (64 streams, 3 "
+        "chunks in flight each) on the same machine, vs `engine.push_many` in-process; the "
+        "two alternate and the ratio is the median of the per-pair ratios (target >= 0.9).",
+        "", "| chunk | slots | kernel-only timesteps/s | e2e timesteps/s | e2e / kernel | "
+        "per pair | chunks per step |", "|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(cases, key=lambda r: r["chunk"]):
+        lines.append(
+            f"| {r['chunk']} | {r['slots']} | {_fmt(r['kernel_timesteps_per_s'])} | "
+            f"{_fmt(r['timesteps_per_s'])} | **{r['ratio_vs_kernel']:.2f}** | "
+            f"{', '.join(f'{v:.2f}' for v in r.get('ratios', []))} | "
+            f"{r.get('chunks_per_batch', float('nan')):.1f} |")
+    for r in latency:
+        lines += ["", f"Latency, open loop at half the measured e2e rate "
+                      f"({_fmt(r['offered_timesteps_per_s'])} timesteps/s offered, chunks of "
+                      f"{r['chunk']}): p50 {r['latency_p50_ms']:.1f} ms, "
+                      f"p99 {r['latency_p99_ms']:.1f} ms."]
+    return "\n".join(lines)
+
+
 def other_table(rows: list[dict], title: str) -> str:
     lines = [f"### {title}", "", "| benchmark | median s | extra_info |", "|---|---|---|"]
     for r in rows:
@@ -299,7 +328,9 @@ def build_report(out_dir: Path = RESULTS, run: bool = True, long: bool = False) 
         if extra.name == "kernel.json":
             continue
         rows_extra = load(extra) if "benchmarks" in json.loads(extra.read_text()) else None
-        if rows_extra:  # other suites' pytest-benchmark JSON (e2e, generate, ...)
+        if rows_extra and e2e_table(rows_extra):
+            parts += [e2e_table(rows_extra), ""]
+        elif rows_extra:  # other suites' pytest-benchmark JSON (generate, training, ...)
             parts += [other_table(rows_extra, f"{extra.stem} ({extra.name})"), ""]
         else:
             parts += [f"### {extra.name}", "", "(not pytest-benchmark JSON; not rendered)", ""]

@@ -89,9 +89,17 @@ class Message:
 # encoding
 
 
+# numpy's dtype.name is slow (it is rebuilt on every access): the hot path looks dtypes up
+# in these tables instead. Keys are dtype objects; a big-endian dtype is not among them.
+_WIRE_NAMES: dict[np.dtype, str] = {np.dtype(n).newbyteorder("<"): n for n in ALLOWED_DTYPES}
+_WIRE_DTYPES: dict[str, np.dtype] = {n: np.dtype(n).newbyteorder("<") for n in ALLOWED_DTYPES}
+
+
 def _wire_array(array: np.ndarray) -> np.ndarray:
     """``array`` as a C-contiguous little-endian array with an allowed dtype."""
     array = np.asarray(array)
+    if array.dtype in _WIRE_NAMES and array.flags.c_contiguous and array.ndim <= MAX_NDIM:
+        return array  # the common case: nothing to convert
     if array.dtype.name not in ALLOWED_DTYPES:
         raise ProtocolError(
             f"dtype {array.dtype} cannot be sent; allowed: {sorted(ALLOWED_DTYPES)}",
@@ -123,7 +131,7 @@ def encode(
         descriptors = {}
         for index, (name, array) in enumerate(arrays.items()):
             wire = _wire_array(array)
-            descriptors[name] = {D_DTYPE: wire.dtype.name, D_SHAPE: list(wire.shape),
+            descriptors[name] = {D_DTYPE: _WIRE_NAMES[wire.dtype], D_SHAPE: list(wire.shape),
                                  D_FRAME: index}
             buffers.append(wire)
         out_header[F_ARRAYS] = descriptors
@@ -257,7 +265,7 @@ def _decode_arrays(
                 context=ctx,
             )
         used_frames.add(index)
-        np_dtype = np.dtype(dtype).newbyteorder("<")
+        np_dtype = _WIRE_DTYPES[dtype]
         buf = _buffer(array_frames[index])
         expected = math.prod(shape) * np_dtype.itemsize
         if buf.nbytes != expected:

@@ -2,14 +2,16 @@
 
 Threads (zmq sockets are not thread-safe, so each socket has one owner):
 
-* **I/O thread** owns the ROUTER socket. It receives and decodes requests, answers PING and
-  malformed messages itself, puts work on a bounded queue (full -> BUSY), and sends every
-  reply that the compute thread hands back over an inproc PUSH/PULL pair.
+* **I/O thread** owns the ROUTER socket. It receives and decodes requests, checks PUSH
+  chunks (``engine.validate``), answers PING and malformed messages itself, puts work on a
+  bounded queue (full -> BUSY), and encodes and sends every reply the compute thread puts in
+  its outbox (woken by a frame on an inproc PUSH/PULL pair). Its work overlaps with the
+  compiled step, which runs without the GIL.
 * **compute thread** owns the Engine (which is not thread-safe). It takes all work that
   arrives within the batching window, checks sequence numbers (exactly-once, see
   :mod:`streamrnn.sequencing`), groups PUSHes of distinct streams into one
   ``engine.push_many`` call per round (and GENERATEs of distinct streams with the same
-  options into one ``engine.generate_many`` call), and encodes the replies.
+  options into one ``engine.generate_many`` call), and hands the replies to the outbox.
 
 Within one batch the requests of a stream keep their order: its n-th PUSH goes into the
 n-th round, and its RESET/CLOSE/OPEN/GENERATE run before the PUSHes of the round that

@@ -161,14 +161,17 @@ def e2e_table(rows: list[dict]) -> str | None:
         "chunks in flight each) on the same machine, vs `engine.push_many` in-process; the "
         "two alternate and the ratio is the median of the per-pair ratios (target >= 0.9).",
         "", "| chunk | slots | kernel-only timesteps/s | e2e timesteps/s | e2e / kernel | "
-        "per pair | chunks per step |", "|---|---|---|---|---|---|---|",
+        "per pair | chunks per step | CPU us per chunk: worker / client |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(cases, key=lambda r: r["chunk"]):
         lines.append(
             f"| {r['chunk']} | {r['slots']} | {_fmt(r['kernel_timesteps_per_s'])} | "
             f"{_fmt(r['timesteps_per_s'])} | **{r['ratio_vs_kernel']:.2f}** | "
             f"{', '.join(f'{v:.2f}' for v in r.get('ratios', []))} | "
-            f"{r.get('chunks_per_batch', float('nan')):.1f} |")
+            f"{r.get('chunks_per_batch', float('nan')):.1f} | "
+            f"{_fmt(r.get('worker_cpu_us_per_chunk'))} / "
+            f"{_fmt(r.get('client_cpu_us_per_chunk'))} |")
     for r in latency:
         lines += ["", f"Latency, open loop at half the measured e2e rate "
                       f"({_fmt(r['offered_timesteps_per_s'])} timesteps/s offered, chunks of "

@@ -9,7 +9,9 @@ both measurements. For each chunk length in ``STREAMRNN_E2E_CHUNKS`` (default 16
 
 * ``kernel``: ``engine.push_many`` over all 64 streams in this process (no sockets);
 * ``e2e``: a real worker subprocess; one :class:`~streamrnn.client.Client` keeps ``WINDOW``
-  chunks in flight per stream (callback-driven) and counts timesteps/s.
+  chunks in flight per stream (callback-driven) and counts timesteps/s; the CPU time per
+  chunk of the worker process (compiled step included) and of this client process are
+  recorded too (Linux).
 
 The two alternate, ``PAIRS`` times each, and the ratio e2e/kernel is the median of the
 per-pair ratios (the machine's speed drifts; a pair sees the same drift). The target is
@@ -24,6 +26,7 @@ client and as much in the worker) is paid per chunk, the step's cost per timeste
 from __future__ import annotations
 
 import os
+import resource
 import tempfile
 import threading
 import time
@@ -98,6 +101,21 @@ def _kernel_rate(engine, chunks: dict[str, np.ndarray], seconds: float) -> float
     return calls * len(chunks) * steps / (time.perf_counter() - start)
 
 
+def _process_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid`` so far (Linux /proc; else None)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _closed_loop(client, chunks: dict[str, np.ndarray], rounds: int) -> float:
     """Every stream keeps WINDOW chunks in flight until it sent ``rounds``; timesteps/s."""
     steps = next(iter(chunks.values())).shape[0]
@@ -141,12 +159,18 @@ def test_e2e_vs_kernel_only(benchmark, engine, worker, chunk):
     rounds = max(WINDOW, E2E_TIMESTEPS // (SLOTS * chunk))
     kernel: list[float] = []
     e2e: list[float] = []
+    cpu = {"worker": 0.0, "client": 0.0}  # CPU seconds spent during the e2e loops
     with Client(worker.endpoint, timeout=60, window=WINDOW) as client:
         _closed_loop(client, chunks, WINDOW)  # open the streams, warm the path
 
         def pair() -> None:
             kernel.append(_kernel_rate(engine, chunks, KERNEL_SECONDS))
+            worker_before, own_before = _process_cpu_s(worker.proc.pid), _own_cpu_s()
             e2e.append(_closed_loop(client, chunks, rounds))
+            worker_after = _process_cpu_s(worker.proc.pid)
+            if worker_before is not None and worker_after is not None:
+                cpu["worker"] += worker_after - worker_before
+            cpu["client"] += _own_cpu_s() - own_before  # the engine here is idle meanwhile
 
         benchmark.pedantic(pair, rounds=PAIRS, iterations=1)
         stats = client.stats()
@@ -160,11 +184,16 @@ def test_e2e_vs_kernel_only(benchmark, engine, worker, chunk):
         "timesteps_per_s": float(np.median(e2e)),
         "ratio_vs_kernel": ratio, "ratios": [round(r, 3) for r in ratios],
         "chunks_per_batch": fill,
+        # CPU per chunk, us: the worker process (step included) and this client process
+        "worker_cpu_us_per_chunk": cpu["worker"] / (PAIRS * SLOTS * rounds) * 1e6,
+        "client_cpu_us_per_chunk": cpu["client"] / (PAIRS * SLOTS * rounds) * 1e6,
     })
     RESULTS[f"e2e_{chunk}"] = float(np.median(e2e))
     print(f"\nchunk {chunk}: kernel-only {np.median(kernel):,.0f} timesteps/s, e2e through "
           f"ZeroMQ {np.median(e2e):,.0f}; e2e/kernel per pair {[f'{r:.2f}' for r in ratios]}, "
-          f"median {ratio:.2f} (target >= 0.9); {fill:.1f} chunks per batched step")
+          f"median {ratio:.2f} (target >= 0.9); {fill:.1f} chunks per batched step; CPU per "
+          f"chunk: worker {benchmark.extra_info['worker_cpu_us_per_chunk']:.0f} us, client "
+          f"{benchmark.extra_info['client_cpu_us_per_chunk']:.0f} us")
 
 
 def test_latency_at_half_load(benchmark, worker):

@@ -125,7 +125,11 @@ def headline(rows: list[dict]) -> str:
         if r.get("fraction_of_gemm") is not None:
             parts.append(f"{100 * r['fraction_of_gemm']:.0f}% of the interleaved GEMM ceiling "
                          f"({r['gemm_gflops_interleaved']:.1f} GFLOP/s)")
-        if torch:
+        if torch and name == "fused (XLA)" and "ratio_fused_vs_torch_interleaved" in torch:
+            parts.append(f"**{torch['ratio_fused_vs_torch_interleaved']:.2f}x torch nn.LSTM "
+                         "(interleaved**, per pair "
+                         f"{', '.join(f'{v:.2f}' for v in torch['ratios_fused_vs_torch'])})")
+        elif torch:
             parts.append(f"{r['timesteps_per_s'] / torch['timesteps_per_s']:.2f}x torch nn.LSTM "
                          "(not interleaved)")
         out.append(", ".join(parts))

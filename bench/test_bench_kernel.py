@@ -15,7 +15,8 @@ compiled step and the copy-out, as the engine runs it. Variants:
 each with XLA on and off. Also: the classic per-step ``predict([x, h, c])`` recipe, a
 float32 GEMM ceiling (2048^3 ``tf.matmul``), cuDNN on/off on a GPU, and the PyTorch
 ``nn.LSTM`` peer (``/work/shared/bench/peer_torch_lstm.py`` run by ``$STREAMRNN_TORCH_PYTHON``,
-default ``/tmp/torchenv/bin/python``; skipped if missing).
+default ``/tmp/torchenv/bin/python``; skipped if missing), whose runs alternate with rounds
+of the fused step for an interleaved ratio.
 
 Every case stores in ``extra_info``: ``suite="kernel"``, ``variant``, ``xla``, ``slots``,
 ``chunk``, ``timesteps_per_s`` (from the median round), ``timesteps_per_s_best`` (from the

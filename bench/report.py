@@ -335,8 +335,9 @@ def build_report(out_dir: Path = RESULTS, run: bool = True, long: bool = False) 
         if extra.name == "kernel.json":
             continue
         rows_extra = load(extra) if "benchmarks" in json.loads(extra.read_text()) else None
-        if rows_extra and e2e_table(rows_extra):
-            parts += [e2e_table(rows_extra), ""]
+        e2e = e2e_table(rows_extra) if rows_extra else None
+        if e2e:
+            parts += [e2e, ""]
         elif rows_extra:  # other suites' pytest-benchmark JSON (generate, training, ...)
             parts += [other_table(rows_extra, f"{extra.stem} ({extra.name})"), ""]
         else:

@@ -9,7 +9,10 @@ both measurements. For each chunk length in ``STREAMRNN_E2E_CHUNKS`` (default 16
 
 * ``kernel``: ``engine.push_many`` over all 64 streams in this process (no sockets);
 * ``e2e``: a real worker subprocess; one :class:`~streamrnn.client.Client` keeps ``WINDOW``
-  chunks in flight per stream (callback-driven) and counts timesteps/s; the CPU time per
+  chunks in flight per stream (callback-driven; ``STREAMRNN_E2E_WINDOW``, default 3) and
+  counts timesteps/s. The pushes submitted from the callbacks of one reply envelope leave
+  in one BATCH message, and the worker answers each step in one BATCH_REPLY (the client's
+  default, docs/protocol.md section 4a). The CPU time per
   chunk of the worker process (compiled step included) and of this client process are
   recorded too (Linux).
 
@@ -17,8 +20,9 @@ The two alternate, ``PAIRS`` times each, and the ratio e2e/kernel is the median 
 per-pair ratios (the machine's speed drifts; a pair sees the same drift). The target is
 >= 0.9 at saturation. On a 2-core machine the client process and the worker's I/O thread
 compete with the compiled step for the same two cores, so the ratio grows with the chunk
-length: the per-message cost (decode, validate, reply, about 100 us of CPU per chunk in the
-client and as much in the worker) is paid per chunk, the step's cost per timestep.
+length: the per-chunk cost (decode, validate, sequence, reply: about 45 us of CPU per chunk
+in the client and 60-100 us in the worker, with BATCH messages) is paid per chunk, the
+step's cost per timestep.
 
 ``latency``: open-loop at half the measured e2e throughput (16-step chunks); p50/p99.
 """
@@ -41,7 +45,7 @@ else:
     SLOTS, FEATURES, UNITS, OUTPUTS, LAYERS = 64, 64, 256, 64, 1
 CHUNKS = [int(c) for c in os.environ.get("STREAMRNN_E2E_CHUNKS", "16,64,128").split(",")]
 LATENCY_CHUNK = CHUNKS[0]
-WINDOW = 3
+WINDOW = int(os.environ.get("STREAMRNN_E2E_WINDOW", "3"))
 PAIRS = 3
 KERNEL_SECONDS = 2.0
 E2E_TIMESTEPS = 400_000  # per e2e measurement (a few seconds; the ramp-up and -down are a

@@ -19,6 +19,13 @@ Worker restarts: a checkpointing worker reports in each reply the stream's ``dur
 from there, then the ones in flight, and drops the replayed outputs it already returned
 (docs/protocol.md, section 5a).
 
+Batching on the wire: requests of many streams that are ready in the same turn of the I/O
+thread (a :meth:`Client.push_many`, or pushes submitted from the callbacks of one batch of
+outputs) travel in one BATCH message, and the worker answers a step's outputs in one
+BATCH_REPLY, once the worker has said it takes them (``"batch": true`` in OPEN's ACK). Each
+part keeps its own rid, sequence number, retries and errors, so this changes the number of
+messages, not the semantics. ``batch=False`` sends every request alone.
+
 Streams live on the worker, not in the client: the first request of a stream in a Client
 asks the worker where the stream stands (OPEN) and continues from there. Call
 :meth:`Client.reset` to start a stream over, :meth:`Client.close` to free it.
@@ -55,7 +62,16 @@ from typing import Any
 import numpy as np
 import zmq
 
-from streamrnn.codec import Message, decode_reply, encode
+from streamrnn.codec import (
+    Message,
+    Part,
+    batches_of,
+    decode_batch,
+    decode_reply,
+    encode,
+    encode_batch,
+    is_batch,
+)
 from streamrnn.errors import (
     ProtocolError,
     RequestTimeoutError,
@@ -68,6 +84,7 @@ from streamrnn.protocol import (
     A_CHUNK,
     A_OUTPUT,
     A_PROMPT,
+    BATCH_PART_TYPES,
     F_CODE,
     F_DURABLE_SEQ,
     F_EXPECTED,
@@ -145,13 +162,15 @@ class Client:
             (``durable_seq``), to replay after the worker restarts from a checkpoint. Only a
             checkpointing worker makes the client keep anything. When full, the oldest are
             dropped and a replay that would need them fails the stream with an error.
+        batch: send the requests that are ready together in one BATCH message (when the
+            worker supports it); False: one message per request.
         curve_server_key: the server's CURVE public key (a ``.key`` file or z85 key):
             encrypt and authenticate with ``curve_keypair`` (this client's ``.key_secret``
             file or a (public, secret) z85 pair), see :mod:`streamrnn.security`.
     """
 
     def __init__(self, endpoint: str, timeout: float = 30.0, retries: int = 3, window: int = 8,
-                 *, replay_buffer: int = 4096, curve_server_key: Any = None,
+                 *, replay_buffer: int = 4096, batch: bool = True, curve_server_key: Any = None,
                  curve_keypair: Any = None, context: zmq.Context | None = None):
         if not 1 <= window <= REPLY_CACHE_SIZE:
             raise ValueError(f"window must be in 1..{REPLY_CACHE_SIZE}, got {window}")
@@ -162,6 +181,10 @@ class Client:
         self.retries = retries
         self.window = window
         self.replay_buffer = replay_buffer
+        self.batch = batch
+        self._peer_batches = False  # the worker said it takes BATCH envelopes
+        # requests encoded in this turn of the I/O thread, sent together by _flush
+        self._outgoing: list[tuple[Part, _Request]] = []
         self.counters: Counter[str] = Counter()  # retries, busy, unmatched replies, ... (I/O)
         self._ctx = context or zmq.Context.instance()
         self._socket = self._ctx.socket(zmq.DEALER)
@@ -175,7 +198,8 @@ class Client:
                 raise ValueError("curve_server_key needs curve_keypair (this client's keys)")
             curve_client(self._socket, curve_server_key, curve_keypair)
         self._socket.connect(endpoint)
-        self._submissions: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
+        self._submissions: queue.SimpleQueue[_Request | list[_Request] | None] = (
+            queue.SimpleQueue())
         # Requests submitted on the I/O thread itself (from a Future callback): no queue and
         # no wake-up, sent in the same loop turn as the reply that triggered them.
         self._io_ident: int | None = None
@@ -201,18 +225,25 @@ class Client:
 
         Returns a Future of the outputs ``(T, output_dim)`` float32.
         """
-        array = np.asarray(chunk)
-        if array.dtype == np.float64:
-            array = array.astype(np.float32)  # the engine computes in float32 anyway
-        return self._submit(MessageType.PUSH, _check_stream(stream), {}, {A_CHUNK: array})
+        return self._submit(MessageType.PUSH, _check_stream(stream), {},
+                            {A_CHUNK: _chunk_array(chunk)})
 
     def push(self, stream: str, chunk: Any) -> np.ndarray:
         """Send one chunk and wait for its outputs ``(T, output_dim)``."""
         return self.push_async(stream, chunk).result()
 
+    def push_many_async(self, chunks: Mapping[str, Any]) -> dict[str, Future]:
+        """Queue one chunk for each of several streams, submitted together (so they leave
+        in one BATCH message); a Future of the outputs per stream."""
+        requests = [_Request(MessageType.PUSH, _check_stream(stream), {},
+                             {A_CHUNK: _chunk_array(chunk)}, Future())
+                    for stream, chunk in chunks.items()]
+        self._submit_requests(requests)
+        return {r.stream: r.future for r in requests}
+
     def push_many(self, chunks: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """One chunk for each of several streams (sent together, batched by the worker)."""
-        futures = {stream: self.push_async(stream, chunk) for stream, chunk in chunks.items()}
+        futures = self.push_many_async(chunks)
         return {stream: future.result() for stream, future in futures.items()}
 
     def push_iter(self, stream: str, chunks: Iterable[Any]) -> Iterator[np.ndarray]:
@@ -293,16 +324,18 @@ class Client:
 
     def _submit(self, kind: MessageType, stream: str | None, fields: dict[str, Any],
                 arrays: dict[str, np.ndarray]) -> Future:
+        request = _Request(kind, stream, fields, arrays, Future())
+        self._submit_requests([request])
+        return request.future
+
+    def _submit_requests(self, requests: list[_Request]) -> None:
         if self._closed:
             raise StreamRNNError("client is shut down")
-        future: Future = Future()
-        request = _Request(kind, stream, fields, arrays, future)
         if threading.get_ident() == self._io_ident:
-            self._local.append(request)
+            self._local.extend(requests)
         else:
-            self._submissions.put(request)
+            self._submissions.put(requests[0] if len(requests) == 1 else requests)
             self._wake()
-        return future
 
     def _wake(self) -> None:
         try:
@@ -343,6 +376,7 @@ class Client:
                 if now >= next_check:
                     self._check_timers(now)
                     next_check = now + 0.005
+                self._flush()
         except Exception as exc:  # pragma: no cover - a bug; do not leave callers hanging
             log.exception("client I/O thread failed")
             self._fail_everything(StreamRNNError(f"client I/O thread failed: {exc}"))
@@ -352,28 +386,29 @@ class Client:
             self._wake_r.close()
             self._wake_w.close()
 
-    def _next_submission(self) -> _Request | None:
-        """The next submitted request (I/O-thread ones first); raises queue.Empty."""
+    def _next_submission(self) -> _Request | list[_Request] | None:
+        """The next submitted request(s) (I/O-thread ones first); raises queue.Empty."""
         if self._local:
             return self._local.popleft()
         return self._submissions.get_nowait()
 
     def _take_submissions(self) -> bool:
-        touched: set[str] = set()
+        touched: dict[str, None] = {}  # insertion-ordered: streams are sent in that order
         while True:
             try:
-                request = self._next_submission()
+                item = self._next_submission()
             except queue.Empty:
                 break
-            if request is None:
+            if item is None:
                 return False
-            if request.stream is None:
-                request.rid = next(self._rids)
-                self._control[request.rid] = request
-                self._send(request)
-            else:
-                self._streams.setdefault(request.stream, _Stream()).waiting.append(request)
-                touched.add(request.stream)
+            for request in item if isinstance(item, list) else (item,):
+                if request.stream is None:
+                    request.rid = next(self._rids)
+                    self._control[request.rid] = request
+                    self._send(request)
+                else:
+                    self._streams.setdefault(request.stream, _Stream()).waiting.append(request)
+                    touched[request.stream] = None
         for stream in touched:
             self._pump(self._streams[stream])
         return True
@@ -414,15 +449,45 @@ class Client:
         if request.seq is not None:
             header[F_SEQ] = request.seq
         request.deadline = time.monotonic() + self.timeout
+        part: Part = (request.kind, header, request.arrays)
+        if self.batch and self._peer_batches and request.kind in BATCH_PART_TYPES:
+            self._outgoing.append((part, request))  # sent at the end of this turn
+        else:
+            self._send_alone(part, request)
+
+    def _send_alone(self, part: Part, request: _Request) -> None:
         try:
-            frames = encode(request.kind, header, request.arrays)
+            frames = encode(*part)
         except ProtocolError as exc:  # e.g. a dtype that cannot travel: fail just this one
             self._finish(request, exc=exc, not_applied=True)
             return
+        self._send_frames(frames)
+
+    def _send_frames(self, frames: list) -> None:
         try:
             self._socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
         except zmq.Again:
             self.counters["send_would_block"] += 1  # retried on timeout
+
+    def _flush(self) -> None:
+        """Send the requests of this turn: together in BATCH envelopes when there are
+        several."""
+        if not self._outgoing:
+            return
+        outgoing, self._outgoing = self._outgoing, []
+        by_part = {id(part): request for part, request in outgoing}
+        for group in batches_of([part for part, _ in outgoing]):
+            if len(group) == 1:
+                self._send_alone(group[0], by_part[id(group[0])])
+                continue
+            try:
+                frames = encode_batch(MessageType.BATCH, group)
+            except ProtocolError:  # an array that cannot travel: fail only that request
+                for part in group:
+                    self._send_alone(part, by_part[id(part)])
+                continue
+            self.counters["batches_sent"] += 1
+            self._send_frames(frames)
 
     def _read_replies(self) -> None:
         for _ in range(10_000):
@@ -431,12 +496,20 @@ class Client:
             except zmq.Again:
                 return
             try:
-                msg = decode_reply(frames)
+                if is_batch(frames):
+                    _, parts = decode_batch(frames, replies=True)
+                else:
+                    parts = [decode_reply(frames)]
             except ProtocolError as exc:
                 self.counters["bad_replies"] += 1
                 log.warning("undecodable reply from worker: %s", exc)
                 continue
-            self._on_reply(msg)
+            for part in parts:
+                if isinstance(part, ProtocolError):
+                    self.counters["bad_replies"] += 1
+                    log.warning("undecodable reply from worker: %s", part)
+                else:
+                    self._on_reply(part)
 
     def _on_reply(self, msg: Message) -> None:
         rid = msg.header.get(F_REQUEST_ID)
@@ -445,6 +518,9 @@ class Client:
             self.counters["unmatched_replies"] += 1  # late duplicate or renumbered request
             return
         kind = msg.type
+        worker = msg.header.get("worker")  # OPEN's ACK and PONG describe the worker
+        if type(worker) is dict and worker.get("batch") is True:
+            self._peer_batches = True
         if kind in (MessageType.OUTPUT, MessageType.ACK) and request.stream is not None:
             self._note_durable(request, msg)
         if kind == MessageType.BUSY:
@@ -705,11 +781,19 @@ class Client:
         self._control.clear()
         while True:
             try:
-                request = self._next_submission()
+                item = self._next_submission()
             except queue.Empty:
                 break
-            if request is not None and not request.future.done():
-                request.future.set_exception(exc)
+            for request in item if isinstance(item, list) else (item,):
+                if request is not None and not request.future.done():
+                    request.future.set_exception(exc)
+
+
+def _chunk_array(chunk: Any) -> np.ndarray:
+    array = np.asarray(chunk)
+    if array.dtype == np.float64:
+        array = array.astype(np.float32)  # the engine computes in float32 anyway
+    return array
 
 
 def _check_stream(stream: str) -> str:

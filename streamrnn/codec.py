@@ -30,12 +30,16 @@ import numpy as np
 
 from streamrnn.errors import ProtocolError
 from streamrnn.protocol import (
+    A_CHUNK,
     A_PROMPT,
     ALLOWED_DTYPES,
+    BATCH_PART_TYPES,
+    BATCH_REPLY_PART_TYPES,
     D_DTYPE,
     D_FRAME,
     D_SHAPE,
     F_ARRAYS,
+    F_PARTS,
     F_REQUEST_ID,
     F_SEQ,
     F_STEPS,
@@ -43,6 +47,9 @@ from streamrnn.protocol import (
     F_VERSION,
     F_VERSIONS,
     GENERATE_SAMPLERS,
+    MAX_ARRAYS,
+    MAX_BATCH_HEADER_BYTES,
+    MAX_BATCH_PARTS,
     MAX_CHUNK_STEPS,
     MAX_CONTAINER_LEN,
     MAX_FRAME_BYTES,
@@ -113,17 +120,10 @@ def _wire_array(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def encode(
-    msg_type: MessageType | int,
-    header: Mapping[str, Any],
-    arrays: Mapping[str, np.ndarray] | None = None,
-) -> list[bytes | np.ndarray]:
-    """Frames ``[type byte, msgpack header, array buffers...]`` ready for ``send_multipart``.
-
-    ``header`` gets ``"v"`` (if absent) and ``"arrays"`` descriptors added. Array frames are
-    the (contiguous) numpy arrays themselves, so ``send_multipart(..., copy=False)`` sends
-    them without copying.
-    """
+def _with_arrays(header: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | None
+                 ) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """``header`` with ``"v"`` (if absent) and the ``"arrays"`` descriptors, and the array
+    buffers in frame order (descriptor ``"frame"`` k is the k-th buffer)."""
     out_header = dict(header)
     out_header.setdefault(F_VERSION, PROTOCOL_VERSION)
     buffers: list[np.ndarray] = []
@@ -135,7 +135,79 @@ def encode(
                                  D_FRAME: index}
             buffers.append(wire)
         out_header[F_ARRAYS] = descriptors
+    return out_header, buffers
+
+
+def encode(
+    msg_type: MessageType | int,
+    header: Mapping[str, Any],
+    arrays: Mapping[str, np.ndarray] | None = None,
+) -> list[bytes | np.ndarray]:
+    """Frames ``[type byte, msgpack header, array buffers...]`` ready for ``send_multipart``.
+
+    ``header`` gets ``"v"`` (if absent) and ``"arrays"`` descriptors added. Array frames are
+    the (contiguous) numpy arrays themselves, so ``send_multipart(..., copy=False)`` sends
+    them without copying.
+    """
+    out_header, buffers = _with_arrays(header, arrays)
     return [bytes((int(msg_type),)), msgpack.packb(out_header, use_bin_type=True), *buffers]
+
+
+_ALIGN = 16  # byte alignment of each array in an envelope's payload
+
+#: One message inside an envelope: (type, header, arrays or None).
+Part = tuple[MessageType, Mapping[str, Any], Mapping[str, np.ndarray] | None]
+
+
+def encode_batch(envelope: MessageType, parts: Sequence[Part],
+                 header: Mapping[str, Any] | None = None) -> list[bytes | np.ndarray]:
+    """Frames of a BATCH (requests) or BATCH_REPLY (replies) envelope carrying ``parts``.
+
+    Three frames: ``[type byte, msgpack {"v", "parts": [[type, header, regions], ...]},
+    payload]``. Every part's arrays are copied into the one payload frame (one frame is
+    much cheaper to send and receive than one per array); ``regions`` lists each array's
+    ``[offset, nbytes]`` in it, and the part's descriptors number its arrays as usual.
+    Raises ProtocolError (BAD_DTYPE / BAD_SHAPE) for an array that cannot travel; encode
+    such a part alone to fail only it.
+    """
+    entries = []
+    buffers: list[np.ndarray] = []
+    size = 0
+    for msg_type, part_header, arrays in parts:
+        out_header, part_buffers = _with_arrays(part_header, arrays)
+        regions = []
+        for buffer in part_buffers:
+            regions.append([size, buffer.nbytes])
+            size += -(-buffer.nbytes // _ALIGN) * _ALIGN
+        entries.append([int(msg_type), out_header, regions])
+        buffers.extend(part_buffers)
+    payload = np.empty(size, np.uint8)
+    for buffer, (offset, nbytes) in zip(
+            buffers, (r for e in entries for r in e[2]), strict=True):
+        payload[offset:offset + nbytes] = buffer.reshape(-1).view(np.uint8)
+    out = {**(header or {}), F_PARTS: entries}
+    out.setdefault(F_VERSION, PROTOCOL_VERSION)
+    return [bytes((int(envelope),)), msgpack.packb(out, use_bin_type=True), payload]
+
+
+def batches_of(parts: Sequence[Part], max_parts: int = MAX_BATCH_PARTS,
+               max_bytes: int = MAX_FRAME_BYTES // 2) -> list[list[Part]]:
+    """``parts`` split in order into groups that each fit one envelope (at most
+    ``max_parts`` parts and, unless a single part is bigger, ``max_bytes`` of arrays)."""
+    groups: list[list[Part]] = []
+    current: list[Part] = []
+    size = 0
+    for part in parts:
+        arrays = part[2]
+        nbytes = sum(np.asarray(a).nbytes for a in arrays.values()) if arrays else 0
+        if current and (len(current) >= max_parts or size + nbytes > max_bytes):
+            groups.append(current)
+            current, size = [], 0
+        current.append(part)
+        size += nbytes
+    if current:
+        groups.append(current)
+    return groups
 
 
 # ---------------------------------------------------------------------------------------
@@ -293,18 +365,12 @@ def _decode_arrays(
     return arrays
 
 
-def _decode(
-    frames: Sequence[FrameLike], allowed_types: frozenset[MessageType],
-    schemas: Mapping[MessageType, Schema],
-    array_specs: Mapping[MessageType, Mapping[str, tuple[int, ...]]],
-    container_len: int,
-) -> Message:
-    if len(frames) < 2:
-        raise ProtocolError(f"a message has at least 2 frames (type, header), got {len(frames)}")
-    if len(frames) > MAX_FRAMES:
-        raise ProtocolError(f"a message has at most {MAX_FRAMES} frames, got {len(frames)}",
+def _check_frames(views: Sequence[memoryview], max_frames: int, max_header: int) -> None:
+    if len(views) < 2:
+        raise ProtocolError(f"a message has at least 2 frames (type, header), got {len(views)}")
+    if len(views) > max_frames:
+        raise ProtocolError(f"a message has at most {max_frames} frames, got {len(views)}",
                             ErrorCode.TOO_LARGE)
-    views = [_buffer(f) for f in frames]
     total = 0
     for view in views:
         if view.nbytes > MAX_FRAME_BYTES:
@@ -314,12 +380,15 @@ def _decode(
     if total > MAX_MESSAGE_BYTES:
         raise ProtocolError(f"message of {total} bytes exceeds {MAX_MESSAGE_BYTES}",
                             ErrorCode.TOO_LARGE)
-    if views[1].nbytes > MAX_HEADER_BYTES:
-        raise ProtocolError(f"header of {views[1].nbytes} bytes exceeds {MAX_HEADER_BYTES}",
+    if views[1].nbytes > max_header:
+        raise ProtocolError(f"header of {views[1].nbytes} bytes exceeds {max_header}",
                             ErrorCode.TOO_LARGE)
+
+
+def _unpack_header(view: memoryview, container_len: int) -> dict[str, Any]:
     try:
         header = msgpack.unpackb(
-            views[1], raw=False, strict_map_key=True, use_list=True,
+            view, raw=False, strict_map_key=True, use_list=True,
             max_str_len=MAX_STR_BYTES, max_bin_len=0, max_ext_len=0,
             max_array_len=container_len, max_map_len=container_len,
         )
@@ -327,11 +396,22 @@ def _decode(
         raise ProtocolError(f"header is not valid msgpack ({type(exc).__name__}: {exc})") from None
     if type(header) is not dict:
         raise ProtocolError(f"header must be a msgpack map, got {type(header).__name__}")
+    return header
+
+
+def _type_byte(view: memoryview, ctx: dict) -> int:
+    if view.nbytes != 1:
+        raise ProtocolError(f"type frame must be exactly 1 byte, got {view.nbytes}", context=ctx)
+    return view[0]
+
+
+def _check_message(
+    type_byte: int, header: dict[str, Any], array_frames: Sequence[FrameLike],
+    allowed_types: frozenset[MessageType], schemas: Mapping[MessageType, Schema],
+    array_specs: Mapping[MessageType, Mapping[str, tuple[int, ...]]],
+) -> Message:
+    """Validate one decoded message (standalone or a part of an envelope)."""
     ctx = _context(header)
-    if views[0].nbytes != 1:
-        raise ProtocolError(f"type frame must be exactly 1 byte, got {views[0].nbytes}",
-                            context=ctx)
-    type_byte = views[0][0]
     if type_byte not in allowed_types:
         raise ProtocolError(f"unknown or unexpected message type 0x{type_byte:02x}", context=ctx)
     msg_type = MessageType(type_byte)
@@ -345,14 +425,25 @@ def _decode(
             ErrorCode.UNSUPPORTED_VERSION, ctx,
         )
     _check_ranges(msg_type, header, schemas[msg_type], ctx)
-    arrays = _decode_arrays(header, frames[2:], array_specs.get(msg_type, {}), name, ctx)
+    arrays = _decode_arrays(header, array_frames, array_specs.get(msg_type, {}), name, ctx)
     return Message(msg_type, header, arrays)
 
 
-def decode_request(frames: Sequence[FrameLike]) -> Message:
-    """Decode a client request (frames without the identity). Raises ProtocolError."""
-    msg = _decode(frames, REQUEST_TYPES, REQUEST_SCHEMAS, REQUEST_ARRAYS, MAX_CONTAINER_LEN)
-    array = msg.arrays.get("chunk", msg.arrays.get(A_PROMPT))
+def _decode(
+    frames: Sequence[FrameLike], allowed_types: frozenset[MessageType],
+    schemas: Mapping[MessageType, Schema],
+    array_specs: Mapping[MessageType, Mapping[str, tuple[int, ...]]],
+    container_len: int,
+) -> Message:
+    views = [_buffer(f) for f in frames]
+    _check_frames(views, MAX_FRAMES, MAX_HEADER_BYTES)
+    header = _unpack_header(views[1], container_len)
+    type_byte = _type_byte(views[0], _context(header))
+    return _check_message(type_byte, header, frames[2:], allowed_types, schemas, array_specs)
+
+
+def _check_chunk_steps(msg: Message) -> Message:
+    array = msg.arrays.get(A_CHUNK, msg.arrays.get(A_PROMPT))
     if array is not None and array.shape[0] > MAX_CHUNK_STEPS:
         raise ProtocolError(
             f"chunk of {array.shape[0]} steps exceeds {MAX_CHUNK_STEPS}; split it",
@@ -361,6 +452,97 @@ def decode_request(frames: Sequence[FrameLike]) -> Message:
     return msg
 
 
+_SINGLE_REQUESTS = REQUEST_TYPES - {MessageType.BATCH}
+_SINGLE_REPLIES = REPLY_TYPES - {MessageType.BATCH_REPLY}
+
+
+def decode_request(frames: Sequence[FrameLike]) -> Message:
+    """Decode a client request (frames without the identity). Raises ProtocolError.
+
+    A BATCH envelope is not a request of its own: check :func:`is_batch` first and
+    decode it with :func:`decode_batch`."""
+    msg = _decode(frames, _SINGLE_REQUESTS, REQUEST_SCHEMAS, REQUEST_ARRAYS, MAX_CONTAINER_LEN)
+    return _check_chunk_steps(msg)
+
+
 def decode_reply(frames: Sequence[FrameLike]) -> Message:
-    """Decode a worker reply (frames without any identity). Raises ProtocolError."""
-    return _decode(frames, REPLY_TYPES, REPLY_SCHEMAS, REPLY_ARRAYS, _REPLY_CONTAINER_LEN)
+    """Decode a worker reply (frames without any identity). Raises ProtocolError.
+
+    A BATCH_REPLY envelope: check :func:`is_batch` first, decode with :func:`decode_batch`."""
+    return _decode(frames, _SINGLE_REPLIES, REPLY_SCHEMAS, REPLY_ARRAYS, _REPLY_CONTAINER_LEN)
+
+
+def is_batch(frames: Sequence[FrameLike]) -> bool:
+    """True if ``frames`` (without the identity) start with a BATCH or BATCH_REPLY byte."""
+    if not frames:
+        return False
+    view = _buffer(frames[0])
+    return view.nbytes == 1 and view[0] in (MessageType.BATCH, MessageType.BATCH_REPLY)
+
+
+def decode_batch(frames: Sequence[FrameLike], replies: bool = False
+                 ) -> tuple[dict[str, Any], list[Message | ProtocolError]]:
+    """Decode a BATCH (``replies=False``) or BATCH_REPLY envelope.
+
+    Returns the envelope header and, per part in order, its :class:`Message` (arrays are
+    read-only views into the payload frame) or the :class:`~streamrnn.errors.ProtocolError`
+    that part alone failed with (its ``context`` holds the part's rid, stream and seq when
+    they are readable). Raises ProtocolError when the envelope itself is unusable (then no
+    part can be trusted).
+    """
+    envelope = MessageType.BATCH_REPLY if replies else MessageType.BATCH
+    views = [_buffer(f) for f in frames]
+    _check_frames(views, 3, MAX_BATCH_HEADER_BYTES)
+    container_len = _REPLY_CONTAINER_LEN if replies else MAX_CONTAINER_LEN
+    header = _unpack_header(views[1], container_len)
+    ctx = _context(header)
+    if _type_byte(views[0], ctx) != envelope:
+        raise ProtocolError(f"not a {envelope.name} envelope", context=ctx)
+    if len(views) != 3:
+        raise ProtocolError(f"a {envelope.name} has 3 frames (type, header, payload), got "
+                            f"{len(views)}", context=ctx)
+    schemas = REPLY_SCHEMAS if replies else REQUEST_SCHEMAS
+    _check_fields(header, schemas[envelope], envelope.name, ctx)
+    if not is_supported_version(header[F_VERSION]):
+        raise ProtocolError(f"protocol version {header[F_VERSION]} not supported (supported: "
+                            f"{list(SUPPORTED_VERSIONS)})", ErrorCode.UNSUPPORTED_VERSION, ctx)
+    entries = header[F_PARTS]
+    if not 1 <= len(entries) <= MAX_BATCH_PARTS:
+        raise ProtocolError(f"{envelope.name} carries 1..{MAX_BATCH_PARTS} parts, got "
+                            f"{len(entries)}", ErrorCode.TOO_LARGE if entries else
+                            ErrorCode.MALFORMED, ctx)
+    payload = views[2]
+    for entry in entries:
+        if (type(entry) is not list or len(entry) != 3 or not _is_int(entry[0])
+                or type(entry[1]) is not dict or not _regions_ok(entry[2], payload.nbytes)):
+            raise ProtocolError(
+                f"each part of a {envelope.name} is [type, header map, at most {MAX_ARRAYS} "
+                f"[offset, nbytes] regions inside the {payload.nbytes}-byte payload]",
+                context=ctx)
+    if replies:
+        allowed, specs = BATCH_REPLY_PART_TYPES, REPLY_ARRAYS
+    else:
+        allowed, specs = BATCH_PART_TYPES, REQUEST_ARRAYS
+    parts: list[Message | ProtocolError] = []
+    for type_byte, part_header, regions in entries:
+        try:
+            msg = _check_message(type_byte, part_header,
+                                 [payload[o:o + n] for o, n in regions], allowed, schemas, specs)
+            parts.append(msg if replies else _check_chunk_steps(msg))
+        except ProtocolError as exc:
+            parts.append(exc)
+    return header, parts
+
+
+def _regions_ok(regions: object, payload_bytes: int) -> bool:
+    """True for a list of at most MAX_ARRAYS ``[offset, nbytes]`` inside the payload."""
+    if type(regions) is not list or len(regions) > MAX_ARRAYS:
+        return False
+    for region in regions:
+        if type(region) is not list or len(region) != 2:
+            return False
+        offset, nbytes = region
+        if not (_is_int(offset) and _is_int(nbytes) and offset >= 0 and nbytes >= 0
+                and offset + nbytes <= payload_bytes):
+            return False
+    return True

@@ -32,6 +32,7 @@ class MessageType(enum.IntEnum):
     GENERATE = 0x05
     STATS = 0x06
     PING = 0x07
+    BATCH = 0x08  # an envelope of several requests (see BATCH_PART_TYPES)
     # replies (worker -> client)
     OUTPUT = 0x81
     ACK = 0x82
@@ -39,10 +40,17 @@ class MessageType(enum.IntEnum):
     BUSY = 0x84
     EXPIRED = 0x85
     PONG = 0x86
+    BATCH_REPLY = 0x87  # an envelope of several replies
 
 
 REQUEST_TYPES = frozenset(t for t in MessageType if t < 0x80)
 REPLY_TYPES = frozenset(t for t in MessageType if t >= 0x80)
+#: Request types that may travel inside a BATCH envelope (PING and STATS go alone).
+BATCH_PART_TYPES = frozenset({MessageType.OPEN, MessageType.PUSH, MessageType.RESET,
+                              MessageType.CLOSE, MessageType.GENERATE})
+#: Reply types that may travel inside a BATCH_REPLY envelope.
+BATCH_REPLY_PART_TYPES = frozenset({MessageType.OUTPUT, MessageType.ACK, MessageType.ERROR,
+                                    MessageType.BUSY, MessageType.EXPIRED})
 #: Requests that carry a per-stream sequence number and are applied at most once.
 SEQUENCED_TYPES = frozenset({MessageType.PUSH, MessageType.RESET, MessageType.CLOSE,
                              MessageType.GENERATE})
@@ -89,6 +97,9 @@ F_STEPS = "steps"  # int: number of timesteps in an OUTPUT / GENERATE request
 #: int: in OUTPUT/ACK from a checkpointing worker: every request of the stream with a lower
 #: seq is in a checkpoint on disk (a client may drop those from its resend buffer)
 F_DURABLE_SEQ = "durable_seq"
+#: list of [type, header, [[offset, nbytes], ...]]: the parts of a BATCH / BATCH_REPLY
+#: envelope, each with the regions of the payload frame that hold its arrays
+F_PARTS = "parts"
 
 # array descriptor keys
 D_DTYPE = "dtype"
@@ -111,6 +122,8 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 MAX_HEADER_BYTES = 64 * 1024
 MAX_ARRAYS = 4  # array frames per message
 MAX_FRAMES = 2 + MAX_ARRAYS  # type + header + arrays (identity not counted)
+MAX_BATCH_PARTS = 256  # messages in one BATCH / BATCH_REPLY envelope
+MAX_BATCH_HEADER_BYTES = 1024 * 1024  # the envelope's header (all parts' headers)
 MAX_NDIM = 4
 MAX_STREAM_ID_BYTES = 256
 MAX_CHUNK_STEPS = 65536
@@ -159,6 +172,7 @@ REQUEST_SCHEMAS: dict[MessageType, Schema] = {
     MessageType.STATS: dict(_BASE),
     MessageType.PING: {F_VERSION: (_INT, True), F_REQUEST_ID: (_INT, False),
                        F_VERSIONS: ((list,), False)},
+    MessageType.BATCH: {**_BASE, F_PARTS: ((list,), True)},
 }
 
 #: Arrays each request must carry (name -> allowed ndim values).
@@ -177,6 +191,7 @@ REPLY_SCHEMAS: dict[MessageType, Schema] = {
     MessageType.BUSY: {**_REPLY_BASE, F_RETRY_AFTER_MS: (_INT, False)},
     MessageType.EXPIRED: {**_REPLY_BASE, F_EXPECTED: (_INT, False)},
     MessageType.PONG: {**_REPLY_BASE, F_VERSIONS: ((list,), True)},
+    MessageType.BATCH_REPLY: {F_VERSION: (_INT, True), F_PARTS: ((list,), True)},
 }
 REPLY_ARRAYS: dict[MessageType, dict[str, tuple[int, ...]]] = {
     MessageType.OUTPUT: {A_OUTPUT: (1, 2)},

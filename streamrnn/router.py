@@ -11,7 +11,8 @@ endpoint, checkpoint file and load to the router's *worker* socket.
   stream then always goes there (sticky) until CLOSE or expiry. No worker with room: ERROR
   ``UNAVAILABLE`` (no worker at all) or ``ENGINE_FULL``; never a silent drop.
 * **Forwarding.** The router keeps one DEALER per worker and rewrites ``rid`` (its own ids
-  map back to the client's identity and ``rid``); arrays are forwarded as they came.
+  map back to the client's identity and ``rid``); arrays are forwarded as they came. A
+  BATCH envelope is split into its parts, each routed on its own (replies go back plain).
 * **Failover.** A worker silent for ``dead_after_s`` is declared dead. Its requests still
   waiting are answered BUSY (the client resends). Its streams are split among the
   survivors, which adopt them from the dead worker's checkpoint file (ADOPT; until done,
@@ -49,11 +50,12 @@ import msgpack
 import zmq
 
 from streamrnn.checkpoint import CheckpointError, load_checkpoint
-from streamrnn.codec import Message, decode_request, encode
+from streamrnn.codec import Message, decode_batch, decode_request, encode, is_batch
 from streamrnn.errors import ProtocolError
 from streamrnn.protocol import (
     F_CODE,
     F_MESSAGE,
+    F_PARTS,
     F_REQUEST_ID,
     F_RETRY_AFTER_MS,
     F_SEQ,
@@ -234,15 +236,44 @@ class Router:
 
     def _on_client(self, front: zmq.Socket, frames: list) -> None:
         identity = frames[0].bytes
+        if is_batch(frames[1:]):
+            self._on_batch(front, identity, frames[1:])
+            return
         try:
             msg = decode_request(frames[1:])
         except ProtocolError as exc:
-            self.counts["malformed"] += 1
-            header = {**exc.context, F_CODE: int(exc.code), F_MESSAGE: str(exc)}
-            if exc.code == ErrorCode.UNSUPPORTED_VERSION:
-                header[F_VERSIONS] = list(SUPPORTED_VERSIONS)
-            self._send_client(front, [identity, *encode(MessageType.ERROR, header)])
+            self._malformed(front, identity, exc)
             return
+        self._on_message(front, identity, msg, frames[1], frames[3:])
+
+    def _malformed(self, front: zmq.Socket, identity: bytes, exc: ProtocolError) -> None:
+        self.counts["malformed"] += 1
+        header = {**exc.context, F_CODE: int(exc.code), F_MESSAGE: str(exc)}
+        if exc.code == ErrorCode.UNSUPPORTED_VERSION:
+            header[F_VERSIONS] = list(SUPPORTED_VERSIONS)
+        self._send_client(front, [identity, *encode(MessageType.ERROR, header)])
+
+    def _on_batch(self, front: zmq.Socket, identity: bytes, body: list) -> None:
+        """A BATCH envelope: each part is routed as a request of its own (its stream may
+        live on any worker); the client gets the parts' replies one by one."""
+        try:
+            header, parts = decode_batch(body)
+        except ProtocolError as exc:
+            self._malformed(front, identity, exc)
+            return
+        self.counts["requests_batch"] += 1
+        payload = body[2].buffer
+        for (type_byte, _, regions), part in zip(header[F_PARTS], parts, strict=True):
+            if isinstance(part, ProtocolError):
+                self._malformed(front, identity, part)
+            else:
+                self._on_message(front, identity, part, bytes((type_byte,)),
+                                 [payload[o:o + n] for o, n in regions])
+
+    def _on_message(self, front: zmq.Socket, identity: bytes, msg: Message, type_frame: Any,
+                    array_frames: list) -> None:
+        """Answer or forward one decoded request; ``array_frames`` are its arrays as they
+        came (forwarded without copies)."""
         rid = msg.header.get(F_REQUEST_ID)
         self.counts[f"requests_{msg.type.name.lower()}"] += 1
         if msg.type == MessageType.PING:
@@ -278,7 +309,7 @@ class Router:
         self._pending[own_rid] = _Pending(identity, rid, stream, name, msg.type)
         header = dict(msg.header)
         header[F_REQUEST_ID] = own_rid
-        out = [frames[1], msgpack.packb(header, use_bin_type=True), *frames[3:]]
+        out = [type_frame, msgpack.packb(header, use_bin_type=True), *array_frames]
         try:
             worker.socket.send_multipart(out, zmq.NOBLOCK, copy=False)
         except zmq.Again:

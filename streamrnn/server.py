@@ -2,11 +2,13 @@
 
 Threads (zmq sockets are not thread-safe, so each socket has one owner):
 
-* **I/O thread** owns the ROUTER socket. It receives and decodes requests, checks PUSH
-  chunks (``engine.validate``), answers PING and malformed messages itself, puts work on a
-  bounded queue (full -> BUSY), and encodes and sends every reply the compute thread puts in
-  its outbox (woken by a frame on an inproc PUSH/PULL pair). Its work overlaps with the
-  compiled step, which runs without the GIL.
+* **I/O thread** owns the ROUTER socket. It receives and decodes requests (a BATCH
+  envelope into its parts, each then treated as a request of its own), checks PUSH chunks
+  (``engine.validate``), answers PING and malformed messages itself, puts work on a bounded
+  queue (full -> BUSY), and encodes and sends every reply the compute thread puts in its
+  outbox (woken by a frame on an inproc PUSH/PULL pair); the replies to BATCH parts leave
+  in one BATCH_REPLY per client and drain. Its work overlaps with the compiled step, which
+  runs without the GIL.
 * **compute thread** owns the Engine (which is not thread-safe). It takes all work that
   arrives within the batching window, checks sequence numbers (exactly-once, see
   :mod:`streamrnn.sequencing`), groups PUSHes of distinct streams into one
@@ -46,7 +48,16 @@ from typing import Any
 import numpy as np
 import zmq
 
-from streamrnn.codec import Message, decode_request, encode
+from streamrnn.codec import (
+    Message,
+    Part,
+    batches_of,
+    decode_batch,
+    decode_request,
+    encode,
+    encode_batch,
+    is_batch,
+)
 from streamrnn.durable import WorkerCheckpointer
 from streamrnn.errors import (
     InvalidInputError,
@@ -147,6 +158,7 @@ class _Work:
     received: float
     chunk: np.ndarray | None = None  # validated PUSH chunk
     invalid: StreamRNNError | None = None  # why the chunk is unusable
+    batched: bool = False  # came in a BATCH envelope: its reply goes in a BATCH_REPLY
 
     @property
     def stream(self) -> str:
@@ -204,7 +216,8 @@ class StreamWorker:
         # Replies go from the compute thread to the I/O thread through this outbox, with at
         # most one wake-up frame on the pipe per drain: the I/O thread encodes and sends them
         # while the compute thread runs the next step.
-        self._outbox: deque[tuple[bytes, MessageType, dict[str, Any], dict | None]] = deque()
+        self._outbox: deque[tuple[bytes, MessageType, dict[str, Any], dict | None, bool]] = (
+            deque())
         self._outbox_signalled = False
         self._auth: Any = None  # the ZAP authenticator thread when CURVE is on
 
@@ -401,6 +414,7 @@ class StreamWorker:
             "max_frame_bytes": self.config.max_frame_bytes,
             "max_message_bytes": MAX_MESSAGE_BYTES,
             "generate": hasattr(self.engine, "generate"),
+            "batch": True,  # takes BATCH envelopes (docs/protocol.md)
         }
 
     # ---- I/O thread --------------------------------------------------------------------
@@ -446,12 +460,27 @@ class StreamWorker:
                 break
             done = done or frame == _STOP_FRAME
         self._outbox_signalled = False  # before draining: a reply added later wakes us again
+        # replies to requests that came in envelopes leave in one BATCH_REPLY per client
+        batched: dict[bytes, list[Part]] = {}
         while True:
             try:
-                identity, msg_type, header, arrays = self._outbox.popleft()
+                identity, msg_type, header, arrays, in_batch = self._outbox.popleft()
             except IndexError:
-                return done
-            self._route(router, [identity, *encode(msg_type, header, arrays)])
+                break
+            if in_batch:
+                batched.setdefault(identity, []).append((msg_type, header, arrays))
+            else:
+                self._route(router, [identity, *encode(msg_type, header, arrays)])
+        for identity, parts in batched.items():
+            self._reply_batch(router, identity, parts)
+        return done
+
+    def _reply_batch(self, router: zmq.Socket, identity: bytes, parts: list[Part]) -> None:
+        for group in batches_of(parts):
+            if len(group) == 1:
+                self._route(router, [identity, *encode(*group[0])])
+            else:
+                self._route(router, [identity, *encode_batch(MessageType.BATCH_REPLY, group)])
 
     def _route(self, router: zmq.Socket, frames: list) -> None:
         try:
@@ -470,28 +499,67 @@ class StreamWorker:
     def _on_request(self, router: zmq.Socket, frames: list) -> None:
         received = time.monotonic()
         identity = frames[0].bytes
+        body = frames[1:]
+        if is_batch(body):
+            self._on_batch(router, identity, body, received)
+            return
         try:
-            msg = decode_request(frames[1:])
+            msg = decode_request(body)
         except ProtocolError as exc:
-            self._count("malformed")
-            self._count_error(exc.code)
-            log.debug("malformed request: %s", exc)
-            header = {**exc.context, F_CODE: int(exc.code), F_MESSAGE: str(exc)}
-            if exc.code == ErrorCode.UNSUPPORTED_VERSION:
-                header[F_VERSIONS] = list(SUPPORTED_VERSIONS)
-            self._reply_now(router, identity, MessageType.ERROR, header)
+            self._reply_now(router, identity, MessageType.ERROR, self._malformed(exc))
             return
         self._count(f"requests_{msg.type.name.lower()}")
         if msg.type == MessageType.PING:
             self._on_ping(router, identity, msg)
             return
+        busy = self._enqueue(_Work(identity, msg, received))
+        if busy is not None:
+            self._reply_now(router, identity, MessageType.BUSY, busy)
+
+    def _on_batch(self, router: zmq.Socket, identity: bytes, body: list,
+                  received: float) -> None:
+        """A BATCH envelope: each part is queued like a request of its own; the parts
+        answered here (malformed, BUSY) go back together in one BATCH_REPLY."""
+        try:
+            _, parts = decode_batch(body)
+        except ProtocolError as exc:
+            self._reply_now(router, identity, MessageType.ERROR, self._malformed(exc))
+            return
+        counts: Counter[str] = Counter({"requests_batch": 1})
+        replies: list[Part] = []
+        for part in parts:
+            if isinstance(part, ProtocolError):
+                replies.append((MessageType.ERROR, self._malformed(part), None))
+                continue
+            counts[f"requests_{part.type.name.lower()}"] += 1
+            busy = self._enqueue(_Work(identity, part, received, batched=True))
+            if busy is not None:
+                replies.append((MessageType.BUSY, busy, None))
+        for key, n in counts.items():
+            self._count(key, n)
+        if replies:
+            self._reply_batch(router, identity, replies)
+
+    def _malformed(self, exc: ProtocolError) -> dict[str, Any]:
+        """Count a request that could not be decoded; the header of its ERROR reply."""
+        self._count("malformed")
+        self._count_error(exc.code)
+        log.debug("malformed request: %s", exc)
+        header = {**exc.context, F_CODE: int(exc.code), F_MESSAGE: str(exc)}
+        if exc.code == ErrorCode.UNSUPPORTED_VERSION:
+            header[F_VERSIONS] = list(SUPPORTED_VERSIONS)
+        return header
+
+    def _enqueue(self, work: _Work) -> dict[str, Any] | None:
+        """Queue a decoded request for the compute thread; the header of a BUSY reply if the
+        queue is full (or the stream is latched busy), else None."""
+        msg = work.msg
         sequenced = msg.type in SEQUENCED_TYPES
         stream = msg.header.get(F_STREAM)
         latched = self._busy_latch.get(stream) if sequenced else None
         # Once a request of a stream was answered BUSY, later ones of that stream are too
         # until the client resends from the first, so that nothing is applied out of order.
         if latched is None or msg.header[F_SEQ] <= latched:
-            work = _Work(identity, msg, received)
             if msg.type == MessageType.PUSH:
                 # here, not on the compute thread: it overlaps with the running step
                 self._validate_chunk(work)
@@ -502,13 +570,13 @@ class StreamWorker:
             else:
                 if latched is not None:
                     del self._busy_latch[stream]
-                return
+                return None
             if sequenced:
                 self._busy_latch[stream] = msg.header[F_SEQ]
         self._count("busy")
         header = _echo(msg)
         header[F_RETRY_AFTER_MS] = self.config.busy_retry_after_ms
-        self._reply_now(router, identity, MessageType.BUSY, header)
+        return header
 
     def _validate_chunk(self, work: _Work) -> None:
         """Check a PUSH's chunk (engine.validate reads only fixed engine facts, so any
@@ -859,7 +927,7 @@ class StreamWorker:
         if self.checkpointer is not None and msg_type in _DURABLE_REPLIES and F_STREAM in header:
             header = {**header,
                       F_DURABLE_SEQ: self.checkpointer.durable.get(header[F_STREAM], 0)}
-        self._outbox.append((work.identity, msg_type, header, arrays))
+        self._outbox.append((work.identity, msg_type, header, arrays, work.batched))
         if not self._outbox_signalled:
             self._outbox_signalled = True
             self._pipe.send(_WAKE_FRAME)

@@ -1,0 +1,255 @@
+"""Batching on the wire: BATCH / BATCH_REPLY envelopes (docs/protocol.md, section 4a).
+
+Codec round trips and refusals (a bad part fails alone, a bad envelope fails whole); a real
+worker answering a raw BATCH part by part, with a bad part among good ones; the Client
+sending BATCH messages by itself (streaming still equals offline, with the shared worker's
+tiny queue answering BUSY to some parts); and a router splitting a BATCH over two workers.
+"""
+
+from __future__ import annotations
+
+import time
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+import streamrnn
+from streamrnn.codec import (
+    batches_of,
+    decode_batch,
+    decode_reply,
+    encode,
+    encode_batch,
+    is_batch,
+)
+from streamrnn.errors import ProtocolError
+from streamrnn.protocol import MAX_BATCH_PARTS, ErrorCode, MessageType
+from tests.modelzoo import offline
+from tests.shared_worker import SPEC, shared_worker
+from workers.process import RouterProcess, WorkerProcess
+
+TOL = 1e-5
+
+
+def data(steps: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((steps, SPEC.features)).astype(
+        np.float32)
+
+
+def push(stream: str, seq: int, chunk: np.ndarray, rid: int):
+    return (MessageType.PUSH, {"rid": rid, "stream": stream, "seq": seq}, {"chunk": chunk})
+
+
+# ---- codec ----------------------------------------------------------------------------
+
+
+def test_envelope_round_trip_keeps_every_part():
+    chunks = [data(3, 1), np.arange(5, dtype=np.int32), data(7, 2)[:, :2]]  # last: a view
+    frames = encode_batch(MessageType.BATCH, [push(f"s{i}", i, c, 10 + i)
+                                              for i, c in enumerate(chunks)]
+                          + [(MessageType.RESET, {"rid": 20, "stream": "r", "seq": 4}, None)])
+    assert len(frames) == 3 and is_batch(frames)
+    _, parts = decode_batch(frames)
+    assert [p.type for p in parts] == [MessageType.PUSH] * 3 + [MessageType.RESET]
+    for i, chunk in enumerate(chunks):
+        assert parts[i].header["stream"] == f"s{i}" and parts[i].header["rid"] == 10 + i
+        np.testing.assert_array_equal(parts[i].arrays["chunk"], chunk)
+        assert parts[i].arrays["chunk"].dtype == chunk.dtype
+    assert parts[3].arrays == {} and parts[3].header["seq"] == 4
+    replies = encode_batch(MessageType.BATCH_REPLY, [
+        (MessageType.OUTPUT, {"rid": 1, "stream": "a", "seq": 0}, {"output": data(2, 3)}),
+        (MessageType.BUSY, {"rid": 2, "retry_after_ms": 5}, None)])
+    _, back = decode_batch(replies, replies=True)
+    assert [p.type for p in back] == [MessageType.OUTPUT, MessageType.BUSY]
+    np.testing.assert_array_equal(back[0].arrays["output"], data(2, 3))
+    assert not is_batch(encode(*push("a", 0, data(1, 1), 1)))
+
+
+def test_a_bad_part_fails_alone():
+    frames = encode_batch(MessageType.BATCH, [push("good", 0, data(2, 1), 1),
+                                              push("bad", 0, data(2, 1), 2)])
+    header = msgpack.unpackb(frames[1])
+    header["parts"][1][1]["seq"] = -1  # out of range
+    header["parts"][1][1]["arrays"]["chunk"]["dtype"] = "complex64"
+    frames[1] = msgpack.packb(header)
+    _, parts = decode_batch(frames)
+    assert parts[0].header["stream"] == "good"
+    assert isinstance(parts[1], ProtocolError) and parts[1].code == ErrorCode.BAD_VALUE
+    assert parts[1].context == {"rid": 2, "stream": "bad"}
+    # a PING cannot travel in a BATCH, a PUSH cannot travel in a BATCH_REPLY
+    frames = encode_batch(MessageType.BATCH, [(MessageType.PING, {"rid": 3}, None)])
+    assert isinstance(decode_batch(frames)[1][0], ProtocolError)
+    frames = encode_batch(MessageType.BATCH_REPLY, [push("x", 0, data(1, 1), 4)])
+    assert isinstance(decode_batch(frames, replies=True)[1][0], ProtocolError)
+
+
+def _envelope(parts, payload=b"", v=1):
+    return [bytes((MessageType.BATCH,)), msgpack.packb({"v": v, "parts": parts}), payload]
+
+
+PUSH_HEADER = {"v": 1, "stream": "a", "seq": 0,
+               "arrays": {"chunk": {"dtype": "float32", "shape": [2], "frame": 0}}}
+BAD_ENVELOPES = {
+    "no parts": (_envelope([]), ErrorCode.MALFORMED),
+    "too many parts": (_envelope([[0x06, {"v": 1}, []]] * (MAX_BATCH_PARTS + 1)),
+                       ErrorCode.TOO_LARGE),
+    "region past the payload": (_envelope([[0x02, PUSH_HEADER, [[4, 8]]]], b"\0" * 8),
+                                ErrorCode.MALFORMED),
+    "negative offset": (_envelope([[0x02, PUSH_HEADER, [[-1, 8]]]], b"\0" * 8),
+                        ErrorCode.MALFORMED),
+    "part not a triple": (_envelope([[0x02, PUSH_HEADER]]), ErrorCode.MALFORMED),
+    "parts not a list": (_envelope({"a": 1}), ErrorCode.MALFORMED),
+    "missing payload": (_envelope([[0x03, {"v": 1, "stream": "a", "seq": 0}, []]])[:2],
+                        ErrorCode.MALFORMED),
+    "bad version": (_envelope([[0x03, {"v": 1, "stream": "a", "seq": 0}, []]], v=99),
+                    ErrorCode.UNSUPPORTED_VERSION),
+    "bad msgpack": ([bytes((MessageType.BATCH,)), b"\xc1\xc1", b""], ErrorCode.MALFORMED),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ENVELOPES))
+def test_a_bad_envelope_is_refused_whole(case):
+    frames, code = BAD_ENVELOPES[case]
+    with pytest.raises(ProtocolError) as info:
+        decode_batch(frames)
+    assert info.value.code == code, info.value
+
+
+def test_batches_of_splits_by_count_and_bytes():
+    parts = [push(f"s{i}", 0, np.zeros(100, np.float32), i) for i in range(10)]
+    assert [len(g) for g in batches_of(parts, max_parts=4)] == [4, 4, 2]
+    assert [len(g) for g in batches_of(parts, max_bytes=1000)] == [2] * 5
+    big = [push("big", 0, np.zeros(1000, np.float32), 99)]
+    assert [len(g) for g in batches_of(big + parts[:1], max_bytes=1000)] == [1, 1]
+
+
+# ---- a real worker --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def worker():
+    return shared_worker()
+
+
+@pytest.fixture
+def dealer(worker):
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 60_000)
+    sock.connect(worker.endpoint)
+    yield sock
+    sock.close()
+
+
+def _replies(sock, count: int) -> dict[int, object]:
+    """Every part reply (plain or in BATCH_REPLY envelopes) until ``count`` arrived."""
+    got: dict[int, object] = {}
+    while len(got) < count:
+        frames = sock.recv_multipart()
+        parts = decode_batch(frames, replies=True)[1] if is_batch(frames) else [
+            decode_reply(frames)]
+        for part in parts:
+            got[part.header["rid"]] = part
+    return got
+
+
+def test_worker_answers_each_part_and_a_bad_one_alone(worker, dealer):
+    x = {s: data(12, i) for i, s in enumerate(("ba", "bb", "bc"))}
+    nan = data(4, 9)
+    nan[1, 2] = np.nan
+    # the shared worker's queue holds 8: keep the envelope below it (no BUSY here)
+    dealer.send_multipart(encode_batch(MessageType.BATCH, [
+        push("ba", 0, x["ba"][:5], 1), push("bb", 0, x["bb"][:5], 2),
+        push("bc", 0, nan, 3), push("ba", 1, x["ba"][5:], 4)]))
+    got = _replies(dealer, 4)
+    assert got[3].type is MessageType.ERROR and got[3].header["code"] == ErrorCode.NON_FINITE
+    assert got[3].header["expected"] == 0  # nothing of "bc" was applied
+    assert got[1].type is got[2].type is got[4].type is MessageType.OUTPUT
+    # the next envelope: "bc" goes on from seq 0, "bb" from seq 1
+    dealer.send_multipart(encode_batch(MessageType.BATCH, [
+        push("bc", 0, x["bc"], 5), push("bb", 1, x["bb"][5:], 6)]))
+    more = _replies(dealer, 2)
+    np.testing.assert_allclose(np.concatenate([got[1].arrays["output"], got[4].arrays["output"]]),
+                               offline(worker.model, x["ba"]), atol=TOL)
+    np.testing.assert_allclose(np.concatenate([got[2].arrays["output"], more[6].arrays["output"]]),
+                               offline(worker.model, x["bb"]), atol=TOL)
+    np.testing.assert_allclose(more[5].arrays["output"], offline(worker.model, x["bc"]),
+                               atol=TOL)
+    # a broken envelope: one ERROR, and the worker keeps serving
+    dealer.send_multipart(BAD_ENVELOPES["region past the payload"][0])
+    error = decode_reply(dealer.recv_multipart())
+    assert error.type is MessageType.ERROR and error.header["code"] == ErrorCode.MALFORMED
+    dealer.send_multipart(encode(*push("bd", 0, data(2, 5), 7)))
+    assert _replies(dealer, 1)[7].type is MessageType.OUTPUT
+    dealer.send_multipart(encode_batch(MessageType.BATCH, [
+        (MessageType.CLOSE, {"rid": 8 + i, "stream": s, "seq": seq}, None)
+        for i, (s, seq) in enumerate((("ba", 2), ("bb", 2), ("bc", 1), ("bd", 1)))]))
+    assert {p.type for p in _replies(dealer, 4).values()} == {MessageType.ACK}
+
+
+def test_client_batches_and_streaming_still_equals_offline(worker):
+    """12 streams, push_many rounds with uneven chunks and a reset: the client sends BATCH
+    messages (more parts than the worker's queue of 8, so some parts are answered BUSY and
+    resent), and every stream equals the offline model."""
+    rng = np.random.default_rng(5)
+    x = {f"cb{i}": data(40, 50 + i) for i in range(12)}
+    cuts = {s: np.sort(rng.choice(np.arange(1, 40), 3, replace=False)) for s in x}
+    outs: dict[str, list[np.ndarray]] = {s: [] for s in x}
+    with streamrnn.Client(worker.endpoint, timeout=5, retries=20) as client:
+        before = client.stats()["counts"]
+        for r in range(4):
+            chunks = {s: np.split(v, cuts[s])[r] for s, v in x.items()}
+            for s, y in client.push_many(chunks).items():
+                outs[s].append(y)
+            if r == 1:
+                client.reset("cb3")
+                outs["cb3"].clear()
+        after = client.stats()["counts"]
+        assert client.counters["batches_sent"] >= 4, client.counters
+        print("client counters:", dict(client.counters))
+        for s in x:
+            client.close(s)
+    assert after.get("requests_batch", 0) - before.get("requests_batch", 0) >= 4
+    for s, v in x.items():
+        expected = offline(worker.model, v[cuts[s][1]:] if s == "cb3" else v)
+        np.testing.assert_allclose(np.concatenate(outs[s]), expected, atol=TOL, err_msg=s)
+
+
+def test_client_with_batch_off_sends_single_messages(worker):
+    with streamrnn.Client(worker.endpoint, timeout=5, retries=20, batch=False) as client:
+        outs = client.push_many({f"nb{i}": data(3, i) for i in range(4)})
+        assert client.counters["batches_sent"] == 0
+        for i in range(4):
+            client.close(f"nb{i}")
+    for i in range(4):
+        np.testing.assert_allclose(outs[f"nb{i}"], offline(worker.model, data(3, i)),
+                                   atol=TOL)
+
+
+def test_router_splits_a_batch_over_its_workers(worker, tmp_path):
+    x = {f"rb{i}": data(20, 80 + i) for i in range(8)}
+    with RouterProcess.start() as router:
+        workers = [WorkerProcess.start(worker.model_path, 4, "--no-xla", "--max-bucket", "16",
+                                       "--name", f"w{i}", "--register",
+                                       router.workers_endpoint, "--heartbeat-s", "0.2")
+                   for i in range(2)]
+        try:
+            with streamrnn.Client(router.endpoint, timeout=5, retries=20) as client:
+                deadline = time.monotonic() + 60
+                while len(client.stats()["router"]["workers"]) < 2:
+                    assert time.monotonic() < deadline, "workers did not register"
+                    time.sleep(0.05)
+                first = client.push_many({s: v[:8] for s, v in x.items()})
+                second = client.push_many({s: v[8:] for s, v in x.items()})
+                stats = client.stats()["router"]
+                assert client.counters["batches_sent"] >= 2
+        finally:
+            for process in workers:
+                process.stop()
+    assert stats["counts"].get("requests_batch", 0) >= 2, stats
+    assert all(w["assigned"] > 0 for w in stats["workers"].values()), stats
+    for s, v in x.items():
+        np.testing.assert_allclose(np.concatenate([first[s], second[s]]),
+                                   offline(worker.model, v), atol=TOL, err_msg=s)

@@ -159,11 +159,16 @@ def e2e_table(rows: list[dict]) -> str | None:
     latency = [r for r in rows if r.get("suite") == "e2e" and "latency_p50_ms" in r]
     if not cases and not latency:
         return None
+    first = cases[0] if cases else {}
+    window = first.get("window", 3)
+    wire = ("chunks of many streams in one BATCH message each way" if first.get("batch", True)
+            else "one message per chunk")
     lines = [
         "## End to end through ZeroMQ vs kernel-only", "",
-        "`bench/test_bench_e2e.py`: a real worker process and one `Client` (64 streams, 3 "
-        "chunks in flight each) on the same machine, vs `engine.push_many` in-process; the "
-        "two alternate and the ratio is the median of the per-pair ratios (target >= 0.9).",
+        f"`bench/test_bench_e2e.py`: a real worker process and one `Client` (64 streams, "
+        f"{window} chunks in flight each, {wire}) on the same machine, vs `engine.push_many` "
+        "in-process; the two alternate and the ratio is the median of the per-pair ratios "
+        "(target >= 0.9).",
         "", "| chunk | slots | kernel-only timesteps/s | e2e timesteps/s | e2e / kernel | "
         "per pair | chunks per step | CPU us per chunk: worker / client |",
         "|---|---|---|---|---|---|---|---|",

@@ -12,7 +12,8 @@ both measurements. For each chunk length in ``STREAMRNN_E2E_CHUNKS`` (default 16
   chunks in flight per stream (callback-driven; ``STREAMRNN_E2E_WINDOW``, default 3) and
   counts timesteps/s. The pushes submitted from the callbacks of one reply envelope leave
   in one BATCH message, and the worker answers each step in one BATCH_REPLY (the client's
-  default, docs/protocol.md section 4a). The CPU time per
+  default, docs/protocol.md section 4a; ``STREAMRNN_E2E_BATCH=0``: one message per chunk,
+  for comparison). The CPU time per
   chunk of the worker process (compiled step included) and of this client process are
   recorded too (Linux).
 
@@ -46,6 +47,7 @@ else:
 CHUNKS = [int(c) for c in os.environ.get("STREAMRNN_E2E_CHUNKS", "16,64,128").split(",")]
 LATENCY_CHUNK = CHUNKS[0]
 WINDOW = int(os.environ.get("STREAMRNN_E2E_WINDOW", "3"))
+BATCH = os.environ.get("STREAMRNN_E2E_BATCH", "1") != "0"  # 0: one message per chunk
 PAIRS = 3
 KERNEL_SECONDS = 2.0
 E2E_TIMESTEPS = 400_000  # per e2e measurement (a few seconds; the ramp-up and -down are a
@@ -164,7 +166,7 @@ def test_e2e_vs_kernel_only(benchmark, engine, worker, chunk):
     kernel: list[float] = []
     e2e: list[float] = []
     cpu = {"worker": 0.0, "client": 0.0}  # CPU seconds spent during the e2e loops
-    with Client(worker.endpoint, timeout=60, window=WINDOW) as client:
+    with Client(worker.endpoint, timeout=60, window=WINDOW, batch=BATCH) as client:
         _closed_loop(client, chunks, WINDOW)  # open the streams, warm the path
 
         def pair() -> None:
@@ -187,7 +189,7 @@ def test_e2e_vs_kernel_only(benchmark, engine, worker, chunk):
         "kernel_timesteps_per_s": float(np.median(kernel)),
         "timesteps_per_s": float(np.median(e2e)),
         "ratio_vs_kernel": ratio, "ratios": [round(r, 3) for r in ratios],
-        "chunks_per_batch": fill,
+        "chunks_per_batch": fill, "window": WINDOW, "batch": BATCH,
         # CPU per chunk, us: the worker process (step included) and this client process
         "worker_cpu_us_per_chunk": cpu["worker"] / (PAIRS * SLOTS * rounds) * 1e6,
         "client_cpu_us_per_chunk": cpu["client"] / (PAIRS * SLOTS * rounds) * 1e6,
@@ -233,7 +235,7 @@ def test_latency_at_half_load(benchmark, worker):
         for future in futures:
             future.result()
 
-    with Client(worker.endpoint, timeout=60, window=WINDOW) as client:
+    with Client(worker.endpoint, timeout=60, window=WINDOW, batch=BATCH) as client:
         benchmark.pedantic(run, rounds=1, iterations=1)
     ms = np.array(latencies) * 1000
     p50, p99 = float(np.percentile(ms, 50)), float(np.percentile(ms, 99))

@@ -471,23 +471,23 @@ class Client:
 
     def _flush(self) -> None:
         """Send the requests of this turn: together in BATCH envelopes when there are
-        several."""
-        if not self._outgoing:
-            return
-        outgoing, self._outgoing = self._outgoing, []
-        by_part = {id(part): request for part, request in outgoing}
-        for group in batches_of([part for part, _ in outgoing]):
-            if len(group) == 1:
-                self._send_alone(group[0], by_part[id(group[0])])
-                continue
-            try:
-                frames = encode_batch(MessageType.BATCH, group)
-            except ProtocolError:  # an array that cannot travel: fail only that request
-                for part in group:
-                    self._send_alone(part, by_part[id(part)])
-                continue
-            self.counters["batches_sent"] += 1
-            self._send_frames(frames)
+        several. (Failing one can release more of its stream: those go out too.)"""
+        while self._outgoing:
+            outgoing, self._outgoing = self._outgoing, []
+            requests = iter([request for _, request in outgoing])
+            for group in batches_of([part for part, _ in outgoing]):
+                owners = [next(requests) for _ in group]
+                if len(group) == 1:
+                    self._send_alone(group[0], owners[0])
+                    continue
+                try:
+                    frames = encode_batch(MessageType.BATCH, group)
+                except ProtocolError:  # an array that cannot travel: fail only that request
+                    for part, request in zip(group, owners, strict=True):
+                        self._send_alone(part, request)
+                    continue
+                self.counters["batches_sent"] += 1
+                self._send_frames(frames)
 
     def _read_replies(self) -> None:
         for _ in range(10_000):

@@ -14,9 +14,12 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import streamrnn
 from streamrnn.codec import (
+    Message,
     batches_of,
     decode_batch,
     decode_reply,
@@ -28,6 +31,7 @@ from streamrnn.errors import ProtocolError
 from streamrnn.protocol import MAX_BATCH_PARTS, ErrorCode, MessageType
 from tests.modelzoo import offline
 from tests.shared_worker import SPEC, shared_worker
+from tests.test_codec import HEADER_VALUES, STRUCTURED_HEADER, _encoded
 from workers.process import RouterProcess, WorkerProcess
 
 TOL = 1e-5
@@ -123,6 +127,33 @@ def test_batches_of_splits_by_count_and_bytes():
     assert [len(g) for g in batches_of(parts, max_bytes=1000)] == [2] * 5
     big = [push("big", 0, np.zeros(1000, np.float32), 99)]
     assert [len(g) for g in batches_of(big + parts[:1], max_bytes=1000)] == [1, 1]
+
+
+REGIONS = st.lists(st.lists(st.integers(-2, 80), min_size=2, max_size=2), max_size=5)
+PART = st.tuples(st.sampled_from([0x01, 0x02, 0x03, 0x07, 0x08, 0x81, 0x87, 300]),
+                 STRUCTURED_HEADER, REGIONS | HEADER_VALUES).map(list)
+ENVELOPES = st.tuples(
+    st.sampled_from([bytes((MessageType.BATCH,)), bytes((MessageType.BATCH_REPLY,)), b"\x02"]),
+    st.fixed_dictionaries({"v": st.sampled_from([1, 2]),
+                           "parts": st.lists(PART | HEADER_VALUES, max_size=4) | HEADER_VALUES}),
+    st.lists(st.binary(max_size=64), max_size=2),
+).map(lambda t: [t[0], _encoded(t[1]), *t[2]])
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ENVELOPES)
+def test_fuzz_envelopes_give_parts_or_a_clean_error(frames):
+    for replies in (False, True):
+        try:
+            header, parts = decode_batch(frames, replies=replies)
+        except ProtocolError as exc:
+            assert isinstance(exc.code, ErrorCode) and isinstance(exc.context, dict)
+            continue
+        assert len(parts) == len(header["parts"]) >= 1
+        for part in parts:
+            assert isinstance(part, Message | ProtocolError)
+            if isinstance(part, Message):
+                assert all(isinstance(a, np.ndarray) for a in part.arrays.values())
 
 
 # ---- a real worker --------------------------------------------------------------------

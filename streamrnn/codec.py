@@ -223,6 +223,13 @@ def _is_int(value: object) -> bool:
     return type(value) is int
 
 
+def _dims_ok(shape: list) -> bool:
+    for d in shape:
+        if type(d) is not int or not 0 <= d <= MAX_FRAME_BYTES:
+            return False
+    return True
+
+
 def _context(header: Mapping[str, Any]) -> dict[str, Any]:
     """The well-typed matching fields of a (possibly bad) header, to echo in an ERROR."""
     context: dict[str, Any] = {}
@@ -238,7 +245,8 @@ def _context(header: Mapping[str, Any]) -> dict[str, Any]:
     return context
 
 
-def _check_fields(header: dict[str, Any], schema: Schema, name: str, ctx: dict) -> None:
+def _check_fields(header: dict[str, Any], schema: Schema, name: str, ctx: dict | None
+                  ) -> None:
     for key, (types, required) in schema.items():
         if key not in header:
             if required:
@@ -255,14 +263,16 @@ def _check_fields(header: dict[str, Any], schema: Schema, name: str, ctx: dict) 
 
 
 def _check_ranges(msg_type: MessageType, header: dict[str, Any], schema: Schema,
-                  ctx: dict) -> None:
+                  ctx: dict | None) -> None:
     """Value checks of the fields ``schema`` declares (their types are already checked);
     undeclared fields are ignored, whatever their type, as the protocol promises."""
-    header = {k: v for k, v in header.items() if k in schema}
-    rid = header.get(F_REQUEST_ID)
+    def declared(key: str) -> Any:
+        return header.get(key) if key in schema else None
+
+    rid = declared(F_REQUEST_ID)
     if rid is not None and not 0 <= rid <= MAX_REQUEST_ID:
         raise ProtocolError(f"'rid' must be in [0, 2**64), got {rid}", ErrorCode.BAD_VALUE, ctx)
-    stream = header.get(F_STREAM)
+    stream = declared(F_STREAM)
     if stream is not None:
         size = len(stream.encode("utf-8", "surrogatepass"))
         if not 0 < size <= MAX_STREAM_ID_BYTES:
@@ -270,11 +280,11 @@ def _check_ranges(msg_type: MessageType, header: dict[str, Any], schema: Schema,
                 f"'stream' must be 1..{MAX_STREAM_ID_BYTES} UTF-8 bytes, got {size}",
                 ErrorCode.BAD_VALUE, ctx,
             )
-    seq = header.get(F_SEQ)
+    seq = declared(F_SEQ)
     if seq is not None and not 0 <= seq <= MAX_SEQ:
         raise ProtocolError(f"'seq' must be in [0, 2**63), got {seq}", ErrorCode.BAD_VALUE, ctx)
     if msg_type == MessageType.PING:
-        versions = header.get(F_VERSIONS, [])
+        versions = declared(F_VERSIONS) or []
         if len(versions) > 64 or not all(_is_int(v) for v in versions):
             raise ProtocolError("'versions' must be a list of at most 64 ints",
                                 ErrorCode.BAD_VALUE, ctx)
@@ -282,7 +292,7 @@ def _check_ranges(msg_type: MessageType, header: dict[str, Any], schema: Schema,
         _check_generate(header, ctx)
 
 
-def _check_generate(header: dict[str, Any], ctx: dict) -> None:
+def _check_generate(header: dict[str, Any], ctx: dict | None) -> None:
     steps = header[F_STEPS]
     if not 1 <= steps <= MAX_GENERATE_STEPS:
         raise ProtocolError(f"'steps' must be in 1..{MAX_GENERATE_STEPS}, got {steps}",
@@ -301,7 +311,7 @@ def _check_generate(header: dict[str, Any], ctx: dict) -> None:
 
 def _decode_arrays(
     header: dict[str, Any], array_frames: Sequence[FrameLike],
-    required: Mapping[str, tuple[int, ...]], name: str, ctx: dict,
+    required: Mapping[str, tuple[int, ...]], name: str, ctx: dict | None,
 ) -> dict[str, np.ndarray]:
     descriptors = header.get(F_ARRAYS, {})
     if type(descriptors) is not dict:
@@ -314,37 +324,35 @@ def _decode_arrays(
     arrays: dict[str, np.ndarray] = {}
     used_frames: set[int] = set()
     for array_name, desc in descriptors.items():
-        where = f"array {array_name!r}"
         if type(desc) is not dict:
-            raise ProtocolError(f"{where}: descriptor must be a map", context=ctx)
+            raise ProtocolError(f"array {array_name!r}: descriptor must be a map", context=ctx)
         dtype, shape, index = desc.get(D_DTYPE), desc.get(D_SHAPE), desc.get(D_FRAME)
         if type(dtype) is not str:
-            raise ProtocolError(f"{where}: 'dtype' must be a string", ErrorCode.BAD_DTYPE, ctx)
-        if dtype not in ALLOWED_DTYPES:
+            raise ProtocolError(f"array {array_name!r}: 'dtype' must be a string",
+                                ErrorCode.BAD_DTYPE, ctx)
+        np_dtype = _WIRE_DTYPES.get(dtype)
+        if np_dtype is None:
             raise ProtocolError(
-                f"{where}: dtype {dtype!r} not allowed; allowed: {sorted(ALLOWED_DTYPES)}",
-                ErrorCode.BAD_DTYPE, ctx,
+                f"array {array_name!r}: dtype {dtype!r} not allowed; allowed: "
+                f"{sorted(ALLOWED_DTYPES)}", ErrorCode.BAD_DTYPE, ctx,
             )
-        if (type(shape) is not list or len(shape) > MAX_NDIM
-                or not all(_is_int(d) and 0 <= d <= MAX_FRAME_BYTES for d in shape)):
+        if type(shape) is not list or len(shape) > MAX_NDIM or not _dims_ok(shape):
             raise ProtocolError(
-                f"{where}: 'shape' must be a list of at most {MAX_NDIM} non-negative ints",
-                ErrorCode.BAD_SHAPE, ctx,
+                f"array {array_name!r}: 'shape' must be a list of at most {MAX_NDIM} "
+                "non-negative ints", ErrorCode.BAD_SHAPE, ctx,
             )
-        if not _is_int(index) or not 0 <= index < len(array_frames) or index in used_frames:
+        if type(index) is not int or not 0 <= index < len(array_frames) or index in used_frames:
             raise ProtocolError(
-                f"{where}: 'frame' must be a distinct int in [0, {len(array_frames)})",
-                context=ctx,
+                f"array {array_name!r}: 'frame' must be a distinct int in "
+                f"[0, {len(array_frames)})", context=ctx,
             )
         used_frames.add(index)
-        np_dtype = _WIRE_DTYPES[dtype]
         buf = _buffer(array_frames[index])
         expected = math.prod(shape) * np_dtype.itemsize
         if buf.nbytes != expected:
             raise ProtocolError(
-                f"{where}: shape {shape} of {dtype} needs {expected} bytes, frame has "
-                f"{buf.nbytes}",
-                ErrorCode.BAD_SHAPE, ctx,
+                f"array {array_name!r}: shape {shape} of {dtype} needs {expected} bytes, "
+                f"frame has {buf.nbytes}", ErrorCode.BAD_SHAPE, ctx,
             )
         array = np.frombuffer(buf, dtype=np_dtype).reshape(shape)
         if not np_dtype.isnative:  # big-endian host
@@ -359,7 +367,7 @@ def _decode_arrays(
                 f"shape {list(arrays[array_name].shape)}",
                 ErrorCode.BAD_SHAPE, ctx,
             )
-    extra = set(arrays) - set(required)
+    extra = [a for a in arrays if a not in required] if len(arrays) > len(required) else []
     if extra:
         raise ProtocolError(f"{name} takes no array(s) {sorted(extra)}", context=ctx)
     return arrays
@@ -411,21 +419,26 @@ def _check_message(
     array_specs: Mapping[MessageType, Mapping[str, tuple[int, ...]]],
 ) -> Message:
     """Validate one decoded message (standalone or a part of an envelope)."""
-    ctx = _context(header)
-    if type_byte not in allowed_types:
-        raise ProtocolError(f"unknown or unexpected message type 0x{type_byte:02x}", context=ctx)
-    msg_type = MessageType(type_byte)
-    name = msg_type.name
-    _check_fields(header, schemas[msg_type], name, ctx)
-    if msg_type != MessageType.PING and not is_supported_version(header[F_VERSION]):
-        raise ProtocolError(
-            f"protocol version {header[F_VERSION]} not supported (supported: "
-            f"{list(SUPPORTED_VERSIONS)}); send PING "
-            "with 'versions' to negotiate",
-            ErrorCode.UNSUPPORTED_VERSION, ctx,
-        )
-    _check_ranges(msg_type, header, schemas[msg_type], ctx)
-    arrays = _decode_arrays(header, array_frames, array_specs.get(msg_type, {}), name, ctx)
+    try:
+        # the checks raise without context; the matching fields are read only on failure
+        if type_byte not in allowed_types:
+            raise ProtocolError(f"unknown or unexpected message type 0x{type_byte:02x}")
+        msg_type = MessageType(type_byte)
+        name = msg_type.name
+        schema = schemas[msg_type]
+        _check_fields(header, schema, name, None)
+        if msg_type != MessageType.PING and not is_supported_version(header[F_VERSION]):
+            raise ProtocolError(
+                f"protocol version {header[F_VERSION]} not supported (supported: "
+                f"{list(SUPPORTED_VERSIONS)}); send PING with 'versions' to negotiate",
+                ErrorCode.UNSUPPORTED_VERSION,
+            )
+        _check_ranges(msg_type, header, schema, None)
+        arrays = _decode_arrays(header, array_frames, array_specs.get(msg_type, {}), name,
+                                None)
+    except ProtocolError as exc:
+        exc.context = _context(header)
+        raise
     return Message(msg_type, header, arrays)
 
 

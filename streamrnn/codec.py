@@ -9,6 +9,11 @@ A message (without the ROUTER identity frame) is::
               frames from 0 (so array k is message frame 2 + k)
 
 Arrays are sent and received without copies (``np.frombuffer`` over the received frame).
+
+A BATCH / BATCH_REPLY envelope (:func:`encode_batch`, :func:`decode_batch`) carries many
+such messages in three frames: the type byte, one header listing every part's type, header
+and array regions, and one payload frame holding all their arrays (docs/protocol.md,
+section 4a). Each part is checked exactly like a message of its own.
 Decoding never unpickles and never trusts a length: every failure is a
 :class:`~streamrnn.errors.ProtocolError` whose ``code`` says what was wrong.
 
@@ -159,8 +164,7 @@ _ALIGN = 16  # byte alignment of each array in an envelope's payload
 Part = tuple[MessageType, Mapping[str, Any], Mapping[str, np.ndarray] | None]
 
 
-def encode_batch(envelope: MessageType, parts: Sequence[Part],
-                 header: Mapping[str, Any] | None = None) -> list[bytes | np.ndarray]:
+def encode_batch(envelope: MessageType, parts: Sequence[Part]) -> list[bytes | np.ndarray]:
     """Frames of a BATCH (requests) or BATCH_REPLY (replies) envelope carrying ``parts``.
 
     Three frames: ``[type byte, msgpack {"v", "parts": [[type, header, regions], ...]},
@@ -185,8 +189,7 @@ def encode_batch(envelope: MessageType, parts: Sequence[Part],
     for buffer, (offset, nbytes) in zip(
             buffers, (r for e in entries for r in e[2]), strict=True):
         payload[offset:offset + nbytes] = buffer.reshape(-1).view(np.uint8)
-    out = {**(header or {}), F_PARTS: entries}
-    out.setdefault(F_VERSION, PROTOCOL_VERSION)
+    out = {F_VERSION: PROTOCOL_VERSION, F_PARTS: entries}
     return [bytes((int(envelope),)), msgpack.packb(out, use_bin_type=True), payload]
 
 

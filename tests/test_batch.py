@@ -29,9 +29,9 @@ from streamrnn.codec import (
 )
 from streamrnn.errors import ProtocolError
 from streamrnn.protocol import MAX_BATCH_PARTS, ErrorCode, MessageType
+from tests.codec_strategies import HEADER_VALUES, STRUCTURED_HEADER, encoded
 from tests.modelzoo import offline
 from tests.shared_worker import SPEC, shared_worker
-from tests.test_codec import HEADER_VALUES, STRUCTURED_HEADER, _encoded
 from workers.process import RouterProcess, WorkerProcess
 
 TOL = 1e-5
@@ -137,7 +137,7 @@ ENVELOPES = st.tuples(
     st.fixed_dictionaries({"v": st.sampled_from([1, 2]),
                            "parts": st.lists(PART | HEADER_VALUES, max_size=4) | HEADER_VALUES}),
     st.lists(st.binary(max_size=64), max_size=2),
-).map(lambda t: [t[0], _encoded(t[1]), *t[2]])
+).map(lambda t: [t[0], encoded(t[1]), *t[2]])
 
 
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -13,7 +13,6 @@ import time
 import msgpack
 import numpy as np
 import pytest
-import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -31,7 +30,7 @@ from streamrnn.errors import ProtocolError
 from streamrnn.protocol import MAX_BATCH_PARTS, ErrorCode, MessageType
 from tests.codec_strategies import HEADER_VALUES, STRUCTURED_HEADER, encoded
 from tests.modelzoo import offline
-from tests.shared_worker import SPEC, shared_worker
+from tests.shared_worker import SPEC
 from workers.process import RouterProcess, WorkerProcess
 
 TOL = 1e-5
@@ -157,21 +156,6 @@ def test_fuzz_envelopes_give_parts_or_a_clean_error(frames):
 
 
 # ---- a real worker --------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def worker():
-    return shared_worker()
-
-
-@pytest.fixture
-def dealer(worker):
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RCVTIMEO, 60_000)
-    sock.connect(worker.endpoint)
-    yield sock
-    sock.close()
 
 
 def _replies(sock, count: int) -> dict[int, object]:

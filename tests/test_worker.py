@@ -21,25 +21,10 @@ import streamrnn
 from streamrnn.codec import decode_reply, encode
 from streamrnn.protocol import MAX_FRAME_BYTES, ErrorCode, MessageType
 from tests.modelzoo import offline
-from tests.shared_worker import SLOTS, SPEC, shared_worker
+from tests.shared_worker import SLOTS, SPEC
 from workers.process import WorkerProcess
 
 TOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def worker():
-    return shared_worker()
-
-
-@pytest.fixture
-def dealer(worker):
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RCVTIMEO, 60_000)
-    sock.connect(worker.endpoint)
-    yield sock
-    sock.close()
 
 
 def roundtrip(sock, frames):

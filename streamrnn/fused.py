@@ -216,7 +216,7 @@ class FusedRNN:
     # ---- the layer ---------------------------------------------------------------------
 
     def __call__(self, x: tf.Tensor, mask: tf.Tensor | None = None) -> tf.Tensor:
-        """One stateful step over every slot.
+        """One stateful step over every slot (reads and updates the layer's state).
 
         Args:
             x: ``(slots, T, D)`` float32 (T static: the runner's bucket).
@@ -226,13 +226,29 @@ class FusedRNN:
             ``(slots, T, units)``. Where mask is False the row holds its carried output
             (Keras holds the previous output there too; the runner ignores those steps).
         """
+        states = [v.read_value() for v in self.state_vars]
+        y, states = self.forward(x, mask, states)
+        for var, value in zip(self.state_vars, states, strict=True):
+            var.assign(value)
+        return y
+
+    def forward(self, x: tf.Tensor, mask: tf.Tensor | None, states: list[tf.Tensor]
+                ) -> tuple[tf.Tensor, list[tf.Tensor]]:
+        """The same step as a pure function of the state (touches no variable).
+
+        Args:
+            x: ``(rows, T, D)`` float32; mask: ``(rows, T)`` bool or None.
+            states: ``[h]`` or ``[h, c]`` (LSTM), each ``(rows, units)``.
+
+        Returns:
+            ``(y (rows, T, units), new states)``.
+        """
         x = tf.convert_to_tensor(x, tf.float32)
         steps = x.shape[1]
         if steps is None:
             raise ValueError("FusedRNN needs a static time length (the runner's bucket)")
         xw = self._project(x)
         step = self._step_fn()
-        states = [v.read_value() for v in self.state_vars]
         keep = None if mask is None else tf.transpose(tf.cast(mask, tf.bool))[:, :, None]
         if steps <= self.max_unroll and not _in_xla():
             outs = []
@@ -242,12 +258,8 @@ class FusedRNN:
                     new = [tf.where(keep[t], n, s) for n, s in zip(new, states, strict=True)]
                 states = new
                 outs.append(states[0])
-            y = tf.stack(outs, axis=1)
-        else:
-            y, states = self._loop(xw, keep, states, step, steps)
-        for var, value in zip(self.state_vars, states, strict=True):
-            var.assign(value)
-        return y
+            return tf.stack(outs, axis=1), states
+        return self._loop(xw, keep, states, step, steps)
 
     def _loop(self, xw, keep, states, step, steps):
         if keep is None:

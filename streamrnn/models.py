@@ -190,6 +190,44 @@ class ServingModel:
                 h = layer(h, training=False)
         return h
 
+    def compact_reason(self) -> str | None:
+        """None if a step can run on a gathered subset of the slots (every recurrent layer
+        fused), else why not."""
+        missing = [layer.name for i, layer in enumerate(self.layers)
+                   if isinstance(layer, keras.layers.RNN) and i not in self.fused_layers]
+        if missing:
+            return f"recurrent layer(s) {missing} run as Keras layers, not fused"
+        return None
+
+    def forward_rows(self, x: tf.Tensor, mask: tf.Tensor, rows: tf.Tensor) -> tf.Tensor:
+        """One stateful step for the slots ``rows`` only (needs :meth:`compact_reason` None).
+
+        Their state rows are gathered, stepped and scattered back; no other slot is read or
+        written. Every layer but the fused recurrences works row by row.
+
+        Args:
+            x: ``(k, T, D)`` float32 or ``(k, T)`` int32, row i belonging to slot ``rows[i]``.
+            mask: ``(k, T)`` bool. rows: ``(k,)`` int32 distinct slot indices.
+
+        Returns:
+            ``(k, T, output_dim)``.
+        """
+        h = x
+        for i, layer in enumerate(self.layers):
+            if i in self._mask_layers:
+                extra = layer.compute_mask(h)
+                if extra is not None:
+                    mask = tf.logical_and(mask, extra)
+            if isinstance(layer, keras.layers.RNN):
+                fused = self.fused_layers[i]
+                states = [tf.gather(v, rows) for v in fused.state_vars]
+                h, states = fused.forward(h, mask, states)
+                for var, value in zip(fused.state_vars, states, strict=True):
+                    var.scatter_update(tf.IndexedSlices(value, rows))
+            else:
+                h = layer(h, training=False)
+        return h
+
     def state_variables(self) -> list[tf.Variable]:
         """Every recurrent state variable, each ``(slots, ...)``: the rows StateBank manages."""
         out: list[tf.Variable] = []

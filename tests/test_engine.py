@@ -89,7 +89,11 @@ def test_streaming_equals_offline(spec):
     model = build_model(spec, seed=1)
     engine = Engine.from_keras(model, slots=4, max_bucket=8)
     run_schedule(engine, model, spec, seed=2)
-    assert engine.runner.trace_count <= len(engine.runner.buckets)
+    runner = engine.runner
+    # one trace per bucket, for the full step and for each compact (gathered-rows) step
+    assert runner.trace_count <= len(runner.buckets) * (1 + len(runner.row_buckets))
+    if not spec.generic_cell:  # fused: steps with at most 2 chunks ran on 2 gathered rows
+        assert runner.row_buckets == [2] and 0 < runner.compact_steps_run < runner.steps_run
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -108,6 +112,37 @@ def test_streaming_equals_offline_random_models(cell, layers, tokens, return_seq
     model = build_model(spec, seed=seed)
     engine = Engine.from_keras(model, slots=slots, max_bucket=4, jit_compile=False)
     run_schedule(engine, model, spec, seed=seed)
+
+
+def test_compact_steps_equal_full_steps_under_xla_and_plain():
+    """A step with few chunks gathers their slots' rows (a quarter or half of the slots),
+    steps them and scatters their states back: the same outputs as computing every row,
+    with and without XLA, and no other slot's state moves."""
+    spec = ModelSpec("lstm", layers=2, units=16)
+    model = build_model(spec, seed=4)
+    rng = np.random.default_rng(4)
+    xs = {f"c{i}": random_input(spec, 30, rng) for i in range(16)}
+    for jit in (True, False):
+        engine = Engine.from_keras(model, slots=16, max_bucket=16, jit_compile=jit)
+        assert engine.runner.row_buckets == [4, 8]
+        outs = {s: [engine.push(s, x[:3])] for s, x in xs.items()}  # every slot holds a state
+        before = engine.snapshot("c0")
+        for round_ in range(6):
+            few = [f"c{i}" for i in range(1, 16) if (i + round_) % 3]  # 10 of 16 slots
+            for group in (few[:4], few[4:10]):  # 4 chunks -> 4 rows, 6 chunks -> 8 rows
+                chunks = {}
+                for s in group:
+                    done = sum(len(o) for o in outs[s])
+                    chunks[s] = xs[s][done:done + 1 + (round_ + len(s)) % 5]
+                for s, y in engine.push_many(chunks).items():
+                    outs[s].append(y)
+        assert engine.runner.compact_steps_run == 16 + 12  # the 16 single pushes too
+        for row, row_before in zip(engine.snapshot("c0"), before, strict=True):
+            np.testing.assert_array_equal(row, row_before)  # never in a compact step
+        for s in outs:
+            got = np.concatenate(outs[s])
+            np.testing.assert_allclose(got, offline(model, xs[s][: len(got)]), atol=TOL,
+                                       rtol=0, err_msg=s)
 
 
 def test_xla_and_plain_steps_agree():
@@ -138,6 +173,7 @@ def test_retracing_is_bounded_by_buckets():
     for _ in range(40):
         engine.push_many({f"s{k}": rng.standard_normal((int(rng.integers(1, 40)), 5))
                           .astype(np.float32) for k in range(3)})
+    assert engine.runner.row_buckets == []  # 3 slots: too few to gather a smaller batch
     assert engine.runner.trace_count <= len(engine.runner.buckets) == 5
 
 

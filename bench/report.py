@@ -152,6 +152,26 @@ def headline(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def partial_table(rows: list[dict]) -> str | None:
+    """Partly filled steps (``suite == "kernel-partial"``): compact vs every row."""
+    cases = sorted((r for r in rows if r.get("suite") == "kernel-partial"),
+                   key=lambda r: r["busy"])
+    if not cases:
+        return None
+    lines = [
+        "## Partly filled steps", "",
+        "`test_partly_filled_step`: 64 slots, some of them with a 16-step chunk (fused, XLA). "
+        "The compact step gathers the busy slots' rows into a batch of a quarter or half of "
+        "the slots; the reference computes every row (interleaved).", "",
+        "| busy slots | compact timesteps/s | every row timesteps/s | compact / every row |",
+        "|---|---|---|---|",
+    ]
+    for r in cases:
+        lines.append(f"| {r['busy']} of {r['total_slots']} | {_fmt(r['timesteps_per_s'])} | "
+                     f"{_fmt(r['full_timesteps_per_s'])} | **{r['ratio_vs_full']:.2f}x** |")
+    return "\n".join(lines)
+
+
 def e2e_table(rows: list[dict]) -> str | None:
     """The end-to-end suite's rows (``suite == "e2e"``): e2e vs kernel-only per chunk length,
     and the latency line; None if the file holds none of them."""
@@ -336,6 +356,9 @@ def build_report(out_dir: Path = RESULTS, run: bool = True, long: bool = False) 
         *[f"![{p.stem}]({p.name})" for p in images], "",
         "## Kernel step", "", kernel_table(rows), "",
     ]
+    partial = partial_table(rows)
+    if partial:
+        parts += [partial, ""]
     for extra in sorted(out_dir.glob("*.json")):
         if extra.name == "kernel.json":
             continue

@@ -176,6 +176,30 @@ def test_kernel_step(benchmark, variant, xla, slots, chunk):
         info["fraction_of_gemm"] = info["gflops"] / info["gemm_gflops_interleaved"]
 
 
+@pytest.mark.parametrize("busy", [16, 32])
+def test_partly_filled_step(benchmark, busy):
+    """64 slots, ``busy`` of them with a 16-step chunk (fused, XLA): the compact step, which
+    gathers the busy slots' rows into a smaller batch, vs the same runner computing every
+    row (``row_buckets`` emptied), interleaved."""
+    runner, _, _ = _runner("fused", True, 64, 16)
+    rng = np.random.default_rng(1)
+    chunks = {s: rng.standard_normal((16, FEATURES)).astype(np.float32) for s in range(busy)}
+    row_buckets = list(runner.row_buckets)
+
+    def run(buckets: list[int]) -> None:
+        runner.row_buckets = buckets
+        runner.run(chunks, 16)
+
+    run([])  # trace both
+    run(row_buckets)
+    _timed(benchmark, lambda: run(row_buckets), busy * 16, refs={"full": lambda: run([])})
+    info = benchmark.extra_info
+    full_s = info["ref_seconds"]["full"]
+    info.update(suite="kernel-partial", busy=busy, total_slots=64, chunk=16,
+                full_timesteps_per_s=busy * 16 / full_s,
+                ratio_vs_full=full_s / info["seconds_median"])
+
+
 def test_gemm_ceiling(benchmark):
     """float32 GEMM GFLOP/s of this machine (2048^3 ``tf.matmul``): the reference line."""
     n = 2048

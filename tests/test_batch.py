@@ -13,6 +13,7 @@ import time
 import msgpack
 import numpy as np
 import pytest
+import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -28,6 +29,7 @@ from streamrnn.codec import (
 )
 from streamrnn.errors import ProtocolError
 from streamrnn.protocol import MAX_BATCH_PARTS, ErrorCode, MessageType
+from streamrnn.router import Router, RouterConfig
 from tests.codec_strategies import HEADER_VALUES, STRUCTURED_HEADER, encoded
 from tests.modelzoo import offline
 from tests.shared_worker import SPEC
@@ -241,6 +243,31 @@ def test_client_with_batch_off_sends_single_messages(worker):
     for i in range(4):
         np.testing.assert_allclose(outs[f"nb{i}"], offline(worker.model, data(3, i)),
                                    atol=TOL)
+
+
+def test_router_answers_each_part_and_refuses_a_broken_envelope():
+    """No workers behind the router: each part of a BATCH gets its own ERROR UNAVAILABLE
+    (matched by its rid); a broken envelope gets one ERROR MALFORMED."""
+    router = Router(RouterConfig(bind="tcp://127.0.0.1:0", workers_bind="tcp://127.0.0.1:0"))
+    endpoint, _ = router.start()
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 10_000)
+    sock.connect(endpoint)
+    try:
+        sock.send_multipart(BAD_ENVELOPES["negative offset"][0])
+        error = decode_reply(sock.recv_multipart())
+        assert error.type is MessageType.ERROR and error.header["code"] == ErrorCode.MALFORMED
+        sock.send_multipart(encode_batch(MessageType.BATCH, [
+            push("ra", 0, data(2, 1), 31), push("rb", 0, data(3, 2), 32)]))
+        got = _replies(sock, 2)
+        assert {rid: (m.type, m.header["code"], m.header["stream"]) for rid, m in got.items()} == {
+            31: (MessageType.ERROR, ErrorCode.UNAVAILABLE, "ra"),
+            32: (MessageType.ERROR, ErrorCode.UNAVAILABLE, "rb")}
+    finally:
+        sock.close()
+        router.stop()
+        router.join(5)
 
 
 def test_router_splits_a_batch_over_its_workers(worker, tmp_path):

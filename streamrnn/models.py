@@ -16,6 +16,7 @@ Example::
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -177,6 +178,17 @@ class ServingModel:
         Returns:
             ``(slots, T, output_dim)``; rows/steps where mask is False hold garbage.
         """
+        def recur(i: int, layer: keras.layers.RNN, h: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
+            fused = self.fused_layers.get(i)
+            return fused(h, mask) if fused is not None else layer(h, mask=mask, training=False)
+
+        return self._chain(x, mask, recur)
+
+    def _chain(self, x: tf.Tensor, mask: tf.Tensor,
+               recur: Callable[[int, keras.layers.RNN, tf.Tensor, tf.Tensor], tf.Tensor]
+               ) -> tf.Tensor:
+        """Run the layer chain on ``x``; ``recur(index, layer, h, mask)`` runs each
+        recurrent layer (the others are applied as they are)."""
         h = x
         for i, layer in enumerate(self.layers):
             if i in self._mask_layers:  # Embedding(mask_zero=True) / Masking narrow the mask
@@ -184,8 +196,7 @@ class ServingModel:
                 if extra is not None:
                     mask = tf.logical_and(mask, extra)
             if isinstance(layer, keras.layers.RNN):
-                fused = self.fused_layers.get(i)
-                h = fused(h, mask) if fused is not None else layer(h, mask=mask, training=False)
+                h = recur(i, layer, h, mask)
             else:
                 h = layer(h, training=False)
         return h
@@ -212,21 +223,15 @@ class ServingModel:
         Returns:
             ``(k, T, output_dim)``.
         """
-        h = x
-        for i, layer in enumerate(self.layers):
-            if i in self._mask_layers:
-                extra = layer.compute_mask(h)
-                if extra is not None:
-                    mask = tf.logical_and(mask, extra)
-            if isinstance(layer, keras.layers.RNN):
-                fused = self.fused_layers[i]
-                states = [tf.gather(v, rows) for v in fused.state_vars]
-                h, states = fused.forward(h, mask, states)
-                for var, value in zip(fused.state_vars, states, strict=True):
-                    var.scatter_update(tf.IndexedSlices(value, rows))
-            else:
-                h = layer(h, training=False)
-        return h
+        def recur(i: int, layer: keras.layers.RNN, h: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
+            fused = self.fused_layers[i]
+            states = [tf.gather(v, rows) for v in fused.state_vars]
+            h, states = fused.forward(h, mask, states)
+            for var, value in zip(fused.state_vars, states, strict=True):
+                var.scatter_update(tf.IndexedSlices(value, rows))
+            return h
+
+        return self._chain(x, mask, recur)
 
     def state_variables(self) -> list[tf.Variable]:
         """Every recurrent state variable, each ``(slots, ...)``: the rows StateBank manages."""

@@ -265,97 +265,97 @@ def _check_fields(header: dict[str, Any], schema: Schema, name: str, ctx: dict |
             )
 
 
-def _check_ranges(msg_type: MessageType, header: dict[str, Any], schema: Schema,
-                  ctx: dict | None) -> None:
+def _check_ranges(msg_type: MessageType, header: dict[str, Any], schema: Schema) -> None:
     """Value checks of the fields ``schema`` declares (their types are already checked);
-    undeclared fields are ignored, whatever their type, as the protocol promises."""
+    undeclared fields are ignored, whatever their type, as the protocol promises. Raises
+    without context (the caller adds it)."""
+
     def declared(key: str) -> Any:
         return header.get(key) if key in schema else None
 
     rid = declared(F_REQUEST_ID)
     if rid is not None and not 0 <= rid <= MAX_REQUEST_ID:
-        raise ProtocolError(f"'rid' must be in [0, 2**64), got {rid}", ErrorCode.BAD_VALUE, ctx)
+        raise ProtocolError(f"'rid' must be in [0, 2**64), got {rid}", ErrorCode.BAD_VALUE)
     stream = declared(F_STREAM)
     if stream is not None:
         size = len(stream.encode("utf-8", "surrogatepass"))
         if not 0 < size <= MAX_STREAM_ID_BYTES:
             raise ProtocolError(
                 f"'stream' must be 1..{MAX_STREAM_ID_BYTES} UTF-8 bytes, got {size}",
-                ErrorCode.BAD_VALUE, ctx,
+                ErrorCode.BAD_VALUE,
             )
     seq = declared(F_SEQ)
     if seq is not None and not 0 <= seq <= MAX_SEQ:
-        raise ProtocolError(f"'seq' must be in [0, 2**63), got {seq}", ErrorCode.BAD_VALUE, ctx)
+        raise ProtocolError(f"'seq' must be in [0, 2**63), got {seq}", ErrorCode.BAD_VALUE)
     if msg_type == MessageType.PING:
         versions = declared(F_VERSIONS) or []
         if len(versions) > 64 or not all(_is_int(v) for v in versions):
             raise ProtocolError("'versions' must be a list of at most 64 ints",
-                                ErrorCode.BAD_VALUE, ctx)
+                                ErrorCode.BAD_VALUE)
     if msg_type == MessageType.GENERATE:
-        _check_generate(header, ctx)
+        _check_generate(header)
 
 
-def _check_generate(header: dict[str, Any], ctx: dict | None) -> None:
+def _check_generate(header: dict[str, Any]) -> None:
     steps = header[F_STEPS]
     if not 1 <= steps <= MAX_GENERATE_STEPS:
         raise ProtocolError(f"'steps' must be in 1..{MAX_GENERATE_STEPS}, got {steps}",
-                            ErrorCode.BAD_VALUE, ctx)
+                            ErrorCode.BAD_VALUE)
     sample = header.get("sample", "greedy")
     if sample not in GENERATE_SAMPLERS:
         raise ProtocolError(f"'sample' must be one of {sorted(GENERATE_SAMPLERS)}",
-                            ErrorCode.BAD_VALUE, ctx)
+                            ErrorCode.BAD_VALUE)
     temperature = header.get("temperature", 1.0)
     if not (math.isfinite(temperature) and temperature > 0):
-        raise ProtocolError("'temperature' must be a finite number > 0", ErrorCode.BAD_VALUE, ctx)
+        raise ProtocolError("'temperature' must be a finite number > 0", ErrorCode.BAD_VALUE)
     top_k = header.get("top_k")
     if top_k is not None and top_k < 1:
-        raise ProtocolError("'top_k' must be >= 1 or nil", ErrorCode.BAD_VALUE, ctx)
+        raise ProtocolError("'top_k' must be >= 1 or nil", ErrorCode.BAD_VALUE)
 
 
 def _decode_arrays(
     header: dict[str, Any], array_frames: Sequence[FrameLike],
-    required: Mapping[str, tuple[int, ...]], name: str, ctx: dict | None,
+    required: Mapping[str, tuple[int, ...]], name: str,
 ) -> dict[str, np.ndarray]:
+    """The arrays ``header`` describes, as views over ``array_frames``. Raises without
+    context (the caller adds it)."""
     descriptors = header.get(F_ARRAYS, {})
     if type(descriptors) is not dict:
-        raise ProtocolError(f"'{F_ARRAYS}' must be a map", context=ctx)
+        raise ProtocolError(f"'{F_ARRAYS}' must be a map")
     if len(descriptors) != len(array_frames):
         raise ProtocolError(
-            f"{len(array_frames)} array frame(s) but {len(descriptors)} array descriptor(s)",
-            context=ctx,
-        )
+            f"{len(array_frames)} array frame(s) but {len(descriptors)} array descriptor(s)")
     arrays: dict[str, np.ndarray] = {}
     used_frames: set[int] = set()
     for array_name, desc in descriptors.items():
         if type(desc) is not dict:
-            raise ProtocolError(f"array {array_name!r}: descriptor must be a map", context=ctx)
+            raise ProtocolError(f"array {array_name!r}: descriptor must be a map")
         dtype, shape, index = desc.get(D_DTYPE), desc.get(D_SHAPE), desc.get(D_FRAME)
         if type(dtype) is not str:
             raise ProtocolError(f"array {array_name!r}: 'dtype' must be a string",
-                                ErrorCode.BAD_DTYPE, ctx)
+                                ErrorCode.BAD_DTYPE)
         np_dtype = _WIRE_DTYPES.get(dtype)
         if np_dtype is None:
             raise ProtocolError(
                 f"array {array_name!r}: dtype {dtype!r} not allowed; allowed: "
-                f"{sorted(ALLOWED_DTYPES)}", ErrorCode.BAD_DTYPE, ctx,
+                f"{sorted(ALLOWED_DTYPES)}", ErrorCode.BAD_DTYPE,
             )
         if type(shape) is not list or len(shape) > MAX_NDIM or not _dims_ok(shape):
             raise ProtocolError(
                 f"array {array_name!r}: 'shape' must be a list of at most {MAX_NDIM} "
-                "non-negative ints", ErrorCode.BAD_SHAPE, ctx,
+                "non-negative ints", ErrorCode.BAD_SHAPE,
             )
         if type(index) is not int or not 0 <= index < len(array_frames) or index in used_frames:
             raise ProtocolError(
                 f"array {array_name!r}: 'frame' must be a distinct int in "
-                f"[0, {len(array_frames)})", context=ctx,
-            )
+                f"[0, {len(array_frames)})")
         used_frames.add(index)
         buf = _buffer(array_frames[index])
         expected = math.prod(shape) * np_dtype.itemsize
         if buf.nbytes != expected:
             raise ProtocolError(
                 f"array {array_name!r}: shape {shape} of {dtype} needs {expected} bytes, "
-                f"frame has {buf.nbytes}", ErrorCode.BAD_SHAPE, ctx,
+                f"frame has {buf.nbytes}", ErrorCode.BAD_SHAPE,
             )
         array = np.frombuffer(buf, dtype=np_dtype).reshape(shape)
         if not np_dtype.isnative:  # big-endian host
@@ -363,16 +363,16 @@ def _decode_arrays(
         arrays[array_name] = array
     for array_name, ndims in required.items():
         if array_name not in arrays:
-            raise ProtocolError(f"{name} needs array {array_name!r}", context=ctx)
+            raise ProtocolError(f"{name} needs array {array_name!r}")
         if arrays[array_name].ndim not in ndims:
             raise ProtocolError(
                 f"array {array_name!r} must have {' or '.join(map(str, ndims))} dims, got "
                 f"shape {list(arrays[array_name].shape)}",
-                ErrorCode.BAD_SHAPE, ctx,
+                ErrorCode.BAD_SHAPE,
             )
     extra = [a for a in arrays if a not in required] if len(arrays) > len(required) else []
     if extra:
-        raise ProtocolError(f"{name} takes no array(s) {sorted(extra)}", context=ctx)
+        raise ProtocolError(f"{name} takes no array(s) {sorted(extra)}")
     return arrays
 
 
@@ -436,9 +436,8 @@ def _check_message(
                 f"{list(SUPPORTED_VERSIONS)}); send PING with 'versions' to negotiate",
                 ErrorCode.UNSUPPORTED_VERSION,
             )
-        _check_ranges(msg_type, header, schema, None)
-        arrays = _decode_arrays(header, array_frames, array_specs.get(msg_type, {}), name,
-                                None)
+        _check_ranges(msg_type, header, schema)
+        arrays = _decode_arrays(header, array_frames, array_specs.get(msg_type, {}), name)
     except ProtocolError as exc:
         exc.context = _context(header)
         raise

@@ -198,8 +198,7 @@ class Client:
                 raise ValueError("curve_server_key needs curve_keypair (this client's keys)")
             curve_client(self._socket, curve_server_key, curve_keypair)
         self._socket.connect(endpoint)
-        self._submissions: queue.SimpleQueue[_Request | list[_Request] | None] = (
-            queue.SimpleQueue())
+        self._submissions: queue.SimpleQueue[list[_Request] | None] = queue.SimpleQueue()
         # Requests submitted on the I/O thread itself (from a Future callback): no queue and
         # no wake-up, sent in the same loop turn as the reply that triggered them.
         self._io_ident: int | None = None
@@ -334,7 +333,7 @@ class Client:
         if threading.get_ident() == self._io_ident:
             self._local.extend(requests)
         else:
-            self._submissions.put(requests[0] if len(requests) == 1 else requests)
+            self._submissions.put(requests)
             self._wake()
 
     def _wake(self) -> None:
@@ -386,22 +385,25 @@ class Client:
             self._wake_r.close()
             self._wake_w.close()
 
-    def _next_submission(self) -> _Request | list[_Request] | None:
-        """The next submitted request(s) (I/O-thread ones first); raises queue.Empty."""
+    def _next_submission(self) -> list[_Request] | None:
+        """The next submitted requests (I/O-thread ones first); None: shut down. Raises
+        queue.Empty."""
         if self._local:
-            return self._local.popleft()
+            requests = list(self._local)
+            self._local.clear()
+            return requests
         return self._submissions.get_nowait()
 
     def _take_submissions(self) -> bool:
         touched: dict[str, None] = {}  # insertion-ordered: streams are sent in that order
         while True:
             try:
-                item = self._next_submission()
+                requests = self._next_submission()
             except queue.Empty:
                 break
-            if item is None:
+            if requests is None:
                 return False
-            for request in item if isinstance(item, list) else (item,):
+            for request in requests:
                 if request.stream is None:
                     request.rid = next(self._rids)
                     self._control[request.rid] = request
@@ -474,9 +476,10 @@ class Client:
         several. (Failing one can release more of its stream: those go out too.)"""
         while self._outgoing:
             outgoing, self._outgoing = self._outgoing, []
-            requests = iter([request for _, request in outgoing])
+            start = 0  # batches_of keeps the order: group k holds the next len(group) parts
             for group in batches_of([part for part, _ in outgoing]):
-                owners = [next(requests) for _ in group]
+                owners = [request for _, request in outgoing[start:start + len(group)]]
+                start += len(group)
                 if len(group) == 1:
                     self._send_alone(group[0], owners[0])
                     continue
@@ -781,11 +784,11 @@ class Client:
         self._control.clear()
         while True:
             try:
-                item = self._next_submission()
+                requests = self._next_submission()
             except queue.Empty:
                 break
-            for request in item if isinstance(item, list) else (item,):
-                if request is not None and not request.future.done():
+            for request in requests or ():
+                if not request.future.done():
                     request.future.set_exception(exc)
 
 

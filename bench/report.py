@@ -141,6 +141,26 @@ def headline(rows: list[dict]) -> str:
     if gemm:
         out.append(f"- **GEMM ceiling** (2048^3 tf.matmul, own test): "
                    f"{gemm['gflops']:.1f} GFLOP/s median, {gemm['gflops_best']:.1f} best")
+    chain = next((r for r in rows if r.get("variant") == "xla-dot-chain"), None)
+    fused = at.get("fused (XLA)")
+    if chain:
+        units = chain["dot_units"]
+        line = (f"- **the recurrent GEMMs alone under XLA** ({chain['dot_chunk']} chained "
+                f"({chain['dot_slots']}, {units}) @ ({units}, {4 * units}) dots, nothing else): "
+                f"{chain['gflops']:.1f} GFLOP/s, **{100 * chain['fraction_of_gemm']:.0f}% of "
+                f"the interleaved GEMM ceiling** ({chain['gemm_gflops_interleaved']:.1f} GFLOP/s)")
+        if fused:
+            # bound of a step whose recurrent dots run at the chain's rate, the rest for free
+            share = 2 * units * 4 * units / fused["flops_per_timestep"]
+            bound = 1 / (share / chain["fraction_of_gemm"] + 1 - share)
+            line += (f". They are {100 * share:.0f}% of the step's FLOPs, so an XLA step at "
+                     f"this shape stays below {100 * bound:.0f}% of the ceiling even if "
+                     "everything else were free")
+            if torch:
+                dots_rate = chain["gflops"] * 1e9 / (2 * units * 4 * units)  # timesteps/s
+                line += (f", and below {dots_rate / torch['timesteps_per_s']:.2f}x torch "
+                         "nn.LSTM (whose whole step is compared)")
+        out.append(line)
     recipe = [r for r in rows if r.get("variant") == "predict-recipe"]
     best = at.get("fused (XLA)") or at.get("keras-lstm (XLA)")
     for r in recipe:
@@ -188,7 +208,9 @@ def e2e_table(rows: list[dict]) -> str | None:
         f"`bench/test_bench_e2e.py`: a real worker process and one `Client` (64 streams, "
         f"{window} chunks in flight each, {wire}) on the same machine, vs `engine.push_many` "
         "in-process; the two alternate and the ratio is the median of the per-pair ratios "
-        "(target >= 0.9).",
+        "(target >= 0.9)."
+        + (" The worker coalesces: a stream's queued consecutive chunks share a step, so a "
+           "step can carry more chunks than slots." if first.get("coalesce") else ""),
         "", "| chunk | slots | kernel-only timesteps/s | e2e timesteps/s | e2e / kernel | "
         "per pair | chunks per step | CPU us per chunk: worker / client |",
         "|---|---|---|---|---|---|---|---|",

@@ -13,9 +13,11 @@ both measurements. For each chunk length in ``STREAMRNN_E2E_CHUNKS`` (default 16
   counts timesteps/s. The pushes submitted from the callbacks of one reply envelope leave
   in one BATCH message, and the worker answers each step in one BATCH_REPLY (the client's
   default, docs/protocol.md section 4a; ``STREAMRNN_E2E_BATCH=0``: one message per chunk,
-  for comparison). The CPU time per
-  chunk of the worker process (compiled step included) and of this client process are
-  recorded too (Linux).
+  for comparison). The worker runs with its default coalescing: the queued consecutive
+  chunks of a stream (up to ``--max-bucket`` timesteps) share one step
+  (``STREAMRNN_E2E_COALESCE=0``: one chunk per stream per step, as ``engine.push_many``
+  does here). The CPU time per chunk of the worker process (compiled step included) and of
+  this client process are recorded too (Linux).
 
 The two alternate, ``PAIRS`` times each, and the ratio e2e/kernel is the median of the
 per-pair ratios (the machine's speed drifts; a pair sees the same drift). The target is
@@ -51,6 +53,7 @@ CHUNKS = [int(c) for c in os.environ.get("STREAMRNN_E2E_CHUNKS", "16,64,128").sp
 LATENCY_CHUNK = CHUNKS[0]
 WINDOW = int(os.environ.get("STREAMRNN_E2E_WINDOW", "3"))
 BATCH = os.environ.get("STREAMRNN_E2E_BATCH", "1") != "0"  # 0: one message per chunk
+COALESCE = os.environ.get("STREAMRNN_E2E_COALESCE", "1") != "0"  # 0: worker --coalesce-steps 0
 PAIRS = 3
 KERNEL_SECONDS = 2.0
 E2E_TIMESTEPS = 400_000  # per e2e measurement (a few seconds; the ramp-up and -down are a
@@ -96,7 +99,9 @@ def engine(model_path):
 def worker(model_path):
     from workers.process import WorkerProcess
 
-    with WorkerProcess.start(model_path, SLOTS, "--batch-window-us", "500") as process:
+    coalesce = () if COALESCE else ("--coalesce-steps", "0")
+    with WorkerProcess.start(model_path, SLOTS, "--batch-window-us", "500",
+                             *coalesce) as process:
         yield process
 
 
@@ -184,6 +189,7 @@ def test_e2e_vs_kernel_only(benchmark, engine, worker, chunk):
     cpu = {"worker": 0.0, "client": 0.0}  # CPU seconds spent during the e2e loops
     with Client(worker.endpoint, timeout=60, window=WINDOW, batch=BATCH) as client:
         _closed_loop(client, chunks, WINDOW)  # open the streams, warm the path
+        counts_before = client.stats()["counts"]
 
         def pair() -> None:
             kernel.append(_kernel_rate(engine, chunks, KERNEL_SECONDS))
@@ -195,17 +201,18 @@ def test_e2e_vs_kernel_only(benchmark, engine, worker, chunk):
             cpu["client"] += _own_cpu_s() - own_before  # the engine here is idle meanwhile
 
         benchmark.pedantic(pair, rounds=PAIRS, iterations=1)
-        stats = client.stats()
+        counts_after = client.stats()["counts"]
     ratios = [e / k for e, k in zip(e2e, kernel, strict=True)]
     ratio = float(np.median(ratios))
-    counts = stats["counts"]
+    counts = {k: v - counts_before.get(k, 0) for k, v in counts_after.items()}  # this case
     fill = counts.get("applied_push", 0) / max(counts.get("batches", 1), 1)
     benchmark.extra_info.update({
         "suite": "e2e", "chunk": chunk, "slots": SLOTS, "units": UNITS,
         "kernel_timesteps_per_s": float(np.median(kernel)),
         "timesteps_per_s": float(np.median(e2e)),
         "ratio_vs_kernel": ratio, "ratios": [round(r, 3) for r in ratios],
-        "chunks_per_batch": fill, "window": WINDOW, "batch": BATCH,
+        "chunks_per_batch": fill, "window": WINDOW, "batch": BATCH, "coalesce": COALESCE,
+        "coalesced_share": counts.get("coalesced_push", 0) / max(counts.get("applied_push", 1), 1),
         # CPU per chunk, us: the worker process (step included) and this client process
         "worker_cpu_us_per_chunk": cpu["worker"] / (PAIRS * SLOTS * rounds) * 1e6,
         "client_cpu_us_per_chunk": cpu["client"] / (PAIRS * SLOTS * rounds) * 1e6,
@@ -213,7 +220,8 @@ def test_e2e_vs_kernel_only(benchmark, engine, worker, chunk):
     RESULTS[f"e2e_{chunk}"] = float(np.median(e2e))
     print(f"\nchunk {chunk}: kernel-only {np.median(kernel):,.0f} timesteps/s, e2e through "
           f"ZeroMQ {np.median(e2e):,.0f}; e2e/kernel per pair {[f'{r:.2f}' for r in ratios]}, "
-          f"median {ratio:.2f} (target >= 0.9); {fill:.1f} chunks per batched step; CPU per "
+          f"median {ratio:.2f} (target >= 0.9); {fill:.1f} chunks per batched step "
+          f"({100 * benchmark.extra_info['coalesced_share']:.0f}% coalesced); CPU per "
           f"chunk: worker {benchmark.extra_info['worker_cpu_us_per_chunk']:.0f} us, client "
           f"{benchmark.extra_info['client_cpu_us_per_chunk']:.0f} us")
 

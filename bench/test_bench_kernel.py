@@ -13,7 +13,9 @@ compiled step and the copy-out, as the engine runs it. Variants:
 * ``fused``: :mod:`streamrnn.fused` on the ``LSTM`` layer's variables;
 
 each with XLA on and off. Also: the classic per-step ``predict([x, h, c])`` recipe, a
-float32 GEMM ceiling (2048^3 ``tf.matmul``), cuDNN on/off on a GPU, and the PyTorch
+float32 GEMM ceiling (2048^3 ``tf.matmul``), the headline step's recurrent GEMMs alone as
+XLA dots (``xla-dot-chain``: the bound of any XLA step at that shape, as a fraction of the
+ceiling), cuDNN on/off on a GPU, and the PyTorch
 ``nn.LSTM`` peer (``/work/shared/bench/peer_torch_lstm.py`` run by ``$STREAMRNN_TORCH_PYTHON``,
 default ``/tmp/torchenv/bin/python``; skipped if missing), whose runs alternate with rounds
 of the fused step for an interleaved ratio.
@@ -51,6 +53,7 @@ SLOTS, CHUNKS = (1, 8, 64, 256), (1, 16, 128)
 TORCH_PEER = Path(os.environ.get("STREAMRNN_TORCH_PEER", "/work/shared/bench/peer_torch_lstm.py"))
 TORCH_PYTHON = os.environ.get("STREAMRNN_TORCH_PYTHON", "/tmp/torchenv/bin/python")
 TORCH_PAIRS = 3  # torch peer runs alternating with rounds of the fused step
+HEADLINE = (64, 16)  # slots, chunk: the shape of the issue's kernel targets
 
 
 def flops_per_timestep(features: int = FEATURES, units: int = UNITS) -> int:
@@ -160,7 +163,7 @@ def test_kernel_step(benchmark, variant, xla, slots, chunk):
         if (slots, chunk) not in _REFS:
             _REFS[(slots, chunk)] = _runner(*REFERENCE, slots, chunk)[1]
         refs["keras-lstm-xla"] = _REFS[(slots, chunk)]
-    if (slots, chunk) == (64, 16):
+    if (slots, chunk) == HEADLINE:
         refs["gemm"] = _REFS.setdefault("gemm", _gemm_fn())
     _timed(benchmark, step, slots * chunk, refs=refs)
     info = benchmark.extra_info
@@ -208,6 +211,40 @@ def test_gemm_ceiling(benchmark):
     benchmark.extra_info.update(
         variant="gemm", n=n,
         gflops=2 * n**3 / stats.median / 1e9, gflops_best=2 * n**3 / stats.min / 1e9,
+    )
+
+
+def _dot_chain_fn(slots: int, chunk: int, units: int = UNITS):
+    """The fused step's recurrent GEMMs and nothing else: ``chunk`` chained
+    ``(slots, units) @ (units, 4 * units)`` XLA dots (a tanh of a slice feeds each next one)."""
+    import tensorflow as tf
+
+    h = tf.random.normal((slots, units))
+    kernel = tf.random.normal((units, 4 * units)) * 0.05
+
+    @tf.function(jit_compile=True)
+    def chain(h):
+        for _ in range(chunk):
+            h = tf.tanh(tf.matmul(h, kernel)[:, :units])
+        return h
+
+    return lambda: chain(h).numpy()
+
+
+def test_xla_dot_chain(benchmark):
+    """How fast XLA:CPU runs the headline step's recurrent GEMMs alone, as a fraction of the
+    GEMM ceiling (interleaved): no step built on XLA dots at this shape can beat it."""
+    slots, chunk = HEADLINE
+    refs = {"gemm": _REFS.setdefault("gemm", _gemm_fn())}
+    _timed(benchmark, _dot_chain_fn(slots, chunk), 0, refs=refs)
+    flops = 2 * slots * UNITS * 4 * UNITS * chunk
+    stats = benchmark.stats.stats
+    gflops = flops / stats.median / 1e9
+    ceiling = 2 * 2048**3 / benchmark.extra_info["ref_seconds"]["gemm"] / 1e9
+    benchmark.extra_info.update(
+        variant="xla-dot-chain", dot_slots=slots, dot_chunk=chunk, dot_units=UNITS, gflops=gflops,
+        gflops_best=flops / stats.min / 1e9, gemm_gflops_interleaved=ceiling,
+        fraction_of_gemm=gflops / ceiling,
     )
 
 

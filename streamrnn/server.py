@@ -19,7 +19,9 @@ Within one batch the requests of a stream keep their order: its n-th PUSH goes i
 n-th round, and its RESET/CLOSE/OPEN/GENERATE run before the PUSHes of the round that
 follows its previous PUSH. Only the first round runs; later rounds are carried into the
 next batch (ahead of newly arrived requests), so each step is filled with as many distinct
-streams as possible.
+streams as possible. With ``WorkerConfig.coalesce_steps`` (the worker CLI's default), a
+stream's PUSHes of the later rounds that directly follow its first one join it in the
+step as one longer slice (see ``StreamWorker._coalesce``); each still gets its own reply.
 
 Example::
 
@@ -136,6 +138,8 @@ class WorkerConfig:
 
     bind: str = "tcp://127.0.0.1:5555"
     batch_window_us: int = 500  # how long the compute loop waits to fill a batch
+    coalesce_steps: int = 0  # run a stream's queued consecutive PUSHes, up to this many
+    # timesteps in all, in one step (0: one PUSH per stream per step; see _coalesce)
     max_queue: int = 4096  # requests waiting for the compute thread; beyond -> BUSY
     max_batch: int = 4096  # requests taken per compute iteration
     idle_timeout_s: float = 0.0  # expire streams idle this long (0: never)
@@ -690,10 +694,63 @@ class StreamWorker:
         if not rounds:
             return
         self._apply_before(rounds[0].before)
-        self._apply_pushes(rounds[0].pushes)
-        if len(rounds) > 1:
-            later = {id(w) for r in rounds[1:] for w in (*r.before, *r.pushes)}
-            self._carry = [w for w in batch if id(w) in later]
+        runs = self._coalesce(rounds)
+        taken = {id(w) for run in runs for w in run}
+        put_back = {id(w) for w in self._apply_pushes(runs)}
+        later = {id(w) for r in rounds[1:] for w in (*r.before, *r.pushes)}
+        carry = (later - taken) | put_back
+        if carry:
+            self._carry = [w for w in batch if id(w) in carry]
+
+    def _coalesce(self, rounds: list[_Round]) -> list[list[_Work]]:
+        """The PUSH runs of this step: each round-0 PUSH, followed by the same stream's
+        PUSHes of the next rounds when they can share its step.
+
+        A queued PUSH joins its stream's run when it is valid, its seq follows the run's
+        last, no RESET/CLOSE/OPEN/GENERATE of the stream comes between them, and the run
+        stays within ``config.coalesce_steps`` timesteps. The step then carries a longer
+        slice of each stream for the same per-step cost (dispatch, packing, replies): under
+        backlog, throughput moves toward that of long chunks, and each chunk still gets its
+        own reply. Runs are cut to the padded length ``B`` (a power of two) that the chunks
+        fill best, the longest among equals, so coalescing never adds masked timesteps.
+        """
+        runs = [[work] for work in rounds[0].pushes]
+        limit = self.config.coalesce_steps
+        if limit <= 0 or len(rounds) == 1:
+            return runs
+        blocked = [{w.stream for w in r.before} for r in rounds]
+        pushes = [{w.stream: w for w in r.pushes} for r in rounds]
+        valid = [run for run in runs if run[0].invalid is None and run[0].chunk is not None]
+        for run in valid:
+            stream, total = run[0].stream, len(run[0].chunk)
+            for i in range(1, len(rounds)):
+                follower = pushes[i].get(stream)
+                if (stream in blocked[i] or follower is None or follower.invalid is not None
+                        or follower.chunk is None or follower.seq != run[-1].seq + 1
+                        or total + len(follower.chunk) > limit):
+                    break
+                run.append(follower)
+                total += len(follower.chunk)
+        if not any(len(run) > 1 for run in valid):
+            return runs
+        longest_first = max(len(run[0].chunk) for run in valid)
+        best_fill, best_length = 0.0, 0
+        length = 1
+        while length <= limit:
+            if length >= longest_first:
+                used = sum(_prefix_steps(run, length) for run in valid)
+                fill = used / (length * len(valid))
+                if fill >= best_fill:
+                    best_fill, best_length = fill, length
+            length *= 2
+        for run in valid:
+            total = 0
+            for i, work in enumerate(run):
+                total += len(work.chunk)
+                if i and total > best_length:
+                    del run[i:]
+                    break
+        return runs
 
     # ---- applying requests (compute thread) -------------------------------------------
 
@@ -863,60 +920,76 @@ class StreamWorker:
         self._count("generate_calls")
         return _generate_reply(work, out)
 
-    def _apply_pushes(self, pushes: list[_Work]) -> None:
-        ready: dict[str, _Work] = {}
-        for work in pushes:
+    def _apply_pushes(self, runs: list[list[_Work]]) -> list[_Work]:
+        """Run one batched step over the streams' PUSH runs (see :meth:`_coalesce`) and
+        reply to each PUSH. Returns the PUSHes to carry into the next batch: the rest of a
+        run whose first PUSH was not applied (answered, then handled like any later PUSH)."""
+        ready: dict[str, list[_Work]] = {}
+        carry: list[_Work] = []
+        for run in runs:
+            work = run[0]
             expected = self._admit(work)
             if expected is None:
+                carry += run[1:]
                 continue
             if work.invalid is not None:
                 self._send_error(work, work.invalid.code, str(work.invalid), expected)
                 continue
-            ready[work.stream] = work
+            ready[work.stream] = run
         if not ready:
-            return
+            return carry
         new_streams = [s for s in ready if s not in self.engine]
         room = self.engine.capacity_left  # free slots plus host-memory swap room
         for stream in new_streams[room:]:
-            work = ready.pop(stream)
+            work, *rest = ready.pop(stream)
+            carry += rest
             self._send_error(work, ErrorCode.ENGINE_FULL,
                              f"worker is full: {len(self.engine.streams)} streams live "
                              f"(slots={self.engine.slots}, max_streams="
                              f"{getattr(self.engine, 'max_streams', self.engine.slots)}); "
                              "close a stream or retry later", work.seq)
         if not ready:
-            return
+            return carry
+        chunks = {stream: run[0].chunk if len(run) == 1
+                  else np.concatenate([w.chunk for w in run]) for stream, run in ready.items()}
         began = time.monotonic()
         try:
-            outputs = self.engine.push_many({s: w.chunk for s, w in ready.items()},
-                                            validated=True)
+            outputs = self.engine.push_many(chunks, validated=True)
         except Exception:
-            log.exception("batched push failed; retrying the %d chunks one by one", len(ready))
+            log.exception("batched push failed; retrying the %d streams one by one", len(ready))
             outputs = {}
-            for stream, work in ready.items():
+            for stream, run in ready.items():
                 try:
-                    outputs[stream] = self.engine.push(stream, work.chunk)
+                    outputs[stream] = self.engine.push(stream, chunks[stream])
+                    continue
                 except StreamRNNError as exc:
-                    self._send_error(work, exc.code, str(exc), work.seq)
+                    code, message = exc.code, str(exc)
                 except Exception as exc:
                     log.exception("push of stream %r failed", stream)
-                    self._send_error(work, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}",
-                                     work.seq)
+                    code, message = ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"
+                self._send_error(run[0], code, message, run[0].seq)
+                carry += run[1:]
         self.metrics.step_latency.observe(time.monotonic() - began)
         self.metrics.batch_fill.observe(len(ready) / self.engine.slots)
         self._count("batches")
         if self.checkpointer is not None:
             self.checkpointer.count_step()
-        self._count("applied_push", len(outputs))
+        applied = [run for stream, run in ready.items() if stream in outputs]
+        self._count("applied_push", sum(len(run) for run in applied))
+        self._count("coalesced_push", sum(len(run) - 1 for run in applied))
         self._count("timesteps", sum(len(o) for o in outputs.values()))
         for stream, out in outputs.items():
-            work = ready[stream]
-            reply: CachedReply = (MessageType.OUTPUT,
-                                  {F_STREAM: stream, F_SEQ: work.seq, F_STEPS: len(out)},
-                                  {A_OUTPUT: out})
-            self._seq.applied(stream, work.seq, reply)
-            self._send(work, *reply)
-            self.metrics.chunk_latency.observe(time.monotonic() - work.received)
+            start = 0
+            for work in ready[stream]:
+                steps = len(work.chunk)
+                reply: CachedReply = (MessageType.OUTPUT,
+                                      {F_STREAM: stream, F_SEQ: work.seq, F_STEPS: steps},
+                                      {A_OUTPUT: out[start:start + steps]})
+                start += steps
+                self._seq.applied(stream, work.seq, reply)
+                self._send(work, *reply)
+                self.metrics.chunk_latency.observe(time.monotonic() - work.received)
+        return carry
 
     # ---- replies (compute thread) -----------------------------------------------------
 
@@ -944,6 +1017,16 @@ class StreamWorker:
 
 _GENERATE_DEFAULTS = {"sample": "greedy", "temperature": 1.0, "top_k": None,
                       "end_token": None}  # Engine.generate's; "seed" may differ per stream
+
+
+def _prefix_steps(run: list[_Work], length: int) -> int:
+    """Timesteps of the longest prefix of ``run`` that fits ``length`` (the first always)."""
+    total = len(run[0].chunk)
+    for work in run[1:]:
+        if total + len(work.chunk) > length:
+            break
+        total += len(work.chunk)
+    return total
 
 
 def _generate_options(header: dict[str, Any]) -> tuple:

@@ -32,19 +32,10 @@ from streamrnn.protocol import MAX_BATCH_PARTS, ErrorCode, MessageType
 from streamrnn.router import Router, RouterConfig
 from tests.codec_strategies import HEADER_VALUES, STRUCTURED_HEADER, encoded
 from tests.modelzoo import offline
-from tests.shared_worker import SPEC
+from tests.wire_helpers import collect_replies, data, push
 from workers.process import RouterProcess, WorkerProcess
 
 TOL = 1e-5
-
-
-def data(steps: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((steps, SPEC.features)).astype(
-        np.float32)
-
-
-def push(stream: str, seq: int, chunk: np.ndarray, rid: int):
-    return (MessageType.PUSH, {"rid": rid, "stream": stream, "seq": seq}, {"chunk": chunk})
 
 
 # ---- codec ----------------------------------------------------------------------------
@@ -160,18 +151,6 @@ def test_fuzz_envelopes_give_parts_or_a_clean_error(frames):
 # ---- a real worker --------------------------------------------------------------------
 
 
-def _replies(sock, count: int) -> dict[int, object]:
-    """Every part reply (plain or in BATCH_REPLY envelopes) until ``count`` arrived."""
-    got: dict[int, object] = {}
-    while len(got) < count:
-        frames = sock.recv_multipart()
-        parts = decode_batch(frames, replies=True)[1] if is_batch(frames) else [
-            decode_reply(frames)]
-        for part in parts:
-            got[part.header["rid"]] = part
-    return got
-
-
 def test_worker_answers_each_part_and_a_bad_one_alone(worker, dealer):
     x = {s: data(12, i) for i, s in enumerate(("ba", "bb", "bc"))}
     nan = data(4, 9)
@@ -180,14 +159,14 @@ def test_worker_answers_each_part_and_a_bad_one_alone(worker, dealer):
     dealer.send_multipart(encode_batch(MessageType.BATCH, [
         push("ba", 0, x["ba"][:5], 1), push("bb", 0, x["bb"][:5], 2),
         push("bc", 0, nan, 3), push("ba", 1, x["ba"][5:], 4)]))
-    got = _replies(dealer, 4)
+    got = collect_replies(dealer, 4)
     assert got[3].type is MessageType.ERROR and got[3].header["code"] == ErrorCode.NON_FINITE
     assert got[3].header["expected"] == 0  # nothing of "bc" was applied
     assert got[1].type is got[2].type is got[4].type is MessageType.OUTPUT
     # the next envelope: "bc" goes on from seq 0, "bb" from seq 1
     dealer.send_multipart(encode_batch(MessageType.BATCH, [
         push("bc", 0, x["bc"], 5), push("bb", 1, x["bb"][5:], 6)]))
-    more = _replies(dealer, 2)
+    more = collect_replies(dealer, 2)
     np.testing.assert_allclose(np.concatenate([got[1].arrays["output"], got[4].arrays["output"]]),
                                offline(worker.model, x["ba"]), atol=TOL)
     np.testing.assert_allclose(np.concatenate([got[2].arrays["output"], more[6].arrays["output"]]),
@@ -199,11 +178,11 @@ def test_worker_answers_each_part_and_a_bad_one_alone(worker, dealer):
     error = decode_reply(dealer.recv_multipart())
     assert error.type is MessageType.ERROR and error.header["code"] == ErrorCode.MALFORMED
     dealer.send_multipart(encode(*push("bd", 0, data(2, 5), 7)))
-    assert _replies(dealer, 1)[7].type is MessageType.OUTPUT
+    assert collect_replies(dealer, 1)[7].type is MessageType.OUTPUT
     dealer.send_multipart(encode_batch(MessageType.BATCH, [
         (MessageType.CLOSE, {"rid": 8 + i, "stream": s, "seq": seq}, None)
         for i, (s, seq) in enumerate((("ba", 2), ("bb", 2), ("bc", 1), ("bd", 1)))]))
-    assert {p.type for p in _replies(dealer, 4).values()} == {MessageType.ACK}
+    assert {p.type for p in collect_replies(dealer, 4).values()} == {MessageType.ACK}
 
 
 def test_client_batches_and_streaming_still_equals_offline(worker):
@@ -260,7 +239,7 @@ def test_router_answers_each_part_and_refuses_a_broken_envelope():
         assert error.type is MessageType.ERROR and error.header["code"] == ErrorCode.MALFORMED
         sock.send_multipart(encode_batch(MessageType.BATCH, [
             push("ra", 0, data(2, 1), 31), push("rb", 0, data(3, 2), 32)]))
-        got = _replies(sock, 2)
+        got = collect_replies(sock, 2)
         assert {rid: (m.type, m.header["code"], m.header["stream"]) for rid, m in got.items()} == {
             31: (MessageType.ERROR, ErrorCode.UNAVAILABLE, "ra"),
             32: (MessageType.ERROR, ErrorCode.UNAVAILABLE, "rb")}

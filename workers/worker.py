@@ -45,6 +45,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="ZMQ_MAXMSGSIZE: peers sending a bigger frame are disconnected")
     parser.add_argument("--max-bucket", type=int, default=64,
                         help="longest padded step (power of two); longer chunks are split")
+    parser.add_argument("--coalesce-steps", type=int, default=None,
+                        help="under backlog, run a stream's queued consecutive chunks, up to "
+                             "this many timesteps in all, in one step (each chunk still gets "
+                             "its own reply); 0: one chunk per stream per step (default: "
+                             "--max-bucket)")
     parser.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
                         help="fused LSTM/GRU/SimpleRNN fast path (default: on for CPU, off for "
                              "GPU where Keras can use cuDNN)")
@@ -110,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
         engine = WeightsFollower(engine, args.weights_from, poll_s=args.weights_poll_s)
     config = WorkerConfig(
         bind=args.bind, batch_window_us=args.batch_window_us, max_queue=args.max_queue,
+        coalesce_steps=args.max_bucket if args.coalesce_steps is None else args.coalesce_steps,
         idle_timeout_s=args.idle_timeout_s, max_frame_bytes=args.max_frame_bytes,
         checkpoint_dir=args.checkpoint_dir, model_name=os.path.basename(args.model),
         checkpoint_every_steps=args.checkpoint_every_steps,

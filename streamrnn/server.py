@@ -734,22 +734,17 @@ class StreamWorker:
         if not any(len(run) > 1 for run in valid):
             return runs
         longest_first = max(len(run[0].chunk) for run in valid)
-        best_fill, best_length = 0.0, 0
+        best_fill, best_length = 0.0, longest_first
         length = 1
         while length <= limit:
             if length >= longest_first:
-                used = sum(_prefix_steps(run, length) for run in valid)
+                used = sum(_prefix(run, length)[1] for run in valid)
                 fill = used / (length * len(valid))
                 if fill >= best_fill:
                     best_fill, best_length = fill, length
             length *= 2
         for run in valid:
-            total = 0
-            for i, work in enumerate(run):
-                total += len(work.chunk)
-                if i and total > best_length:
-                    del run[i:]
-                    break
+            del run[_prefix(run, best_length)[0]:]
         return runs
 
     # ---- applying requests (compute thread) -------------------------------------------
@@ -1019,14 +1014,15 @@ _GENERATE_DEFAULTS = {"sample": "greedy", "temperature": 1.0, "top_k": None,
                       "end_token": None}  # Engine.generate's; "seed" may differ per stream
 
 
-def _prefix_steps(run: list[_Work], length: int) -> int:
-    """Timesteps of the longest prefix of ``run`` that fits ``length`` (the first always)."""
-    total = len(run[0].chunk)
+def _prefix(run: list[_Work], length: int) -> tuple[int, int]:
+    """``(PUSHes, timesteps)`` of the longest prefix of ``run`` within ``length`` timesteps
+    (the first PUSH always counts)."""
+    count, total = 1, len(run[0].chunk)
     for work in run[1:]:
         if total + len(work.chunk) > length:
             break
-        total += len(work.chunk)
-    return total
+        count, total = count + 1, total + len(work.chunk)
+    return count, total
 
 
 def _generate_options(header: dict[str, Any]) -> tuple:

@@ -76,6 +76,7 @@ class ModelRunner:
 
         self._compact_steps = {r: tf.function(compact_step, jit_compile=jit_compile)
                                for r in self.row_buckets}
+        self._concrete: dict[tuple, tf.types.experimental.ConcreteFunction] = {}
         self._compact_buffers = {
             (r, b): (np.zeros((r, b, *feature_shape), dtype), np.zeros((r, b), bool),
                      np.zeros(r, np.int32))
@@ -122,7 +123,7 @@ class ModelRunner:
             t = len(chunk)
             x[slot, :t] = chunk
             mask[slot, :t] = True
-        y = self._step(x, mask).numpy()
+        y = self._compiled(self._step, x, mask)(x, mask).numpy()
         return {slot: y[slot, : len(chunk)].copy() for slot, chunk in chunks.items()}
 
     def _run_compact(self, chunks: Mapping[int, np.ndarray], bucket: int, rows: int
@@ -138,9 +139,22 @@ class ModelRunner:
         if len(chunks) < rows:
             spare = (s for s in range(self.slots) if s not in chunks)
             index[len(chunks):] = [next(spare) for _ in range(rows - len(chunks))]
-        y = self._compact_steps[rows](x, mask, index).numpy()
+        y = self._compiled(self._compact_steps[rows], x, mask, index)(x, mask, index).numpy()
         self.compact_steps_run += 1
         return {slot: y[i, : len(chunk)].copy() for i, (slot, chunk) in enumerate(chunks.items())}
+
+    def _compiled(self, step: tf.types.experimental.PolymorphicFunction,
+                  *buffers: np.ndarray) -> tf.types.experimental.ConcreteFunction:
+        """``step``'s concrete function for arguments shaped like ``buffers`` (traced on
+        first use). Calling it directly skips the ``tf.function``'s per-call argument
+        matching (measured per step at 16 steps: 1.28x at 1 slot, 1.18x at 8, 1.03-1.13x
+        at 64)."""
+        key = (id(step), *(b.shape for b in buffers))
+        concrete = self._concrete.get(key)
+        if concrete is None:
+            specs = [tf.TensorSpec(b.shape, tf.as_dtype(b.dtype)) for b in buffers]
+            concrete = self._concrete[key] = step.get_concrete_function(*specs)
+        return concrete
 
     def warmup(self) -> None:
         """Trace every bucket once (on an all-masked batch, which changes no state).
@@ -155,11 +169,11 @@ class ModelRunner:
             for b in self.buckets:
                 x, mask = self._buffers[b]
                 mask[:] = False
-                self._step(x, mask)
+                self._compiled(self._step, x, mask)(x, mask)
                 for r in self.row_buckets:  # all masked: their states are written unchanged
                     x, mask, index = self._compact_buffers[(r, b)]
                     mask[:] = False
                     index[:] = np.arange(r)
-                    self._compact_steps[r](x, mask, index)
+                    self._compiled(self._compact_steps[r], x, mask, index)(x, mask, index)
         finally:
             tf_logger.setLevel(level)

@@ -720,13 +720,13 @@ class StreamWorker:
             return runs
         blocked = [{w.stream for w in r.before} for r in rounds]
         pushes = [{w.stream: w for w in r.pushes} for r in rounds]
-        valid = [run for run in runs if run[0].invalid is None and run[0].chunk is not None]
+        valid = [run for run in runs if run[0].invalid is None]  # a PUSH has chunk xor invalid
         for run in valid:
             stream, total = run[0].stream, len(run[0].chunk)
             for i in range(1, len(rounds)):
                 follower = pushes[i].get(stream)
                 if (stream in blocked[i] or follower is None or follower.invalid is not None
-                        or follower.chunk is None or follower.seq != run[-1].seq + 1
+                        or follower.seq != run[-1].seq + 1
                         or total + len(follower.chunk) > limit):
                     break
                 run.append(follower)

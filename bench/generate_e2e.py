@@ -30,7 +30,7 @@ def main() -> None:
     import keras
 
     import streamrnn
-    from workers.process import WorkerProcess
+    from streamrnn.cli.process import WorkerProcess
 
     keras.utils.set_random_seed(0)
     model = keras.Sequential([

@@ -81,9 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="write the JSON summary here")
     args = parser.parse_args(argv)
 
-    from streamrnn.client import Client
+    from streamrnn.cli.process import WorkerProcess
+    from streamrnn.client.client import Client
     from streamrnn.errors import StreamRNNError
-    from workers.process import WorkerProcess
 
     features, out_dim = 6, 4
     model = build_model(features, 24, out_dim)

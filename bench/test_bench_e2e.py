@@ -8,7 +8,7 @@ per-message cost dominates). Same compile settings (engine default: fused, XLA o
 both measurements. For each chunk length in ``STREAMRNN_E2E_CHUNKS`` (default 16, 64, 128):
 
 * ``kernel``: ``engine.push_many`` over all 64 streams in this process (no sockets);
-* ``e2e``: a real worker subprocess; one :class:`~streamrnn.client.Client` keeps ``WINDOW``
+* ``e2e``: a real worker subprocess; one :class:`~streamrnn.client.client.Client` keeps ``WINDOW``
   chunks in flight per stream (callback-driven; ``STREAMRNN_E2E_WINDOW``, default 3) and
   counts timesteps/s. The pushes submitted from the callbacks of one reply envelope leave
   in one BATCH message, and the worker answers each step in one BATCH_REPLY (the client's
@@ -88,7 +88,7 @@ def _chunks(length: int) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def engine(model_path):
-    from streamrnn.engine import Engine
+    from streamrnn.engine.engine import Engine
 
     engine = Engine.from_keras(model_path, slots=SLOTS)
     engine.runner.warmup()
@@ -97,7 +97,7 @@ def engine(model_path):
 
 @pytest.fixture(scope="module")
 def worker(model_path):
-    from workers.process import WorkerProcess
+    from streamrnn.cli.process import WorkerProcess
 
     coalesce = () if COALESCE else ("--coalesce-steps", "0")
     with WorkerProcess.start(model_path, SLOTS, "--batch-window-us", "500",
@@ -179,7 +179,7 @@ def _closed_loop(client, chunks: dict[str, np.ndarray], rounds: int) -> float:
 
 @pytest.mark.parametrize("chunk", CHUNKS)
 def test_e2e_vs_kernel_only(benchmark, engine, worker, chunk):
-    from streamrnn.client import Client
+    from streamrnn.client.client import Client
 
     chunks = _chunks(chunk)
     rounds = max(WINDOW, E2E_TIMESTEPS // (SLOTS * chunk))
@@ -227,7 +227,7 @@ def test_e2e_vs_kernel_only(benchmark, engine, worker, chunk):
 
 
 def test_latency_at_half_load(benchmark, worker):
-    from streamrnn.client import Client
+    from streamrnn.client.client import Client
 
     chunks = _chunks(LATENCY_CHUNK)
     full = RESULTS.get(f"e2e_{LATENCY_CHUNK}") or 50_000.0

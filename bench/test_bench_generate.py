@@ -52,7 +52,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def engine(model):
-    from streamrnn.engine import Engine
+    from streamrnn.engine.engine import Engine
 
     return Engine.from_keras(model, slots=64)
 

@@ -10,7 +10,7 @@ compiled step and the copy-out, as the engine runs it. Variants:
 
 * ``keras-lstm``: the Keras ``LSTM`` layer (``fused=False``);
 * ``keras-rnn-cell``: ``keras.layers.RNN(LSTMCell)`` (``fused=False``);
-* ``fused``: :mod:`streamrnn.fused` on the ``LSTM`` layer's variables;
+* ``fused``: :mod:`streamrnn.executors.fused` on the ``LSTM`` layer's variables;
 
 each with XLA on and off. Also: the classic per-step ``predict([x, h, c])`` recipe, a
 float32 GEMM ceiling (2048^3 ``tf.matmul``), the headline step's recurrent GEMMs alone as
@@ -125,8 +125,8 @@ def _timed(benchmark, fn, timesteps_per_call: int, seconds: float = SECONDS, ref
 
 
 def _runner(variant: str, xla: bool, slots: int, chunk: int):
-    from streamrnn.models import build_serving_model
-    from streamrnn.runner import ModelRunner
+    from streamrnn.executors.keras_runner import ModelRunner
+    from streamrnn.executors.models import build_serving_model
 
     serving = build_serving_model(_model(variant), slots, fused=variant == "fused")
     runner = ModelRunner(serving, max_bucket=chunk, jit_compile=xla)
@@ -283,8 +283,8 @@ def test_cudnn_step(benchmark, use_cudnn):
             "no GPU: tf.config.list_physical_devices('GPU') is empty (bench/gpu_cudnn.py runs "
             "this comparison with Keras on its torch backend on a GPU box)"
         )
-    from streamrnn.models import build_serving_model
-    from streamrnn.runner import ModelRunner
+    from streamrnn.executors.keras_runner import ModelRunner
+    from streamrnn.executors.models import build_serving_model
 
     slots, chunk = 64, 16
     serving = build_serving_model(_model("keras-lstm"), slots, use_cudnn=use_cudnn, fused=False)

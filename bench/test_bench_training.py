@@ -22,7 +22,7 @@ import keras
 import numpy as np
 import pytest
 
-from streamrnn.training import FreeRunningTrainer, TrainConfig
+from streamrnn.training.trainer import FreeRunningTrainer, TrainConfig
 
 SLOTS, T, D, UNITS = 32, 64, 8, 64
 

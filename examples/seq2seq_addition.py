@@ -2,7 +2,7 @@
 
 Trains the usual teacher-forced encoder-decoder (Embedding -> LSTM(return_state=True) ->
 decoder LSTM(initial_state=...) -> Dense softmax) on generated sums, then lets
-:class:`streamrnn.seq2seq.Seq2SeqEngine` derive the inference encoder and decoder from the
+:class:`streamrnn.engine.seq2seq.Seq2SeqEngine` derive the inference encoder and decoder from the
 training model (same layers, same weights) and greedily decode held-out questions in one
 batched compiled call. Prints a few answers and the exact-match accuracy.
 
@@ -20,7 +20,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from streamrnn.seq2seq import Seq2SeqEngine  # noqa: E402
+from streamrnn.engine.seq2seq import Seq2SeqEngine  # noqa: E402
 
 CHARS = " 0123456789+^$"  # pad, digits, plus, start, end
 PAD, START, END = 0, CHARS.index("^"), CHARS.index("$")

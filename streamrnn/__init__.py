@@ -23,8 +23,8 @@ from streamrnn.errors import (
 )
 
 if TYPE_CHECKING:
-    from streamrnn.client import Client
-    from streamrnn.engine import Engine
+    from streamrnn.client.client import Client
+    from streamrnn.engine.engine import Engine
 
 __version__ = "0.1.0"
 
@@ -49,11 +49,11 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     # Lazy so that `import streamrnn` does not import TensorFlow (Engine) or zmq (Client).
     if name == "Engine":
-        from streamrnn.engine import Engine
+        from streamrnn.engine.engine import Engine
 
         return Engine
     if name == "Client":
-        from streamrnn.client import Client
+        from streamrnn.client.client import Client
 
         return Client
     raise AttributeError(f"module 'streamrnn' has no attribute {name!r}")

@@ -116,7 +116,7 @@ class Metrics:
 
 
 class RouterMetrics:
-    """Router metrics, read from :meth:`streamrnn.router.Router.stats` at scrape time.
+    """Router metrics, read from :meth:`streamrnn.cluster.router.Router.stats` at scrape time.
 
     The router's counters live in its single routing thread; reading them when Prometheus
     scrapes keeps the hot path free of metric calls.

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import keras
 
+from streamrnn.cli.process import WorkerProcess
 from tests.modelzoo import ModelSpec, build_model
-from workers.process import WorkerProcess
 
 SPEC = ModelSpec(cell="lstm", layers=2, units=16, features=5, out=3)
 SLOTS = 16

@@ -18,6 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import streamrnn
+from streamrnn.cli.process import RouterProcess, WorkerProcess
+from streamrnn.cluster.router import Router, RouterConfig
 from streamrnn.codec import (
     Message,
     batches_of,
@@ -29,11 +31,9 @@ from streamrnn.codec import (
 )
 from streamrnn.errors import ProtocolError
 from streamrnn.protocol import MAX_BATCH_PARTS, ErrorCode, MessageType
-from streamrnn.router import Router, RouterConfig
 from tests.codec_strategies import HEADER_VALUES, STRUCTURED_HEADER, encoded
 from tests.modelzoo import offline
 from tests.wire_helpers import collect_replies, data, push
-from workers.process import RouterProcess, WorkerProcess
 
 TOL = 1e-5
 

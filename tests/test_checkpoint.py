@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from streamrnn import Engine
-from streamrnn.checkpoint import (
+from streamrnn.serving.checkpoint import (
     Checkpoint,
     CheckpointError,
     StreamRecord,

@@ -15,7 +15,7 @@ import numpy as np
 import streamrnn
 from streamrnn.codec import Message, encode_batch
 from streamrnn.protocol import ErrorCode, MessageType
-from streamrnn.server import StreamWorker, _Round, _Work
+from streamrnn.serving.worker import StreamWorker, _Round, _Work
 from tests.modelzoo import offline
 from tests.wire_helpers import collect_replies, data, push
 

@@ -18,17 +18,22 @@ import zmq
 
 import streamrnn
 from streamrnn import Engine
-from streamrnn.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from streamrnn.cli.process import WorkerProcess
 from streamrnn.codec import decode_reply, encode
-from streamrnn.durable import WorkerCheckpointer
+from streamrnn.engine.weights import publish_weights
 from streamrnn.protocol import MessageType
-from streamrnn.sequencing import SequenceTable
-from streamrnn.server import StreamWorker, WorkerConfig
-from streamrnn.weights import publish_weights
+from streamrnn.serving.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+)
+from streamrnn.serving.durability import WorkerCheckpointer
+from streamrnn.serving.sequencing import SequenceTable
+from streamrnn.serving.worker import StreamWorker, WorkerConfig
 from tests.durable_helpers import FAST, SPEC, Driver, chunked, saved_model
 from tests.modelzoo import build_model, offline, random_input
 from tests.weights_helpers import D, model_with_seed, offline_with_swap
-from workers.process import WorkerProcess
 
 TOL = 1e-5
 

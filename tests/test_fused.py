@@ -8,8 +8,8 @@ import pytest
 import tensorflow as tf
 
 from streamrnn import Engine
-from streamrnn.fused import FusedRNN, fusable
-from streamrnn.models import build_serving_model
+from streamrnn.executors.fused import FusedRNN, fusable
+from streamrnn.executors.models import build_serving_model
 from tests.modelzoo import ModelSpec, build_model, offline, random_input
 
 SLOTS = 5

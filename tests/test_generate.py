@@ -8,8 +8,8 @@ import pytest
 import tensorflow as tf
 
 import streamrnn
+from streamrnn.engine.generate import hash_uniform, pick_tokens, plan_feedback
 from streamrnn.errors import InvalidInputError, UnsupportedModelError
-from streamrnn.generate import hash_uniform, pick_tokens, plan_feedback
 from streamrnn.protocol import ErrorCode
 
 CELLS = {"lstm": keras.layers.LSTM, "gru": keras.layers.GRU, "simple": keras.layers.SimpleRNN}
@@ -384,7 +384,7 @@ def test_xla_and_graph_loops_agree(kind: str) -> None:
 
 def test_generate_over_zeromq_equals_in_process(tmp_path) -> None:
     """GENERATE through a real worker process and Client.generate == Engine.generate."""
-    from workers.process import WorkerProcess
+    from streamrnn.cli.process import WorkerProcess
 
     model = token_model("gru", seed=15)
     path = tmp_path / "chars.keras"
@@ -441,7 +441,7 @@ def test_concurrent_generates_through_a_worker_are_batched_and_equal_alone(tmp_p
     set of options (seeds may differ), and each result equals Engine.generate alone."""
     import threading
 
-    from workers.process import WorkerProcess
+    from streamrnn.cli.process import WorkerProcess
 
     model = token_model("gru", seed=21)
     path = tmp_path / "chars.keras"
@@ -492,7 +492,7 @@ def test_batched_generates_keep_each_streams_order_and_own_errors() -> None:
 
     from streamrnn.codec import decode_reply, encode
     from streamrnn.protocol import MessageType
-    from streamrnn.server import StreamWorker, WorkerConfig
+    from streamrnn.serving.worker import StreamWorker, WorkerConfig
 
     model = token_model("lstm", seed=22)
     worker = StreamWorker(make_engine(model, slots=4),

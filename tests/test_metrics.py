@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from streamrnn import Client
+from streamrnn.cli.process import WorkerProcess
 from tests.modelzoo import ModelSpec, build_model
-from workers.process import WorkerProcess
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -66,7 +66,7 @@ def test_structured_logs_are_one_json_record_per_line(worker):
 
 
 def test_router_metrics_show_workers_streams_and_requests(tmp_path):
-    from workers.process import RouterProcess
+    from streamrnn.cli.process import RouterProcess
 
     path = tmp_path / "m.keras"
     build_model(ModelSpec("gru", features=4)).save(path)

@@ -16,7 +16,7 @@ from streamrnn.protocol import (
     message_type_name,
     negotiate_version,
 )
-from streamrnn.sequencing import SequenceTable, Verdict
+from streamrnn.serving.sequencing import SequenceTable, Verdict
 
 
 def test_every_message_type_has_a_schema_and_one_byte():

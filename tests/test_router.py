@@ -17,12 +17,12 @@ import zmq.auth
 
 import streamrnn
 from streamrnn import Engine
+from streamrnn.cli.process import RouterProcess, WorkerProcess
+from streamrnn.cluster.router import Router, RouterConfig
 from streamrnn.protocol import ErrorCode
-from streamrnn.router import Router, RouterConfig
-from streamrnn.server import StreamWorker, WorkerConfig
+from streamrnn.serving.worker import StreamWorker, WorkerConfig
 from tests.durable_helpers import FAST, SPEC, Driver, chunked, saved_model
 from tests.modelzoo import offline, random_input
-from workers.process import RouterProcess, WorkerProcess
 
 TOL = 1e-5
 

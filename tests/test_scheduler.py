@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streamrnn.scheduler import bucket_for, bucket_sizes, plan_steps
+from streamrnn.executors.buckets import bucket_for, bucket_sizes, plan_steps
 
 
 def test_bucket_sizes_are_powers_of_two():

@@ -9,9 +9,9 @@ import keras
 import numpy as np
 import pytest
 
+from streamrnn.engine.seq2seq import Seq2SeqEngine, derive_inference_models
 from streamrnn.errors import InvalidInputError, UnsupportedModelError
 from streamrnn.protocol import ErrorCode
-from streamrnn.seq2seq import Seq2SeqEngine, derive_inference_models
 
 V = 12
 START, END = 1, 2

@@ -2,8 +2,8 @@
 
 import pytest
 
+from streamrnn.engine.slots import SlotTable
 from streamrnn.errors import EngineFullError, UnknownStreamError
-from streamrnn.slots import SlotTable
 
 
 def test_acquire_hands_out_lowest_free_slot_and_is_idempotent():

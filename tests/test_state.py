@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from streamrnn.models import build_serving_model
-from streamrnn.state import StateBank
+from streamrnn.engine.state import StateBank
+from streamrnn.executors.models import build_serving_model
 from tests.modelzoo import ModelSpec, build_model
 
 

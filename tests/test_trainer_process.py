@@ -16,19 +16,19 @@ import numpy as np
 import pytest
 
 import streamrnn
-from streamrnn.client import Client
-from streamrnn.errors import RemoteError
-from streamrnn.online import OnlineTrainer
-from streamrnn.server import StreamWorker, WorkerConfig
-from streamrnn.training import FreeRunningTrainer, TrainConfig
-from streamrnn.weights import (
+from streamrnn.cli.trainer import READY_MARKER
+from streamrnn.client.client import Client
+from streamrnn.engine.weights import (
     WeightsFollower,
     latest_version,
     list_versions,
     load_weights,
     publish_weights,
 )
-from workers.trainer import READY_MARKER
+from streamrnn.errors import RemoteError
+from streamrnn.serving.worker import StreamWorker, WorkerConfig
+from streamrnn.training.online import OnlineTrainer
+from streamrnn.training.trainer import FreeRunningTrainer, TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -45,7 +45,7 @@ def sine(stream: int, start: int, n: int) -> np.ndarray:
 
 
 class TrainerProcess:
-    def __init__(self, args: list[str], log_path: Path, module: str = "workers.trainer"):
+    def __init__(self, args: list[str], log_path: Path, module: str = "streamrnn.cli.trainer"):
         env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2")
         self.log_path = log_path
         with open(log_path, "ab") as log:
@@ -187,8 +187,8 @@ def test_paired_targets_over_a_socket(tmp_path):
 def test_worker_process_follows_published_weights(tmp_path):
     """`streamrnn worker --weights-from DIR`: a new version published mid-stream is used
     from the next step on, and the stream continues from its state."""
+    from streamrnn.cli.process import WorkerProcess
     from tests.weights_helpers import D, model_with_seed, offline_with_swap
-    from workers.process import WorkerProcess
 
     model_path = tmp_path / "m.keras"
     model_with_seed(0).save(model_path)

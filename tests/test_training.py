@@ -17,7 +17,7 @@ import pytest
 import streamrnn
 from streamrnn.errors import InvalidInputError, UnsupportedModelError
 from streamrnn.protocol import ErrorCode
-from streamrnn.training import FreeRunningTrainer, TrainConfig, feed_probability
+from streamrnn.training.trainer import FreeRunningTrainer, TrainConfig, feed_probability
 from tests import training_job
 
 REPO = Path(__file__).resolve().parent.parent

@@ -6,18 +6,18 @@ import numpy as np
 import pytest
 
 import streamrnn
-from streamrnn.checkpoint import load_checkpoint, save_checkpoint
-from streamrnn.durable import WorkerCheckpointer
-from streamrnn.errors import InvalidInputError
-from streamrnn.protocol import ErrorCode, MessageType
-from streamrnn.sequencing import SequenceTable
-from streamrnn.weights import (
+from streamrnn.engine.weights import (
     WeightsFollower,
     latest_version,
     list_versions,
     load_weights,
     publish_weights,
 )
+from streamrnn.errors import InvalidInputError
+from streamrnn.protocol import ErrorCode, MessageType
+from streamrnn.serving.checkpoint import load_checkpoint, save_checkpoint
+from streamrnn.serving.durability import WorkerCheckpointer
+from streamrnn.serving.sequencing import SequenceTable
 from tests.weights_helpers import D, model_with_seed, offline_with_swap
 
 

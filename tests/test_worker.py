@@ -18,11 +18,11 @@ import pytest
 import zmq
 
 import streamrnn
+from streamrnn.cli.process import WorkerProcess
 from streamrnn.codec import decode_reply, encode
 from streamrnn.protocol import MAX_FRAME_BYTES, ErrorCode, MessageType
 from tests.modelzoo import offline
 from tests.shared_worker import SLOTS, SPEC
-from workers.process import WorkerProcess
 
 TOL = 1e-5
 

@@ -55,8 +55,8 @@ class StreamRecord:
     state: list[np.ndarray]
     next_seq: int = 0
     steps: int = 0
-    #: the worker's cached replies (msgpack-able; see streamrnn.durable), so that a resent
-    #: request that was applied before the checkpoint is still answered after a restart
+    #: the worker's cached replies (msgpack-able; see streamrnn.serving.durability), so that a
+    #: resent request that was applied before the checkpoint is still answered after a restart
     replies: list = field(default_factory=list)
 
 

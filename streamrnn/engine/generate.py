@@ -50,12 +50,12 @@ import numpy as np
 import tensorflow as tf
 
 from streamrnn.errors import EngineFullError, InvalidInputError, UnsupportedModelError
-from streamrnn.models import ServingModel
+from streamrnn.executors.buckets import bucket_for
+from streamrnn.executors.models import ServingModel
 from streamrnn.protocol import MAX_GENERATE_STEPS, ErrorCode
-from streamrnn.scheduler import bucket_for
 
 if TYPE_CHECKING:
-    from streamrnn.engine import Engine
+    from streamrnn.engine.engine import Engine
 
 Feedback = str | Callable[[tf.Tensor], tf.Tensor] | None
 SAMPLERS = ("greedy", "temperature", "top_k", "sample")  # "sample" == "temperature"

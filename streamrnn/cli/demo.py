@@ -1,7 +1,8 @@
 """``streamrnn demo``: a real worker on loopback, many concurrent streams, verified outputs.
 
 Builds a small seeded 2-layer LSTM (32 features -> 64 units -> 64 units -> 8 outputs), saves
-it to a temporary ``.keras`` file, starts ``python -m workers.worker`` on a free loopback port,
+it to a temporary ``.keras`` file, starts ``python -m streamrnn.cli.worker`` on a free
+loopback port,
 publishes ``streams`` synthetic sequences from one client thread each (random chunk sizes,
 a reset in some streams), shows live progress, checks a sample of streams against one
 offline call of the original model, prints throughput and chunk latency, and stops the
@@ -105,8 +106,8 @@ def run_demo(config: DemoConfig | None = None) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from streamrnn.client import Client
-    from workers.process import WorkerProcess
+    from streamrnn.cli.process import WorkerProcess
+    from streamrnn.client.client import Client
 
     config = config or DemoConfig()
     console = Console()

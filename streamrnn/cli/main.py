@@ -21,7 +21,7 @@ import numpy as np
 
 
 def _add_worker(subparsers: argparse._SubParsersAction) -> None:
-    from workers.worker import add_arguments, run
+    from streamrnn.cli.worker import add_arguments, run
 
     parser = subparsers.add_parser(
         "worker", help="serve a Keras RNN to many streams over ZeroMQ",
@@ -54,7 +54,7 @@ def _publish(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from streamrnn.client import Client
+    from streamrnn.client.client import Client
 
     if args.chunk < 1:
         raise SystemExit("--chunk must be >= 1")
@@ -106,7 +106,7 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from streamrnn.demo import DemoConfig, run_demo
+    from streamrnn.cli.demo import DemoConfig, run_demo
 
     return run_demo(DemoConfig(streams=args.streams, steps=args.steps, slots=args.slots,
                                max_chunk=args.max_chunk, verify=args.verify, seed=args.seed,
@@ -114,7 +114,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _add_trainer(subparsers: argparse._SubParsersAction) -> None:
-    from workers.trainer import add_arguments, run
+    from streamrnn.cli.trainer import add_arguments, run
 
     parser = subparsers.add_parser(
         "trainer", help="train a Keras RNN decoder online on streams (free-running)",
@@ -165,7 +165,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _add_router(subparsers: argparse._SubParsersAction) -> None:
-    from workers.router import add_arguments, run
+    from streamrnn.cli.router import add_arguments, run
 
     parser = subparsers.add_parser(
         "router", help="one endpoint in front of many workers (sticky, failover)",

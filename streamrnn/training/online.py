@@ -33,10 +33,10 @@ from typing import Any
 import numpy as np
 
 from streamrnn.atomic import atomic_write
+from streamrnn.engine.weights import publish_weights
 from streamrnn.errors import InvalidInputError
 from streamrnn.protocol import ErrorCode
-from streamrnn.training import FreeRunningTrainer
-from streamrnn.weights import publish_weights
+from streamrnn.training.trainer import FreeRunningTrainer
 
 
 class OnlineTrainer:

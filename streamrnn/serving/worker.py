@@ -11,7 +11,7 @@ Threads (zmq sockets are not thread-safe, so each socket has one owner):
   runs without the GIL.
 * **compute thread** owns the Engine (which is not thread-safe). It takes all work that
   arrives within the batching window, checks sequence numbers (exactly-once, see
-  :mod:`streamrnn.sequencing`), groups PUSHes of distinct streams into one
+  :mod:`streamrnn.serving.sequencing`), groups PUSHes of distinct streams into one
   ``engine.push_many`` call per round (and GENERATEs of distinct streams with the same
   options into one ``engine.generate_many`` call), and hands the replies to the outbox.
 
@@ -60,7 +60,6 @@ from streamrnn.codec import (
     encode_batch,
     is_batch,
 )
-from streamrnn.durable import WorkerCheckpointer
 from streamrnn.errors import (
     InvalidInputError,
     NotSupportedError,
@@ -97,7 +96,8 @@ from streamrnn.protocol import (
     error_code_name,
     negotiate_version,
 )
-from streamrnn.sequencing import CachedReply, SequenceTable, Verdict
+from streamrnn.serving.durability import WorkerCheckpointer
+from streamrnn.serving.sequencing import CachedReply, SequenceTable, Verdict
 
 log = logging.getLogger("streamrnn.worker")
 
@@ -231,7 +231,7 @@ class StreamWorker:
         """Before :meth:`start`: resume the streams of this worker's checkpoint file.
 
         Returns how many streams were restored (0 without a file). A corrupt, truncated or
-        foreign file raises :class:`~streamrnn.checkpoint.CheckpointError`; nothing loads.
+        foreign file raises :class:`~streamrnn.serving.checkpoint.CheckpointError`; nothing loads.
         """
         if self.checkpointer is None:
             return 0

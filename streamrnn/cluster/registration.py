@@ -1,5 +1,5 @@
 """A worker's link to a router: heartbeats with its load, and adoption of a dead worker's
-streams on the router's request (see :mod:`streamrnn.router`).
+streams on the router's request (see :mod:`streamrnn.cluster.router`).
 
 Runs in its own thread with its own DEALER socket (connected to the router's worker
 endpoint); the adoption itself runs on the worker's compute thread
@@ -23,7 +23,7 @@ from typing import Any
 import msgpack
 import zmq
 
-from streamrnn.router import ADOPT, ADOPTED, FENCED, HEARTBEAT
+from streamrnn.cluster.router import ADOPT, ADOPTED, FENCED, HEARTBEAT
 
 log = logging.getLogger("streamrnn.registration")
 
@@ -32,7 +32,7 @@ class RouterLink:
     """Registers ``worker`` with the router at ``router_endpoint`` and keeps it alive.
 
     Args:
-        worker: a started :class:`~streamrnn.server.StreamWorker`.
+        worker: a started :class:`~streamrnn.serving.worker.StreamWorker`.
         advertise: the endpoint the router should connect to (default: the bound one).
         on_fenced: called (from this thread) when the router declared this worker dead;
             the worker process must then exit without writing its checkpoint again.

@@ -30,16 +30,16 @@ from typing import Any
 
 import numpy as np
 
-from streamrnn.checkpoint import (
+from streamrnn.errors import EngineFullError, StreamRNNError
+from streamrnn.protocol import MessageType
+from streamrnn.serving.checkpoint import (
     Checkpoint,
     CheckpointError,
     StreamRecord,
     load_checkpoint,
     save_checkpoint,
 )
-from streamrnn.errors import EngineFullError, StreamRNNError
-from streamrnn.protocol import MessageType
-from streamrnn.sequencing import CachedReply, SequenceTable
+from streamrnn.serving.sequencing import CachedReply, SequenceTable
 
 log = logging.getLogger("streamrnn.durable")
 

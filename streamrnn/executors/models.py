@@ -24,7 +24,7 @@ import keras
 import tensorflow as tf
 
 from streamrnn.errors import UnsupportedModelError
-from streamrnn.fused import FusedRNN, fuse_layers
+from streamrnn.executors.fused import FusedRNN, fuse_layers
 
 # Layers that act on each timestep independently at inference time (so they stream).
 _TIMEWISE_LAYERS: tuple[type, ...] = (
@@ -164,8 +164,8 @@ class ServingModel:
     name: str = "model"
     final_rnn_returned_sequences: bool = True
     _mask_layers: set[int] = field(default_factory=set)
-    # chain index -> fused fast path for that recurrent layer (streamrnn.fused); the others
-    # run as Keras layers.
+    # chain index -> fused fast path for that recurrent layer (streamrnn.executors.fused);
+    # the others run as Keras layers.
     fused_layers: dict[int, FusedRNN] = field(default_factory=dict)
 
     def forward(self, x: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
@@ -289,7 +289,7 @@ def build_serving_model(
             stateful or not.
         slots: batch size of the clone (one row per concurrent stream).
         use_cudnn: passed to LSTM/GRU clones (Keras does not save it).
-        fused: run standard LSTM/GRU/SimpleRNN layers through :mod:`streamrnn.fused` (same
+        fused: run standard LSTM/GRU/SimpleRNN layers through :mod:`streamrnn.executors.fused` (same
             weights and state variables, hoisted input projection). Off by default: on the
             2-core CPU it measured level with the Keras layer under XLA (0.83-1.06x,
             bench/test_bench_kernel.py), not faster.

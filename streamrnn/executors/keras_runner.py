@@ -26,8 +26,8 @@ from collections.abc import Mapping
 import numpy as np
 import tensorflow as tf
 
-from streamrnn.models import ServingModel
-from streamrnn.scheduler import bucket_sizes
+from streamrnn.executors.buckets import bucket_sizes
+from streamrnn.executors.models import ServingModel
 
 
 @functools.cache
@@ -96,7 +96,7 @@ class ModelRunner:
         ]
         impl = "cuDNN-eligible" if where == "GPU" and cudnn else "keras loop"
         fused = getattr(self.serving, "fused_layers", {})
-        if fused:  # streamrnn.fused fast path for some or all recurrent layers
+        if fused:  # streamrnn.executors.fused fast path for some or all recurrent layers
             n = len(self.serving.rnn_layers)
             impl = "fused" if len(fused) == n else f"fused {len(fused)}/{n} + {impl}"
         xla = ", XLA" if self.jit_compile else ""

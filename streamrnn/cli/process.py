@@ -23,7 +23,7 @@ _REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class _ManagedProcess:
-    """A ``python -m workers.<role>`` subprocess logging to a file, stopped with SIGTERM."""
+    """A ``python -m streamrnn.cli.<role>`` subprocess logging to a file, stopped with SIGTERM."""
 
     def __init__(self, proc: subprocess.Popen, log_path: Path):
         self.proc = proc
@@ -33,7 +33,7 @@ class _ManagedProcess:
     def _launch(role: str, args: list[str], ready: re.Pattern[str], ready_timeout: float,
                 log_path: str | os.PathLike | None
                 ) -> tuple[subprocess.Popen, re.Match[str], Path]:
-        """Start ``workers.<role>`` and wait until its log matches ``ready``."""
+        """Start ``streamrnn.cli.<role>`` and wait until its log matches ``ready``."""
         if log_path is None:
             fd, name = tempfile.mkstemp(prefix=f"streamrnn-{role}-", suffix=".log")
             os.close(fd)
@@ -45,7 +45,7 @@ class _ManagedProcess:
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         with open(log_path, "wb") as log_file:
             # the log goes to a file, not a pipe: a full pipe would block the process
-            proc = subprocess.Popen([sys.executable, "-m", f"workers.{role}", *args],
+            proc = subprocess.Popen([sys.executable, "-m", f"streamrnn.cli.{role}", *args],
                                     stdout=log_file, stderr=subprocess.STDOUT, env=env,
                                     cwd=_REPO_ROOT)
         deadline = time.monotonic() + ready_timeout
@@ -82,7 +82,7 @@ class _ManagedProcess:
 
 
 class WorkerProcess(_ManagedProcess):
-    """A running ``python -m workers.worker`` with its endpoint and log file."""
+    """A running ``python -m streamrnn.cli.worker`` with its endpoint and log file."""
 
     def __init__(self, proc: subprocess.Popen, endpoint: str, log_path: Path):
         super().__init__(proc, log_path)
@@ -93,7 +93,7 @@ class WorkerProcess(_ManagedProcess):
               bind: str = "tcp://127.0.0.1:0", ready_timeout: float = 180.0,
               log_path: str | os.PathLike | None = None) -> WorkerProcess:
         """Launch a worker on ``bind`` (port 0: a free port) and wait for its ready line."""
-        from workers.worker import READY_MARKER
+        from streamrnn.cli.worker import READY_MARKER
 
         proc, match, log_path = cls._launch(
             "worker", ["--model", str(model), "--slots", str(slots), "--bind", bind,
@@ -103,7 +103,7 @@ class WorkerProcess(_ManagedProcess):
 
 
 class RouterProcess(_ManagedProcess):
-    """A running ``python -m workers.router`` with its client and worker endpoints.
+    """A running ``python -m streamrnn.cli.router`` with its client and worker endpoints.
 
     Example::
 
@@ -123,7 +123,7 @@ class RouterProcess(_ManagedProcess):
               workers_bind: str = "tcp://127.0.0.1:0", ready_timeout: float = 60.0,
               log_path: str | os.PathLike | None = None) -> RouterProcess:
         """Launch a router and wait for its ready line (both endpoints)."""
-        from workers.router import READY_MARKER
+        from streamrnn.cli.router import READY_MARKER
 
         proc, match, log_path = cls._launch(
             "router", ["--bind", bind, "--workers-bind", workers_bind, *extra_args],

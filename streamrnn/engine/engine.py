@@ -21,13 +21,13 @@ from typing import Any
 import keras
 import numpy as np
 
+from streamrnn.engine.slots import SlotTable
+from streamrnn.engine.state import StateBank, StateSnapshot
 from streamrnn.errors import EngineFullError, InvalidInputError, UnknownStreamError
-from streamrnn.models import ServingModel, build_serving_model, load_model
+from streamrnn.executors.buckets import plan_steps
+from streamrnn.executors.keras_runner import ModelRunner, gpu_available
+from streamrnn.executors.models import ServingModel, build_serving_model, load_model
 from streamrnn.protocol import ErrorCode
-from streamrnn.runner import ModelRunner, gpu_available
-from streamrnn.scheduler import plan_steps
-from streamrnn.slots import SlotTable
-from streamrnn.state import StateBank, StateSnapshot
 
 DEFAULT_MAX_CHUNK_STEPS = 1 << 20
 
@@ -96,7 +96,8 @@ class Engine:
             allow_nonfinite: accept NaN/Inf in chunks (rejected by default).
             use_cudnn: passed to LSTM/GRU clones (Keras does not save this setting).
             fused: run standard LSTM/GRU/SimpleRNN layers through the fused fast path
-                (:mod:`streamrnn.fused`: input projection hoisted out of the time loop, same
+                (:mod:`streamrnn.executors.fused`: input projection hoisted out of the time
+                loop, same
                 weights and state variables). None (default): on for CPU, where it measured
                 1.15x the Keras layer (interleaved, 64 slots x 16 steps x 256 units); off on
                 GPU, where the Keras layer can use cuDNN. Custom cells always use Keras.
@@ -352,7 +353,7 @@ class Engine:
         """Open ``stream`` (if needed) and make it continue from ``snapshot``."""
         self.bank.restore(self.open(stream), snapshot)
 
-    # ---- closed-loop generation (streamrnn.generate) ----------------------------------
+    # ---- closed-loop generation (streamrnn.engine.generate) ----------------------------------
 
     def generate(
         self,
@@ -386,7 +387,7 @@ class Engine:
             end_token: stop this stream after emitting (and consuming) this token.
             feedback: None (rule chosen from the model), ``"tokens"``, ``"onehot"``,
                 ``"prediction"``, or a callable ``y (slots, out) -> next input`` written in
-                TF ops; see :mod:`streamrnn.generate`.
+                TF ops; see :mod:`streamrnn.engine.generate`.
 
         Returns:
             token models: ``(n,)`` int32 ids; regression models: ``(n, D)`` float32.
@@ -413,7 +414,7 @@ class Engine:
         equals what :meth:`generate` alone would return. ``seed`` may be a mapping
         stream -> seed.
         """
-        from streamrnn.generate import generate_many
+        from streamrnn.engine.generate import generate_many
 
         return generate_many(
             self, prompts, steps=steps, sample=sample, temperature=temperature,

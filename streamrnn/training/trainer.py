@@ -3,7 +3,7 @@
 The trainer steps the user's own layers (the cells of its RNN layers, the timewise layers
 around them) inside ONE ``tf.while_loop`` in a compiled ``tf.function``: within a chunk,
 after ``warmup`` observed steps, the input at step t+1 is the model's own output at step t
-(the feedback rule of :mod:`streamrnn.generate`: the prediction for regression models, a
+(the feedback rule of :mod:`streamrnn.engine.generate`: the prediction for regression models, a
 greedy or sampled token for token and one-hot models, or a user callable). The
 same graph runs teacher forcing (never feed back) and scheduled sampling (feed back with a
 probability that rises over training), so the modes differ only in the input they choose.
@@ -48,12 +48,12 @@ import numpy as np
 import tensorflow as tf
 
 from streamrnn.atomic import atomic_write
+from streamrnn.engine.generate import SAMPLERS, Feedback, pick_tokens, plan_feedback
+from streamrnn.engine.slots import SlotTable
 from streamrnn.errors import EngineFullError, InvalidInputError, UnsupportedModelError
-from streamrnn.generate import SAMPLERS, Feedback, pick_tokens, plan_feedback
-from streamrnn.models import ServingModel, check_streamable, flatten_layers
+from streamrnn.executors.buckets import bucket_for
+from streamrnn.executors.models import ServingModel, check_streamable, flatten_layers
 from streamrnn.protocol import ErrorCode
-from streamrnn.scheduler import bucket_for
-from streamrnn.slots import SlotTable
 
 Mode = Literal["free", "teacher", "scheduled"]
 Schedule = Literal["linear", "exponential", "inverse_sigmoid"]
@@ -194,7 +194,8 @@ class FreeRunningTrainer:
         slots: batch rows = streams trained at once.
         config: :class:`TrainConfig`.
         optimizer: a Keras optimizer; default Adam(learning_rate, clipnorm).
-        feedback: the generation feedback rule (see :func:`streamrnn.generate.plan_feedback`):
+        feedback: the generation feedback rule
+            (see :func:`streamrnn.engine.generate.plan_feedback`):
             None (decided from the model), ``"tokens"``, ``"onehot"``, ``"prediction"`` or a
             callable ``y (B, out) -> next input``.
     """

@@ -3,7 +3,7 @@ failover from a shared checkpoint directory.
 
 Clients talk to the router exactly as to a worker (docs/protocol.md). Workers register by
 heartbeat (``streamrnn worker --register tcp://router:port``, see
-:mod:`streamrnn.registration`): every ``heartbeat_s`` each worker sends its name, client
+:mod:`streamrnn.cluster.registration`): every ``heartbeat_s`` each worker sends its name, client
 endpoint, checkpoint file and load to the router's *worker* socket.
 
 * **Admission.** The first request of a stream (OPEN or PUSH) picks the live worker with the
@@ -49,7 +49,6 @@ from typing import Any
 import msgpack
 import zmq
 
-from streamrnn.checkpoint import CheckpointError, load_checkpoint
 from streamrnn.codec import Message, decode_batch, decode_request, encode, is_batch
 from streamrnn.errors import ProtocolError
 from streamrnn.protocol import (
@@ -68,7 +67,8 @@ from streamrnn.protocol import (
     MessageType,
     negotiate_version,
 )
-from streamrnn.server import bind_client_socket
+from streamrnn.serving.checkpoint import CheckpointError, load_checkpoint
+from streamrnn.serving.worker import bind_client_socket
 
 log = logging.getLogger("streamrnn.router")
 

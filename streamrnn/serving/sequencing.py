@@ -155,7 +155,7 @@ class SequenceTable:
         while len(self._tombstones) > self.max_tombstones:
             self._tombstones.popitem(last=False)
 
-    # ---- durability (streamrnn.durable writes these into checkpoints) -----------------
+    # ---- durability (streamrnn.serving.durability writes these into checkpoints) -----------------
 
     def export(self) -> dict[str, tuple[int, list[tuple[int, CachedReply]]]]:
         """Every held stream's ``(next_seq, [(seq, cached reply), ...])``, oldest first."""

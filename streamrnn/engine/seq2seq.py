@@ -43,9 +43,9 @@ import numpy as np
 import tensorflow as tf
 
 from streamrnn.errors import InvalidInputError, UnsupportedModelError
-from streamrnn.models import load_model
+from streamrnn.executors.keras_runner import gpu_available
+from streamrnn.executors.models import load_model
 from streamrnn.protocol import ErrorCode
-from streamrnn.runner import gpu_available
 
 
 @dataclass

@@ -1,0 +1,188 @@
+"""The online trainer process: ``python -m streamrnn.cli.trainer --model M.keras ...``.
+
+Serves an :class:`~streamrnn.training.online.OnlineTrainer` with a
+:class:`~streamrnn.serving.worker.StreamWorker`: training streams are published over ZeroMQ like
+inference streams (``streamrnn publish``, :class:`streamrnn.Client`). Resumes from
+``--checkpoint`` if it exists, checkpoints every ``--checkpoint-every`` steps, publishes
+``weights-v{N}.npz`` + ``LATEST`` into ``--publish-dir`` every ``--publish-every`` steps
+(workers follow it with ``--weights-from``), shows a live progress line, and on
+SIGTERM/SIGINT finishes queued chunks, checkpoints, publishes, writes the loss curve PNG and
+exits 0. The same entry point backs ``streamrnn trainer``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+
+from streamrnn.logs import add_logging_arguments, configure_logging
+from streamrnn.metrics import Metrics, add_metrics_argument, metrics_url
+
+log = logging.getLogger("streamrnn.trainer")
+
+READY_MARKER = "streamrnn trainer ready on "
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The trainer's command-line options (shared with ``streamrnn trainer``)."""
+    parser.add_argument("--model", required=True,
+                        help="initial Keras model (.keras); a checkpoint overrides its weights")
+    parser.add_argument("--slots", type=int, default=16, help="training streams at once")
+    parser.add_argument("--bind", default="tcp://127.0.0.1:5560",
+                        help="ZeroMQ endpoint (port 0 picks a free one; see the ready line)")
+    parser.add_argument("--mode", choices=("free", "teacher", "scheduled"), default="free",
+                        help="feed back own outputs after the warm-up (free), never (teacher) "
+                             "or with a rising probability (scheduled)")
+    parser.add_argument("--warmup", type=int, default=8,
+                        help="observed steps at the start of every chunk")
+    parser.add_argument("--schedule", choices=("linear", "exponential", "inverse_sigmoid"),
+                        default="inverse_sigmoid", help="scheduled-sampling curve")
+    parser.add_argument("--schedule-steps", type=int, default=1000,
+                        help="linear schedule: steps until always feeding back")
+    parser.add_argument("--schedule-k", type=float, default=100.0,
+                        help="exponential base (0..1) or inverse-sigmoid k (>= 1)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    parser.add_argument("--clipnorm", type=float, default=1.0, help="gradient clip norm")
+    parser.add_argument("--sample", default="greedy",
+                        choices=("greedy", "temperature", "top_k", "sample"),
+                        help="how token models pick the fed-back token")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--max-chunk", type=int, default=256,
+                        help="longest window per optimizer step (power of two)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--xla", action=argparse.BooleanOptionalAction, default=False,
+                        help="compile the train step with XLA (faster steps, slower start)")
+    parser.add_argument("--paired", action="store_true",
+                        help="chunks carry targets: [T, in+out] floats or [T, 2] token ids")
+    parser.add_argument("--checkpoint", default=None,
+                        help="checkpoint file (.npz): resumed from if present, written "
+                             "atomically every --checkpoint-every steps and on shutdown")
+    parser.add_argument("--checkpoint-every", type=int, default=100)
+    parser.add_argument("--publish-dir", default=None,
+                        help="publish weights-v{N}.npz and LATEST here for live workers")
+    parser.add_argument("--publish-every", type=int, default=100)
+    parser.add_argument("--keep-versions", type=int, default=5,
+                        help="published versions kept on disk (0: all)")
+    parser.add_argument("--loss-png", default=None,
+                        help="write the loss curve here (on publish and on shutdown)")
+    parser.add_argument("--batch-window-us", type=int, default=2000,
+                        help="wait this long for chunks of more streams to share a step")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="live progress display (default: when stderr is a terminal)")
+    add_metrics_argument(parser)
+    add_logging_arguments(parser)
+    return parser
+
+
+def _progress_table(p: dict) -> object:
+    from rich.table import Table
+
+    table = Table.grid(padding=(0, 2))
+    for _ in range(7):
+        table.add_column(justify="right")
+    table.add_row("[bold]step", "[bold]loss", "[bold]steps/s", "[bold]timesteps/s",
+                  "[bold]weights", "[bold]streams", "[bold]mode")
+    table.add_row(f"{p['step']:,}", f"{p['loss']:.5g}", f"{p['steps_per_s']:.1f}",
+                  f"{p['timesteps_per_s']:,.0f}", f"v{p['version']}", str(p["streams"]),
+                  p["mode"])
+    return table
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train until SIGTERM/SIGINT; returns the exit status."""
+    configure_logging(args.log_level, args.log_format)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from streamrnn.executors.models import load_model
+    from streamrnn.serving.worker import StreamWorker, WorkerConfig
+    from streamrnn.training.online import OnlineTrainer, write_loss_curve
+    from streamrnn.training.trainer import FreeRunningTrainer, TrainConfig
+
+    config = TrainConfig(
+        mode=args.mode, warmup=args.warmup, schedule=args.schedule,
+        schedule_steps=args.schedule_steps, schedule_k=args.schedule_k,
+        learning_rate=args.lr, clipnorm=args.clipnorm or None, sample=args.sample,
+        temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+        max_chunk=args.max_chunk, jit_compile=args.xla,
+    )
+    trainer = FreeRunningTrainer(load_model(args.model), slots=args.slots, config=config)
+    metrics = None
+    if args.metrics_port is not None:
+        metrics = Metrics(role="trainer")
+        log.info("metrics on %s", metrics_url(metrics.serve(args.metrics_port)))
+    online = OnlineTrainer(
+        trainer, checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
+        publish_dir=args.publish_dir, publish_every=args.publish_every,
+        keep_versions=args.keep_versions, paired=args.paired, metrics=metrics,
+    )
+    if online.resumed:
+        log.info("resumed from %s at step %d (weights v%d, %d streams)", args.checkpoint,
+                 trainer.step, trainer.version, len(trainer.table))
+    worker = StreamWorker(online, WorkerConfig(
+        bind=args.bind, batch_window_us=args.batch_window_us,
+        model_name=os.path.basename(args.model)))
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("received %s: finishing queued chunks, then checkpointing",
+                 signal.Signals(signum).name)
+        worker.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    endpoint = worker.start()
+    log.info("%s%s (slots=%d, mode=%s, step=%d, weights v%d)", READY_MARKER, endpoint,
+             args.slots, args.mode, trainer.step, trainer.version)
+    show = sys.stderr.isatty() if args.progress is None else args.progress
+    last_png = time.monotonic()
+    last_version = trainer.version
+
+    def tick() -> None:
+        nonlocal last_png, last_version
+        if args.loss_png and trainer.version != last_version and time.monotonic() - last_png > 5:
+            write_loss_curve(online.loss_history(), args.loss_png)
+            last_png, last_version = time.monotonic(), trainer.version
+
+    if show:
+        from rich.console import Console
+        from rich.live import Live
+
+        with Live(_progress_table(online.progress()), console=Console(stderr=True),
+                  refresh_per_second=4, transient=False) as live:
+            while not worker.join(timeout=0.25):
+                live.update(_progress_table(online.progress()))
+                tick()
+            live.update(_progress_table(online.progress()))
+    else:
+        next_log = time.monotonic() + 10
+        while not worker.join(timeout=0.2):  # short joins keep the signal handlers responsive
+            tick()
+            if time.monotonic() >= next_log:
+                p = online.progress()
+                log.info("step %d loss %.5g steps/s %.1f timesteps/s %.0f weights v%d",
+                         p["step"], p["loss"], p["steps_per_s"], p["timesteps_per_s"],
+                         p["version"])
+                next_log = time.monotonic() + 10
+    online.shutdown()  # the compute thread has ended: safe to touch the trainer here
+    if args.loss_png:
+        write_loss_curve(online.loss_history(), args.loss_png,
+                         title=f"streamrnn trainer ({args.mode})")
+    if metrics is not None:
+        metrics.close()
+    log.info("trainer stopped cleanly at step %d (weights v%d, %d checkpoints)", trainer.step,
+             trainer.version, online.checkpoints_written)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = add_arguments(argparse.ArgumentParser(
+        prog="python -m streamrnn.cli.trainer", description="streamrnn online trainer"))
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""The stream worker process: ``python -m streamrnn.cli.worker --model M.keras --slots 64 ...``.
+
+Loads the model into an :class:`~streamrnn.Engine`, serves it with a
+:class:`~streamrnn.serving.worker.StreamWorker`, logs a ready line with the bound endpoint
+(``--bind tcp://127.0.0.1:0`` picks a free port), and on SIGTERM/SIGINT finishes queued
+work, sends its replies and exits 0. The same entry point backs ``streamrnn worker``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from streamrnn.logs import add_logging_arguments, configure_logging
+from streamrnn.metrics import add_metrics_argument, metrics_url
+
+log = logging.getLogger("streamrnn.worker")
+
+READY_MARKER = "streamrnn worker ready on "
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The worker's command-line options (shared with ``streamrnn worker``)."""
+    from streamrnn.protocol import MAX_FRAME_BYTES
+
+    parser.add_argument("--model", required=True, help="trained Keras model (.keras file)")
+    parser.add_argument("--slots", type=int, default=64, help="concurrent streams (batch rows)")
+    parser.add_argument("--bind", default="tcp://127.0.0.1:5555",
+                        help="ZeroMQ endpoint for the ROUTER socket; port 0 picks a free port "
+                             "(the ready line shows the real one)")
+    parser.add_argument("--batch-window-us", type=int, default=500,
+                        help="wait this long for more requests to batch into one step")
+    parser.add_argument("--max-queue", type=int, default=4096,
+                        help="requests waiting for compute before the worker answers BUSY")
+    parser.add_argument("--idle-timeout-s", type=float, default=0.0,
+                        help="expire streams idle this long, answering EXPIRED (0: never)")
+    parser.add_argument("--max-frame-bytes", type=int, default=MAX_FRAME_BYTES,
+                        help="ZMQ_MAXMSGSIZE: peers sending a bigger frame are disconnected")
+    parser.add_argument("--max-bucket", type=int, default=64,
+                        help="longest padded step (power of two); longer chunks are split")
+    parser.add_argument("--coalesce-steps", type=int, default=None,
+                        help="under backlog, run a stream's queued consecutive chunks, up to "
+                             "this many timesteps in all, in one step (each chunk still gets "
+                             "its own reply); 0: one chunk per stream per step (default: "
+                             "--max-bucket)")
+    parser.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
+                        help="fused LSTM/GRU/SimpleRNN fast path (default: on for CPU, off for "
+                             "GPU where Keras can use cuDNN)")
+    parser.add_argument("--xla", action=argparse.BooleanOptionalAction, default=None,
+                        help="compile the step with XLA (default: on for CPU, off for GPU); "
+                             "XLA runs faster but takes longer to trace")
+    parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                        help="trace every step bucket before announcing ready")
+    parser.add_argument("--checkpoint-dir", default=None,
+                        help="keep stream states durable: write <dir>/<name>.ckpt between "
+                             "steps and on shutdown, resume from it on start")
+    parser.add_argument("--checkpoint-every-steps", type=int, default=100,
+                        help="write a checkpoint after this many batched steps (0: off)")
+    parser.add_argument("--checkpoint-every-s", type=float, default=1.0,
+                        help="write a checkpoint when this many seconds passed (0: off)")
+    parser.add_argument("--ignore-bad-checkpoint", action="store_true",
+                        help="start empty if the checkpoint is corrupt (the bad file is moved "
+                             "aside to <name>.ckpt.bad-<time>); default: refuse to start")
+    parser.add_argument("--name", default="worker",
+                        help="this worker's name (checkpoint file name; unique per router)")
+    parser.add_argument("--register", default=None, metavar="ENDPOINT",
+                        help="register with a router's worker endpoint (streamrnn router "
+                             "--workers-bind) and heartbeat to it")
+    parser.add_argument("--advertise", default=None,
+                        help="endpoint the router should connect to (default: the bound one)")
+    parser.add_argument("--heartbeat-s", type=float, default=0.25,
+                        help="heartbeat interval to the router")
+    parser.add_argument("--curve-secret-key", default=None, metavar="FILE",
+                        help="CURVE: encrypt and authenticate clients with this server key "
+                             "(.key_secret from zmq.auth.create_certificates)")
+    parser.add_argument("--curve-allow", default=None, metavar="DIR_OR_FILE",
+                        help="CURVE: client public keys (.key files) that may connect")
+    parser.add_argument("--max-streams", type=int, default=None,
+                        help="live streams in all; those beyond --slots are swapped to host "
+                             "memory (LRU) and back (default: --slots)")
+    parser.add_argument("--weights-from", default=None,
+                        help="follow a trainer's --publish-dir: load each newer weights-v{N} "
+                             "between steps (stream states are kept)")
+    parser.add_argument("--weights-poll-s", type=float, default=0.5,
+                        help="check the --weights-from directory at most this often")
+    add_metrics_argument(parser)
+    add_logging_arguments(parser)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM/SIGINT; returns the exit status."""
+    configure_logging(args.log_level, args.log_format)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if not _precheck(args):
+        return 2
+    from streamrnn.engine.engine import Engine
+    from streamrnn.serving.worker import StreamWorker, WorkerConfig
+
+    engine = Engine.from_keras(args.model, slots=args.slots, max_bucket=args.max_bucket,
+                               jit_compile=args.xla, max_streams=args.max_streams,
+                               fused=args.fused)
+    if args.warmup:
+        engine.runner.warmup()
+    if args.weights_from:
+        from streamrnn.engine.weights import WeightsFollower
+
+        engine = WeightsFollower(engine, args.weights_from, poll_s=args.weights_poll_s)
+    config = WorkerConfig(
+        bind=args.bind, batch_window_us=args.batch_window_us, max_queue=args.max_queue,
+        coalesce_steps=args.max_bucket if args.coalesce_steps is None else args.coalesce_steps,
+        idle_timeout_s=args.idle_timeout_s, max_frame_bytes=args.max_frame_bytes,
+        checkpoint_dir=args.checkpoint_dir, model_name=os.path.basename(args.model),
+        checkpoint_every_steps=args.checkpoint_every_steps,
+        checkpoint_every_s=args.checkpoint_every_s, name=args.name,
+        curve_secret_key=args.curve_secret_key, curve_allow=args.curve_allow,
+        metrics_port=args.metrics_port,
+    )
+    worker = StreamWorker(engine, config)
+    if not _restore(worker, args):
+        return 2
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("received %s: finishing queued work, then exiting",
+                 signal.Signals(signum).name)
+        worker.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    endpoint = worker.start()
+    metrics = "" if worker.metrics_port is None else f", metrics={metrics_url(worker.metrics_port)}"
+    log.info("%s%s (slots=%d, model=%s, kernel=%s%s)", READY_MARKER, endpoint, engine.slots,
+             config.model_name, engine.kernel, metrics)
+    link = None
+    if args.register:
+        from streamrnn.cluster.registration import RouterLink
+
+        def fenced(reason: str) -> None:
+            # another worker owns our streams now: exit without writing our checkpoint
+            log.error("exiting at once: %s", reason)
+            os._exit(3)
+
+        link = RouterLink(worker, args.register, args.name, heartbeat_s=args.heartbeat_s,
+                          advertise=args.advertise, on_fenced=fenced)
+        link.start()
+        log.info("registering with router %s as %r", args.register, args.name)
+    while not worker.join(timeout=0.2):  # short joins keep the signal handlers responsive
+        pass
+    if link is not None:
+        link.stop()
+    log.info("worker stopped cleanly")
+    return 0
+
+
+def _checkpoint_usable(path: Path, args: argparse.Namespace,
+                       check: Callable[[], object]) -> bool:
+    """Run ``check`` (which may raise CheckpointError); on a bad file refuse to start
+    (False), or with --ignore-bad-checkpoint move it aside and go on empty (True)."""
+    from streamrnn.serving.checkpoint import CheckpointError
+
+    try:
+        check()
+    except CheckpointError as exc:
+        if not args.ignore_bad_checkpoint:
+            log.error("refusing to start: %s. Move the file away, or pass "
+                      "--ignore-bad-checkpoint to start without its streams.", exc)
+            return False
+        aside = path.with_name(f"{path.name}.bad-{int(time.time())}")
+        os.replace(path, aside)
+        log.warning("ignoring bad checkpoint (%s); moved it to %s and starting empty", exc,
+                    aside)
+    return True
+
+
+def _precheck(args: argparse.Namespace) -> bool:
+    """Before loading TensorFlow: is the checkpoint file (if any) intact?"""
+    from streamrnn.serving.checkpoint import load_checkpoint
+    from streamrnn.serving.durability import checkpoint_path
+
+    if not args.checkpoint_dir:
+        return True
+    path = checkpoint_path(args.checkpoint_dir, args.name)
+    if not path.exists():
+        return True
+    return _checkpoint_usable(path, args, lambda: load_checkpoint(path))
+
+
+def _restore(worker: Any, args: argparse.Namespace) -> bool:
+    """Resume the worker's checkpoint (its states must fit this model and --max-streams)."""
+    if worker.checkpointer is None:
+        return True
+    path = worker.checkpointer.path
+    restored: list[int] = []
+    if not _checkpoint_usable(path, args, lambda: restored.append(worker.restore_checkpoint())):
+        return False
+    if restored and restored[0]:
+        log.info("restored %d streams from %s", restored[0], path)
+    return True
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = add_arguments(argparse.ArgumentParser(
+        prog="python -m streamrnn.cli.worker", description="streamrnn stream worker"))
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,23 @@
+"""The in-process engine: :class:`~streamrnn.engine.engine.Engine` and what it is made of.
+
+Modules: ``interface`` (the protocols every engine-like object and executor meets),
+``engine`` (Engine), ``slots`` (stream -> slot table), ``state`` (state rows, snapshots),
+``sampling`` (pure token-picking rules), ``generate`` (closed-loop decoding), ``seq2seq``
+(encoder-decoder engine), ``weights`` (publish / follow weight versions).
+
+Importing this package imports no TensorFlow; ``Engine`` is loaded on first use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["Engine"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Engine":
+        from streamrnn.engine.engine import Engine
+
+        return Engine
+    raise AttributeError(f"module 'streamrnn.engine' has no attribute {name!r}")

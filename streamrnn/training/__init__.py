@@ -1,0 +1,1 @@
+"""Training without teacher forcing: the free-running trainer and the online trainer."""

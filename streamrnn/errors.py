@@ -95,6 +95,10 @@ class RemoteError(StreamRNNError):
         self.expected_seq = expected_seq
 
 
+class CheckpointError(StreamRNNError):
+    """A checkpoint file is missing, truncated, corrupted, or of another model."""
+
+
 class WorkerBusyError(StreamRNNError):
     """The worker kept answering BUSY past the client's retry budget."""
 

@@ -163,7 +163,7 @@ def _checkpoint_usable(path: Path, args: argparse.Namespace,
                        check: Callable[[], object]) -> bool:
     """Run ``check`` (which may raise CheckpointError); on a bad file refuse to start
     (False), or with --ignore-bad-checkpoint move it aside and go on empty (True)."""
-    from streamrnn.serving.checkpoint import CheckpointError
+    from streamrnn.errors import CheckpointError
 
     try:
         check()

@@ -23,7 +23,7 @@ from typing import Any
 import msgpack
 import zmq
 
-from streamrnn.cluster.router import ADOPT, ADOPTED, FENCED, HEARTBEAT
+from streamrnn.cluster.link import ADOPT, ADOPTED, FENCED, HEARTBEAT
 
 log = logging.getLogger("streamrnn.registration")
 

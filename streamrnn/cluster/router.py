@@ -49,8 +49,9 @@ from typing import Any
 import msgpack
 import zmq
 
+from streamrnn.cluster.link import ADOPT, ADOPTED, FENCED, HEARTBEAT
 from streamrnn.codec import Message, decode_batch, decode_request, encode, is_batch
-from streamrnn.errors import ProtocolError
+from streamrnn.errors import CheckpointError, ProtocolError
 from streamrnn.protocol import (
     F_CODE,
     F_MESSAGE,
@@ -67,15 +68,11 @@ from streamrnn.protocol import (
     MessageType,
     negotiate_version,
 )
-from streamrnn.serving.checkpoint import CheckpointError, load_checkpoint
-from streamrnn.serving.worker import bind_client_socket
+from streamrnn.serving.checkpoint import load_checkpoint
+from streamrnn.serving.sockets import bind_client_socket
 
 log = logging.getLogger("streamrnn.router")
 
-HEARTBEAT = b"HB"  # worker -> router: {name, endpoint, checkpoint, capacity_left, streams, ...}
-ADOPT = b"ADOPT"  # router -> worker: {id, path, streams}
-ADOPTED = b"ADOPTED"  # worker -> router: {id, streams, error}
-FENCED = b"FENCED"  # router -> worker: you were declared dead; exit without checkpointing
 
 
 @dataclass

@@ -336,6 +336,10 @@ class Engine:
         if self._swapped.pop(stream, None) is None:
             self.table.release(stream)
 
+    def is_resident(self, stream: str) -> bool:
+        """Whether ``stream`` holds a slot now (not swapped out to host memory)."""
+        return stream in self.table
+
     def __contains__(self, stream: object) -> bool:
         return stream in self.table or stream in self._swapped
 

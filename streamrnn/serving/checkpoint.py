@@ -33,7 +33,7 @@ import msgpack
 import numpy as np
 
 from streamrnn.atomic import atomic_write
-from streamrnn.errors import StreamRNNError
+from streamrnn.errors import CheckpointError
 
 MAGIC = b"SRNNCKPT"
 FORMAT_VERSION = 1
@@ -41,10 +41,6 @@ _HEADER = struct.Struct("<8sIQ32s")
 
 StateLayout = list[tuple[str, tuple[int, ...]]]
 """(dtype, row shape) of each state variable, in StateBank order."""
-
-
-class CheckpointError(StreamRNNError):
-    """A checkpoint file is missing, truncated, corrupted, or of another model."""
 
 
 @dataclass

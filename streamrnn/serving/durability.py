@@ -30,11 +30,10 @@ from typing import Any
 
 import numpy as np
 
-from streamrnn.errors import EngineFullError, StreamRNNError
+from streamrnn.errors import CheckpointError, EngineFullError, StreamRNNError
 from streamrnn.protocol import MessageType
 from streamrnn.serving.checkpoint import (
     Checkpoint,
-    CheckpointError,
     StreamRecord,
     load_checkpoint,
     save_checkpoint,

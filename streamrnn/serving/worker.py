@@ -98,6 +98,7 @@ from streamrnn.protocol import (
 )
 from streamrnn.serving.durability import WorkerCheckpointer
 from streamrnn.serving.sequencing import CachedReply, SequenceTable, Verdict
+from streamrnn.serving.sockets import bind_client_socket
 
 log = logging.getLogger("streamrnn.worker")
 
@@ -106,30 +107,6 @@ _worker_ids = itertools.count()
 _STOP_FRAME = b""  # the compute thread is done (after its last replies)
 _WAKE_FRAME = b"r"  # replies are waiting in the outbox
 _DURABLE_REPLIES = (MessageType.OUTPUT, MessageType.ACK)  # carry durable_seq when durable
-
-
-def bind_client_socket(ctx: zmq.Context, bind: str, max_frame_bytes: int, linger_ms: int,
-                       curve_secret_key: str | None = None, curve_allow: str | None = None
-                       ) -> tuple[zmq.Socket, Any]:
-    """The ROUTER socket clients talk to (a worker's, or a router's front), bound.
-
-    ROUTER_MANDATORY (an unroutable reply raises instead of vanishing), ZMQ_MAXMSGSIZE
-    (a bigger frame disconnects its peer), deep queues, and CURVE when a secret key is
-    given. Returns the socket and the ZAP authenticator (None without CURVE) to stop later.
-    """
-    sock = ctx.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-    sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
-    sock.setsockopt(zmq.SNDHWM, 100_000)
-    sock.setsockopt(zmq.RCVHWM, 100_000)
-    sock.setsockopt(zmq.LINGER, linger_ms)
-    auth = None
-    if curve_secret_key:
-        from streamrnn.security import curve_server
-
-        auth = curve_server(sock, curve_secret_key, curve_allow, ctx)
-    sock.bind(bind)
-    return sock, auth
 
 
 @dataclass

@@ -9,8 +9,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from streamrnn.errors import (
+    CheckpointError,
     EngineFullError,
     InvalidInputError,
+    NotSupportedError,
     ProtocolError,
     RemoteError,
     RequestTimeoutError,
@@ -29,10 +31,12 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
     "Client",
     "Engine",
     "EngineFullError",
     "InvalidInputError",
+    "NotSupportedError",
     "ProtocolError",
     "RemoteError",
     "RequestTimeoutError",
@@ -49,11 +53,11 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     # Lazy so that `import streamrnn` does not import TensorFlow (Engine) or zmq (Client).
     if name == "Engine":
-        from streamrnn.engine.engine import Engine
+        from streamrnn.engine import Engine
 
         return Engine
     if name == "Client":
-        from streamrnn.client.client import Client
+        from streamrnn.client import Client
 
         return Client
     raise AttributeError(f"module 'streamrnn' has no attribute {name!r}")

@@ -25,7 +25,6 @@ Example::
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,13 +44,7 @@ from streamrnn.protocol import (
     D_SHAPE,
     F_ARRAYS,
     F_PARTS,
-    F_REQUEST_ID,
-    F_SEQ,
-    F_STEPS,
-    F_STREAM,
     F_VERSION,
-    F_VERSIONS,
-    GENERATE_SAMPLERS,
     MAX_ARRAYS,
     MAX_BATCH_HEADER_BYTES,
     MAX_BATCH_PARTS,
@@ -59,14 +52,8 @@ from streamrnn.protocol import (
     MAX_CONTAINER_LEN,
     MAX_FRAME_BYTES,
     MAX_FRAMES,
-    MAX_GENERATE_STEPS,
     MAX_HEADER_BYTES,
-    MAX_MESSAGE_BYTES,
     MAX_NDIM,
-    MAX_REQUEST_ID,
-    MAX_SEQ,
-    MAX_STR_BYTES,
-    MAX_STREAM_ID_BYTES,
     PROTOCOL_VERSION,
     REPLY_ARRAYS,
     REPLY_SCHEMAS,
@@ -80,9 +67,18 @@ from streamrnn.protocol import (
     Schema,
     is_supported_version,
 )
-
-#: Anything zmq hands back or accepts: bytes, memoryview, numpy array, or zmq.Frame.
-FrameLike = Any
+from streamrnn.wirecheck import (
+    FrameLike,
+    as_view,
+    check_fields,
+    check_frames,
+    check_ranges,
+    decode_arrays,
+    echo_context,
+    is_int,
+    read_type_byte,
+    unpack_header,
+)
 
 # Replies may carry larger maps (STATS); requests are held to the tight limits.
 _REPLY_CONTAINER_LEN = 1 << 20
@@ -104,7 +100,6 @@ class Message:
 # numpy's dtype.name is slow (it is rebuilt on every access): the hot path looks dtypes up
 # in these tables instead. Keys are dtype objects; a big-endian dtype is not among them.
 _WIRE_NAMES: dict[np.dtype, str] = {np.dtype(n).newbyteorder("<"): n for n in ALLOWED_DTYPES}
-_WIRE_DTYPES: dict[str, np.dtype] = {n: np.dtype(n).newbyteorder("<") for n in ALLOWED_DTYPES}
 
 
 def _wire_array(array: np.ndarray) -> np.ndarray:
@@ -217,205 +212,6 @@ def batches_of(parts: Sequence[Part], max_parts: int = MAX_BATCH_PARTS,
 # decoding
 
 
-def _buffer(frame: FrameLike) -> memoryview:
-    view = memoryview(getattr(frame, "buffer", frame))
-    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
-
-
-def _is_int(value: object) -> bool:
-    return type(value) is int
-
-
-def _dims_ok(shape: list) -> bool:
-    for d in shape:
-        if type(d) is not int or not 0 <= d <= MAX_FRAME_BYTES:
-            return False
-    return True
-
-
-def _context(header: Mapping[str, Any]) -> dict[str, Any]:
-    """The well-typed matching fields of a (possibly bad) header, to echo in an ERROR."""
-    context: dict[str, Any] = {}
-    rid = header.get(F_REQUEST_ID)
-    if _is_int(rid) and 0 <= rid <= MAX_REQUEST_ID:
-        context[F_REQUEST_ID] = rid
-    stream = header.get(F_STREAM)
-    if type(stream) is str and 0 < len(stream.encode("utf-8", "replace")) <= MAX_STREAM_ID_BYTES:
-        context[F_STREAM] = stream
-    seq = header.get(F_SEQ)
-    if _is_int(seq) and 0 <= seq <= MAX_SEQ:
-        context[F_SEQ] = seq
-    return context
-
-
-def _check_fields(header: dict[str, Any], schema: Schema, name: str, ctx: dict | None
-                  ) -> None:
-    for key, (types, required) in schema.items():
-        if key not in header:
-            if required:
-                raise ProtocolError(f"{name} header is missing field {key!r}", context=ctx)
-            continue
-        value = header[key]
-        # bool is an int subclass in Python but a distinct msgpack type: never accept it
-        if type(value) not in types:
-            expected = "/".join("nil" if t is type(None) else t.__name__ for t in types)
-            raise ProtocolError(
-                f"{name} header field {key!r} must be {expected}, got {type(value).__name__}",
-                context=ctx,
-            )
-
-
-def _check_ranges(msg_type: MessageType, header: dict[str, Any], schema: Schema) -> None:
-    """Value checks of the fields ``schema`` declares (their types are already checked);
-    undeclared fields are ignored, whatever their type, as the protocol promises. Raises
-    without context (the caller adds it)."""
-
-    def declared(key: str) -> Any:
-        return header.get(key) if key in schema else None
-
-    rid = declared(F_REQUEST_ID)
-    if rid is not None and not 0 <= rid <= MAX_REQUEST_ID:
-        raise ProtocolError(f"'rid' must be in [0, 2**64), got {rid}", ErrorCode.BAD_VALUE)
-    stream = declared(F_STREAM)
-    if stream is not None:
-        size = len(stream.encode("utf-8", "surrogatepass"))
-        if not 0 < size <= MAX_STREAM_ID_BYTES:
-            raise ProtocolError(
-                f"'stream' must be 1..{MAX_STREAM_ID_BYTES} UTF-8 bytes, got {size}",
-                ErrorCode.BAD_VALUE,
-            )
-    seq = declared(F_SEQ)
-    if seq is not None and not 0 <= seq <= MAX_SEQ:
-        raise ProtocolError(f"'seq' must be in [0, 2**63), got {seq}", ErrorCode.BAD_VALUE)
-    if msg_type == MessageType.PING:
-        versions = declared(F_VERSIONS) or []
-        if len(versions) > 64 or not all(_is_int(v) for v in versions):
-            raise ProtocolError("'versions' must be a list of at most 64 ints",
-                                ErrorCode.BAD_VALUE)
-    if msg_type == MessageType.GENERATE:
-        _check_generate(header)
-
-
-def _check_generate(header: dict[str, Any]) -> None:
-    steps = header[F_STEPS]
-    if not 1 <= steps <= MAX_GENERATE_STEPS:
-        raise ProtocolError(f"'steps' must be in 1..{MAX_GENERATE_STEPS}, got {steps}",
-                            ErrorCode.BAD_VALUE)
-    sample = header.get("sample", "greedy")
-    if sample not in GENERATE_SAMPLERS:
-        raise ProtocolError(f"'sample' must be one of {sorted(GENERATE_SAMPLERS)}",
-                            ErrorCode.BAD_VALUE)
-    temperature = header.get("temperature", 1.0)
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ProtocolError("'temperature' must be a finite number > 0", ErrorCode.BAD_VALUE)
-    top_k = header.get("top_k")
-    if top_k is not None and top_k < 1:
-        raise ProtocolError("'top_k' must be >= 1 or nil", ErrorCode.BAD_VALUE)
-
-
-def _decode_arrays(
-    header: dict[str, Any], array_frames: Sequence[FrameLike],
-    required: Mapping[str, tuple[int, ...]], name: str,
-) -> dict[str, np.ndarray]:
-    """The arrays ``header`` describes, as views over ``array_frames``. Raises without
-    context (the caller adds it)."""
-    descriptors = header.get(F_ARRAYS, {})
-    if type(descriptors) is not dict:
-        raise ProtocolError(f"'{F_ARRAYS}' must be a map")
-    if len(descriptors) != len(array_frames):
-        raise ProtocolError(
-            f"{len(array_frames)} array frame(s) but {len(descriptors)} array descriptor(s)")
-    arrays: dict[str, np.ndarray] = {}
-    used_frames: set[int] = set()
-    for array_name, desc in descriptors.items():
-        if type(desc) is not dict:
-            raise ProtocolError(f"array {array_name!r}: descriptor must be a map")
-        dtype, shape, index = desc.get(D_DTYPE), desc.get(D_SHAPE), desc.get(D_FRAME)
-        if type(dtype) is not str:
-            raise ProtocolError(f"array {array_name!r}: 'dtype' must be a string",
-                                ErrorCode.BAD_DTYPE)
-        np_dtype = _WIRE_DTYPES.get(dtype)
-        if np_dtype is None:
-            raise ProtocolError(
-                f"array {array_name!r}: dtype {dtype!r} not allowed; allowed: "
-                f"{sorted(ALLOWED_DTYPES)}", ErrorCode.BAD_DTYPE,
-            )
-        if type(shape) is not list or len(shape) > MAX_NDIM or not _dims_ok(shape):
-            raise ProtocolError(
-                f"array {array_name!r}: 'shape' must be a list of at most {MAX_NDIM} "
-                "non-negative ints", ErrorCode.BAD_SHAPE,
-            )
-        if type(index) is not int or not 0 <= index < len(array_frames) or index in used_frames:
-            raise ProtocolError(
-                f"array {array_name!r}: 'frame' must be a distinct int in "
-                f"[0, {len(array_frames)})")
-        used_frames.add(index)
-        buf = _buffer(array_frames[index])
-        expected = math.prod(shape) * np_dtype.itemsize
-        if buf.nbytes != expected:
-            raise ProtocolError(
-                f"array {array_name!r}: shape {shape} of {dtype} needs {expected} bytes, "
-                f"frame has {buf.nbytes}", ErrorCode.BAD_SHAPE,
-            )
-        array = np.frombuffer(buf, dtype=np_dtype).reshape(shape)
-        if not np_dtype.isnative:  # big-endian host
-            array = array.astype(np_dtype.newbyteorder("="))
-        arrays[array_name] = array
-    for array_name, ndims in required.items():
-        if array_name not in arrays:
-            raise ProtocolError(f"{name} needs array {array_name!r}")
-        if arrays[array_name].ndim not in ndims:
-            raise ProtocolError(
-                f"array {array_name!r} must have {' or '.join(map(str, ndims))} dims, got "
-                f"shape {list(arrays[array_name].shape)}",
-                ErrorCode.BAD_SHAPE,
-            )
-    extra = [a for a in arrays if a not in required] if len(arrays) > len(required) else []
-    if extra:
-        raise ProtocolError(f"{name} takes no array(s) {sorted(extra)}")
-    return arrays
-
-
-def _check_frames(views: Sequence[memoryview], max_frames: int, max_header: int) -> None:
-    if len(views) < 2:
-        raise ProtocolError(f"a message has at least 2 frames (type, header), got {len(views)}")
-    if len(views) > max_frames:
-        raise ProtocolError(f"a message has at most {max_frames} frames, got {len(views)}",
-                            ErrorCode.TOO_LARGE)
-    total = 0
-    for view in views:
-        if view.nbytes > MAX_FRAME_BYTES:
-            raise ProtocolError(f"frame of {view.nbytes} bytes exceeds {MAX_FRAME_BYTES}",
-                                ErrorCode.TOO_LARGE)
-        total += view.nbytes
-    if total > MAX_MESSAGE_BYTES:
-        raise ProtocolError(f"message of {total} bytes exceeds {MAX_MESSAGE_BYTES}",
-                            ErrorCode.TOO_LARGE)
-    if views[1].nbytes > max_header:
-        raise ProtocolError(f"header of {views[1].nbytes} bytes exceeds {max_header}",
-                            ErrorCode.TOO_LARGE)
-
-
-def _unpack_header(view: memoryview, container_len: int) -> dict[str, Any]:
-    try:
-        header = msgpack.unpackb(
-            view, raw=False, strict_map_key=True, use_list=True,
-            max_str_len=MAX_STR_BYTES, max_bin_len=0, max_ext_len=0,
-            max_array_len=container_len, max_map_len=container_len,
-        )
-    except Exception as exc:  # msgpack raises a zoo of types (ValueError, ExtraData, ...)
-        raise ProtocolError(f"header is not valid msgpack ({type(exc).__name__}: {exc})") from None
-    if type(header) is not dict:
-        raise ProtocolError(f"header must be a msgpack map, got {type(header).__name__}")
-    return header
-
-
-def _type_byte(view: memoryview, ctx: dict) -> int:
-    if view.nbytes != 1:
-        raise ProtocolError(f"type frame must be exactly 1 byte, got {view.nbytes}", context=ctx)
-    return view[0]
-
-
 def _check_message(
     type_byte: int, header: dict[str, Any], array_frames: Sequence[FrameLike],
     allowed_types: frozenset[MessageType], schemas: Mapping[MessageType, Schema],
@@ -429,17 +225,17 @@ def _check_message(
         msg_type = MessageType(type_byte)
         name = msg_type.name
         schema = schemas[msg_type]
-        _check_fields(header, schema, name, None)
+        check_fields(header, schema, name, None)
         if msg_type != MessageType.PING and not is_supported_version(header[F_VERSION]):
             raise ProtocolError(
                 f"protocol version {header[F_VERSION]} not supported (supported: "
                 f"{list(SUPPORTED_VERSIONS)}); send PING with 'versions' to negotiate",
                 ErrorCode.UNSUPPORTED_VERSION,
             )
-        _check_ranges(msg_type, header, schema)
-        arrays = _decode_arrays(header, array_frames, array_specs.get(msg_type, {}), name)
+        check_ranges(msg_type, header, schema)
+        arrays = decode_arrays(header, array_frames, array_specs.get(msg_type, {}), name)
     except ProtocolError as exc:
-        exc.context = _context(header)
+        exc.context = echo_context(header)
         raise
     return Message(msg_type, header, arrays)
 
@@ -450,10 +246,10 @@ def _decode(
     array_specs: Mapping[MessageType, Mapping[str, tuple[int, ...]]],
     container_len: int,
 ) -> Message:
-    views = [_buffer(f) for f in frames]
-    _check_frames(views, MAX_FRAMES, MAX_HEADER_BYTES)
-    header = _unpack_header(views[1], container_len)
-    type_byte = _type_byte(views[0], _context(header))
+    views = [as_view(f) for f in frames]
+    check_frames(views, MAX_FRAMES, MAX_HEADER_BYTES)
+    header = unpack_header(views[1], container_len)
+    type_byte = read_type_byte(views[0], echo_context(header))
     return _check_message(type_byte, header, frames[2:], allowed_types, schemas, array_specs)
 
 
@@ -462,7 +258,7 @@ def _check_chunk_steps(msg: Message) -> Message:
     if array is not None and array.shape[0] > MAX_CHUNK_STEPS:
         raise ProtocolError(
             f"chunk of {array.shape[0]} steps exceeds {MAX_CHUNK_STEPS}; split it",
-            ErrorCode.TOO_LARGE, _context(msg.header),
+            ErrorCode.TOO_LARGE, echo_context(msg.header),
         )
     return msg
 
@@ -491,7 +287,7 @@ def is_batch(frames: Sequence[FrameLike]) -> bool:
     """True if ``frames`` (without the identity) start with a BATCH or BATCH_REPLY byte."""
     if not frames:
         return False
-    view = _buffer(frames[0])
+    view = as_view(frames[0])
     return view.nbytes == 1 and view[0] in (MessageType.BATCH, MessageType.BATCH_REPLY)
 
 
@@ -506,18 +302,18 @@ def decode_batch(frames: Sequence[FrameLike], replies: bool = False
     part can be trusted).
     """
     envelope = MessageType.BATCH_REPLY if replies else MessageType.BATCH
-    views = [_buffer(f) for f in frames]
-    _check_frames(views, 3, MAX_BATCH_HEADER_BYTES)
+    views = [as_view(f) for f in frames]
+    check_frames(views, 3, MAX_BATCH_HEADER_BYTES)
     container_len = _REPLY_CONTAINER_LEN if replies else MAX_CONTAINER_LEN
-    header = _unpack_header(views[1], container_len)
-    ctx = _context(header)
-    if _type_byte(views[0], ctx) != envelope:
+    header = unpack_header(views[1], container_len)
+    ctx = echo_context(header)
+    if read_type_byte(views[0], ctx) != envelope:
         raise ProtocolError(f"not a {envelope.name} envelope", context=ctx)
     if len(views) != 3:
         raise ProtocolError(f"a {envelope.name} has 3 frames (type, header, payload), got "
                             f"{len(views)}", context=ctx)
     schemas = REPLY_SCHEMAS if replies else REQUEST_SCHEMAS
-    _check_fields(header, schemas[envelope], envelope.name, ctx)
+    check_fields(header, schemas[envelope], envelope.name, ctx)
     if not is_supported_version(header[F_VERSION]):
         raise ProtocolError(f"protocol version {header[F_VERSION]} not supported (supported: "
                             f"{list(SUPPORTED_VERSIONS)})", ErrorCode.UNSUPPORTED_VERSION, ctx)
@@ -528,7 +324,7 @@ def decode_batch(frames: Sequence[FrameLike], replies: bool = False
                             ErrorCode.MALFORMED, ctx)
     payload = views[2]
     for entry in entries:
-        if (type(entry) is not list or len(entry) != 3 or not _is_int(entry[0])
+        if (type(entry) is not list or len(entry) != 3 or not is_int(entry[0])
                 or type(entry[1]) is not dict or not _regions_ok(entry[2], payload.nbytes)):
             raise ProtocolError(
                 f"each part of a {envelope.name} is [type, header map, at most {MAX_ARRAYS} "
@@ -557,7 +353,7 @@ def _regions_ok(regions: object, payload_bytes: int) -> bool:
         if type(region) is not list or len(region) != 2:
             return False
         offset, nbytes = region
-        if not (_is_int(offset) and _is_int(nbytes) and offset >= 0 and nbytes >= 0
+        if not (is_int(offset) and is_int(nbytes) and offset >= 0 and nbytes >= 0
                 and offset + nbytes <= payload_bytes):
             return False
     return True

@@ -15,6 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+__all__ = [
+    "atomic_write",
+]
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], object]) -> None:
     """Call ``write(f)`` on a temp file beside ``path``, fsync it, rename it over ``path``,

@@ -80,6 +80,19 @@ from streamrnn.wirecheck import (
     unpack_header,
 )
 
+__all__ = [
+    "FrameLike",
+    "Message",
+    "Part",
+    "batches_of",
+    "decode_batch",
+    "decode_reply",
+    "decode_request",
+    "encode",
+    "encode_batch",
+    "is_batch",
+]
+
 # Replies may carry larger maps (STATS); requests are held to the tight limits.
 _REPLY_CONTAINER_LEN = 1 << 20
 

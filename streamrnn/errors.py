@@ -8,6 +8,27 @@ from __future__ import annotations
 
 from streamrnn.protocol import ErrorCode
 
+__all__ = [
+    "CheckpointError",
+    "EngineFullError",
+    "InvalidInputError",
+    "NotSupportedError",
+    "ProtocolError",
+    "RemoteEngineFullError",
+    "RemoteError",
+    "RemoteInvalidInputError",
+    "RemoteNotSupportedError",
+    "RemoteUnknownStreamError",
+    "RequestTimeoutError",
+    "SequenceError",
+    "StreamExpiredError",
+    "StreamRNNError",
+    "UnknownStreamError",
+    "UnsupportedModelError",
+    "WorkerBusyError",
+    "remote_error",
+]
+
 
 class StreamRNNError(Exception):
     """Base class of every streamrnn error."""

@@ -11,6 +11,12 @@ import argparse
 import logging
 import sys
 
+__all__ = [
+    "TEXT_FORMAT",
+    "add_logging_arguments",
+    "configure_logging",
+]
+
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 

@@ -67,7 +67,7 @@ class SoakStream:
             self.pos >= self.chunks and not self.pending)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=120.0, help="soak duration")
     parser.add_argument("--streams", type=int, default=24, help="concurrent streams")
@@ -79,130 +79,171 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=4, help="chunks in flight per stream")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="write the JSON summary here")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    from streamrnn.cli.process import WorkerProcess
-    from streamrnn.client.client import Client
-    from streamrnn.errors import StreamRNNError
 
-    features, out_dim = 6, 4
-    model = build_model(features, 24, out_dim)
-    import tensorflow as tf
+class Soak:
+    """One soak run: a durable worker, one client, ``args.streams`` live streams."""
 
-    # the offline reference: one call of the model over the whole sequence (as a graph:
-    # eager RNN loops take seconds per stream)
-    offline = tf.function(lambda x: model(x), reduce_retracing=True)
-    tmp = Path(tempfile.mkdtemp(prefix="streamrnn-soak-"))
-    model.save(tmp / "soak.keras")
-    worker_args = ("--no-xla", "--max-bucket", "32", "--checkpoint-dir", str(tmp / "ckpt"),
-                   "--checkpoint-every-steps", "20", "--checkpoint-every-s", "0.5",
-                   "--max-streams", str(args.max_streams), "--max-queue", "512")
-    worker = WorkerProcess.start(tmp / "soak.keras", args.slots, *worker_args,
-                                 log_path=tmp / "worker-0.log")
-    endpoint = worker.endpoint
-    rng = np.random.default_rng(args.seed)
-    counts: Counter[str] = Counter()
-    client_counters: Counter[str] = Counter()
-    max_diff = 0.0
-    names = iter(f"soak-{i}" for i in range(10**9))
-    live = [SoakStream(next(names), args.steps, features, rng) for _ in range(args.streams)]
+    FEATURES, OUT_DIM = 6, 4
 
-    def new_client() -> Client:
-        return Client(endpoint, timeout=1.0, retries=60, window=args.window)
+    def __init__(self, args: argparse.Namespace):
+        import tensorflow as tf
 
-    def verify(stream: SoakStream) -> None:
-        nonlocal max_diff
-        ref = np.asarray(offline(stream.x[None]))[0]
+        from streamrnn.cli.process import WorkerProcess
+
+        self.args = args
+        model = build_model(self.FEATURES, 24, self.OUT_DIM)
+        # the offline reference: one call of the model over the whole sequence (as a graph:
+        # eager RNN loops take seconds per stream)
+        self.offline = tf.function(lambda x: model(x), reduce_retracing=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix="streamrnn-soak-"))
+        model.save(self.tmp / "soak.keras")
+        self.worker_args = (
+            "--no-xla", "--max-bucket", "32", "--checkpoint-dir", str(self.tmp / "ckpt"),
+            "--checkpoint-every-steps", "20", "--checkpoint-every-s", "0.5",
+            "--max-streams", str(args.max_streams), "--max-queue", "512")
+        self.worker = WorkerProcess.start(self.tmp / "soak.keras", args.slots,
+                                          *self.worker_args, log_path=self.tmp / "worker-0.log")
+        self.endpoint = self.worker.endpoint
+        self.rng = np.random.default_rng(args.seed)
+        self.counts: Counter[str] = Counter()
+        self.client_counters: Counter[str] = Counter()
+        self.max_diff = 0.0
+        self.names = iter(f"soak-{i}" for i in range(10**9))
+        self.live = [self._new_stream() for _ in range(args.streams)]
+        self.client = self._new_client()
+        self.restarts = 0
+
+    def _new_stream(self) -> SoakStream:
+        return SoakStream(next(self.names), self.args.steps, self.FEATURES, self.rng)
+
+    def _new_client(self):
+        from streamrnn.client import Client
+
+        return Client(self.endpoint, timeout=1.0, retries=60, window=self.args.window)
+
+    def verify(self, stream: SoakStream) -> None:
+        """Check every output ``stream`` received against the offline call."""
+        ref = np.asarray(self.offline(stream.x[None]))[0]
         for i, out in stream.outputs.items():
             diff = float(np.abs(out - ref[stream.cuts[i]:stream.cuts[i + 1]]).max())
-            max_diff = max(max_diff, diff)
-            counts["chunks_checked"] += 1
+            self.max_diff = max(self.max_diff, diff)
+            self.counts["chunks_checked"] += 1
             if diff > TOL:
-                counts["mismatches"] += 1
+                self.counts["mismatches"] += 1
                 print(f"MISMATCH {stream.name} chunk {i}: max diff {diff:.3g}", flush=True)
         sent = max([stream.pos, *stream.outputs]) if stream.outputs else stream.pos
-        counts["unreceived"] += sum(1 for i in range(sent) if i not in stream.outputs)
-        counts["streams_completed"] += 1
+        self.counts["unreceived"] += sum(1 for i in range(sent) if i not in stream.outputs)
+        self.counts["streams_completed"] += 1
 
-    def resync(client: Client, stream: SoakStream) -> None:
+    def resync(self, stream: SoakStream) -> None:
         """Continue from where the worker says the stream is (after a failure/restart)."""
+        from streamrnn.errors import StreamRNNError
+
         stream.pending.clear()
         while True:
             try:
-                stream.pos = int(client.open(stream.name)["next_seq"])
+                stream.pos = int(self.client.open(stream.name)["next_seq"])
                 break
             except StreamRNNError as exc:  # the worker is restarting: ask again
-                counts[f"open_retries_{type(exc).__name__}"] += 1
-        counts["resyncs"] += 1
+                self.counts[f"open_retries_{type(exc).__name__}"] += 1
+        self.counts["resyncs"] += 1
 
-    client = new_client()
-    start = time.monotonic()
-    next_kill = start + args.kill_every
-    next_client_restart = start + args.client_restart_every
-    restart_index = 0
-    print(f"soak: {args.seconds:.0f} s, {args.streams} streams x {args.steps} steps, "
-          f"slots={args.slots}, max_streams={args.max_streams}, worker {endpoint}", flush=True)
-    while time.monotonic() - start < args.seconds:
-        now = time.monotonic()
-        if now >= next_kill:
-            worker.proc.kill()
-            worker.proc.wait()
-            restart_index += 1
-            worker = WorkerProcess.start(tmp / "soak.keras", args.slots, *worker_args,
-                                         bind=endpoint,
-                                         log_path=tmp / f"worker-{restart_index}.log")
-            counts["worker_kills"] += 1
-            print(f"[{now - start:6.1f} s] worker SIGKILLed and restarted", flush=True)
-            next_kill = time.monotonic() + args.kill_every
-        if now >= next_client_restart:
-            client_counters.update(client.counters)
-            client.shutdown()  # in-flight requests are abandoned
-            client = new_client()
-            for stream in live:
-                resync(client, stream)
-            counts["client_restarts"] += 1
-            print(f"[{now - start:6.1f} s] client restarted", flush=True)
-            next_client_restart = time.monotonic() + args.client_restart_every
-        progressed = False
-        for k, stream in enumerate(live):
-            while stream.pos < stream.chunks and len(stream.pending) < args.window:
-                stream.pending[stream.pos] = client.push_async(stream.name,
-                                                               stream.chunk(stream.pos))
-                stream.pos += 1
-            for i in sorted(stream.pending):
-                future = stream.pending[i]
-                if not future.done():
-                    break
-                del stream.pending[i]
-                progressed = True
-                try:
-                    stream.outputs[i] = np.array(future.result())
-                    counts["chunks_received"] += 1
-                except StreamRNNError as exc:
-                    counts[f"stream_errors_{type(exc).__name__}"] += 1
-                    resync(client, stream)
-                    break
-            if stream.done:
-                verify(stream)
-                client.close_async(stream.name)  # frees its state; not waited for
-                live[k] = SoakStream(next(names), args.steps, features, rng)
-        if not progressed:
-            time.sleep(0.002)
-    client_counters.update(client.counters)
-    client.shutdown()
-    for stream in live:  # partially done streams: check what they received
-        verify(stream)
-        counts["streams_completed"] -= 1
-        counts["streams_partial"] += 1
-    code = worker.stop()
-    counts["worker_exit_status"] = code
-    summary = {"seconds": args.seconds, "streams_total": counts["streams_completed"]
-               + counts["streams_partial"], **counts, "max_abs_diff": max_diff,
-               "client": dict(client_counters)}
+    def kill_worker(self) -> None:
+        """SIGKILL the worker and restart it from its checkpoint on the same endpoint."""
+        from streamrnn.cli.process import WorkerProcess
+
+        self.worker.proc.kill()
+        self.worker.proc.wait()
+        self.restarts += 1
+        self.worker = WorkerProcess.start(self.tmp / "soak.keras", self.args.slots,
+                                          *self.worker_args, bind=self.endpoint,
+                                          log_path=self.tmp / f"worker-{self.restarts}.log")
+        self.counts["worker_kills"] += 1
+
+    def restart_client(self) -> None:
+        """Throw the client away (abandoning in-flight requests) and resync every stream."""
+        self.client_counters.update(self.client.counters)
+        self.client.shutdown()
+        self.client = self._new_client()
+        for stream in self.live:
+            self.resync(stream)
+        self.counts["client_restarts"] += 1
+
+    def pump(self, k: int) -> bool:
+        """Top up stream ``k``'s window and collect its finished chunks in order; a finished
+        stream is verified and replaced. True if any chunk finished."""
+        from streamrnn.errors import StreamRNNError
+
+        stream, progressed = self.live[k], False
+        while stream.pos < stream.chunks and len(stream.pending) < self.args.window:
+            stream.pending[stream.pos] = self.client.push_async(stream.name,
+                                                                stream.chunk(stream.pos))
+            stream.pos += 1
+        for i in sorted(stream.pending):
+            future = stream.pending[i]
+            if not future.done():
+                break
+            del stream.pending[i]
+            progressed = True
+            try:
+                stream.outputs[i] = np.array(future.result())
+                self.counts["chunks_received"] += 1
+            except StreamRNNError as exc:
+                self.counts[f"stream_errors_{type(exc).__name__}"] += 1
+                self.resync(stream)
+                break
+        if stream.done:
+            self.verify(stream)
+            self.client.close_async(stream.name)  # frees its state; not waited for
+            self.live[k] = self._new_stream()
+        return progressed
+
+    def run(self) -> dict:
+        args = self.args
+        start = time.monotonic()
+        next_kill = start + args.kill_every
+        next_client_restart = start + args.client_restart_every
+        print(f"soak: {args.seconds:.0f} s, {args.streams} streams x {args.steps} steps, "
+              f"slots={args.slots}, max_streams={args.max_streams}, worker {self.endpoint}",
+              flush=True)
+        while (now := time.monotonic()) - start < args.seconds:
+            if now >= next_kill:
+                self.kill_worker()
+                print(f"[{now - start:6.1f} s] worker SIGKILLed and restarted", flush=True)
+                next_kill = time.monotonic() + args.kill_every
+            if now >= next_client_restart:
+                self.restart_client()
+                print(f"[{now - start:6.1f} s] client restarted", flush=True)
+                next_client_restart = time.monotonic() + args.client_restart_every
+            progressed = [self.pump(k) for k in range(len(self.live))]
+            if not any(progressed):
+                time.sleep(0.002)
+        return self.finish()
+
+    def finish(self) -> dict:
+        """Stop everything, check the partly done streams, and summarise."""
+        self.client_counters.update(self.client.counters)
+        self.client.shutdown()
+        for stream in self.live:  # partially done streams: check what they received
+            self.verify(stream)
+            self.counts["streams_completed"] -= 1
+            self.counts["streams_partial"] += 1
+        self.counts["worker_exit_status"] = self.worker.stop()
+        return {"seconds": self.args.seconds,
+                "streams_total": self.counts["streams_completed"]
+                + self.counts["streams_partial"], **self.counts,
+                "max_abs_diff": self.max_diff, "client": dict(self.client_counters)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    summary = Soak(args).run()
     print(json.dumps(summary, indent=2, sort_keys=True))
     if args.out:
         Path(args.out).write_text(json.dumps(summary, indent=2, sort_keys=True))
-    return 1 if counts["mismatches"] else 0
+    return 1 if summary.get("mismatches") else 0
 
 
 if __name__ == "__main__":

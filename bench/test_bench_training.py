@@ -22,7 +22,8 @@ import keras
 import numpy as np
 import pytest
 
-from streamrnn.training.trainer import FreeRunningTrainer, TrainConfig
+from streamrnn.training.config import TrainConfig
+from streamrnn.training.trainer import FreeRunningTrainer
 
 SLOTS, T, D, UNITS = 32, 64, 8, 64
 

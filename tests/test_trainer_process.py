@@ -27,8 +27,9 @@ from streamrnn.engine.weights import (
 )
 from streamrnn.errors import RemoteError
 from streamrnn.serving.worker import StreamWorker, WorkerConfig
+from streamrnn.training.config import TrainConfig
 from streamrnn.training.online import OnlineTrainer
-from streamrnn.training.trainer import FreeRunningTrainer, TrainConfig
+from streamrnn.training.trainer import FreeRunningTrainer
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -17,7 +17,8 @@ import pytest
 import streamrnn
 from streamrnn.errors import InvalidInputError, UnsupportedModelError
 from streamrnn.protocol import ErrorCode
-from streamrnn.training.trainer import FreeRunningTrainer, TrainConfig, feed_probability
+from streamrnn.training.config import TrainConfig, feed_probability
+from streamrnn.training.trainer import FreeRunningTrainer
 from tests import training_job
 
 REPO = Path(__file__).resolve().parent.parent
@@ -169,7 +170,7 @@ def test_scheduled_coins_follow_the_probability():
     trainer = FreeRunningTrainer(regression_model(), slots=8, config=TrainConfig())
     import tensorflow as tf
 
-    own = trainer._draws(tf.constant([8, 500]), tf.constant(0.3), tf.constant(7, tf.int64), 4)
+    own = trainer.graph.draws(tf.constant([8, 500]), tf.constant(0.3), tf.constant(7, tf.int64), 4)
     own = own.numpy()
     assert not own[:, :4].any()  # never during the warm-up
     assert abs(own[:, 4:].mean() - 0.3) < 0.03

@@ -17,7 +17,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from streamrnn.training.trainer import FreeRunningTrainer, TrainConfig  # noqa: E402
+from streamrnn.training.config import TrainConfig  # noqa: E402
+from streamrnn.training.trainer import FreeRunningTrainer  # noqa: E402
 
 STREAMS = ("s0", "s1", "s2", "s3")
 CHUNK = 24

@@ -18,12 +18,18 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 import zmq
 
 from streamrnn.cluster.link import ADOPT, ADOPTED, FENCED, HEARTBEAT
+from streamrnn.engine.interface import EngineLike
+
+if TYPE_CHECKING:
+    from streamrnn.serving.worker import StreamWorker
+
+__all__ = ["RouterLink"]
 
 log = logging.getLogger("streamrnn.registration")
 
@@ -38,7 +44,7 @@ class RouterLink:
             the worker process must then exit without writing its checkpoint again.
     """
 
-    def __init__(self, worker: Any, router_endpoint: str, name: str, *,
+    def __init__(self, worker: StreamWorker, router_endpoint: str, name: str, *,
                  heartbeat_s: float = 0.25, advertise: str | None = None,
                  on_fenced: Callable[[str], None] | None = None,
                  context: zmq.Context | None = None):
@@ -62,15 +68,14 @@ class RouterLink:
         self._thread.join(5)
 
     def _heartbeat(self) -> dict[str, Any]:
-        engine = self.worker.engine
+        engine: EngineLike = self.worker.engine
         ckpt = self.worker.checkpointer
         return {
             "name": self.name,
             "endpoint": self.advertise or self.worker.endpoint,
             "checkpoint": str(ckpt.path.resolve()) if ckpt is not None else None,
             "capacity_left": int(engine.capacity_left),
-            "streams": int(getattr(engine, "max_streams", engine.slots)
-                           - engine.capacity_left),
+            "streams": int(engine.max_streams - engine.capacity_left),
             "describe": self.worker.describe(),
         }
 
@@ -117,6 +122,3 @@ class RouterLink:
             self._stop.set()
             if self.on_fenced is not None:
                 self.on_fenced(reason)
-
-
-__all__ = ["RouterLink"]

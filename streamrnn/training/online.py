@@ -1,12 +1,20 @@
-"""OnlineTrainer: a FreeRunningTrainer behind the Engine verbs, so a StreamWorker serves it.
+"""OnlineTrainer: a FreeRunningTrainer that plays "engine", so a StreamWorker serves it.
+
+:class:`OnlineTrainer` implements :class:`~streamrnn.engine.interface.EngineLike` (and none
+of the optional capabilities: it does not generate, pin weight versions or export state
+snapshots; the trainer's own checkpoint, :mod:`streamrnn.training.checkpoint`, keeps its
+streams' states). ``streamrnn trainer`` (:mod:`streamrnn.cli.trainer`) serves one with a
+:class:`~streamrnn.serving.worker.StreamWorker`.
 
 Training streams are published exactly like inference streams (same client, same wire
 format, same exactly-once sequence numbers): each PUSH is one training chunk of a stream,
 trained in a shared step with the chunks of other streams that arrived in the same
-batching window, and answered with the training pass's outputs for that chunk. Between
-steps the trainer checkpoints (weights, optimizer, step counter, stream states) every
-``checkpoint_every`` steps and publishes a new weights version every ``publish_every``
-steps (checkpointing first, so a restart never re-issues a published version number).
+batching window, and answered with the training pass's outputs for that chunk
+(``(T, output_dim)`` float32). Every training stream holds a slot (``max_streams ==
+slots``: nothing is swapped out). Between steps the trainer checkpoints (weights,
+optimizer, step counter, stream states) every ``checkpoint_every`` steps and publishes a
+new weights version every ``publish_every`` steps (checkpointing first, so a restart never
+re-issues a published version number).
 
 Targets: by default a stream trains on next-step prediction of its own observations. With
 ``paired=True`` each chunk carries explicit targets next to the inputs, in one array (the
@@ -32,15 +40,30 @@ from typing import Any
 
 import numpy as np
 
-from streamrnn.atomic import atomic_write
+from streamrnn.engine.interface import EngineLike
 from streamrnn.engine.weights import publish_weights
 from streamrnn.errors import InvalidInputError
 from streamrnn.protocol import ErrorCode
 from streamrnn.training.trainer import FreeRunningTrainer
 
+__all__ = ["OnlineTrainer"]
 
-class OnlineTrainer:
-    """Engine-shaped face of a :class:`FreeRunningTrainer` (driven by one thread)."""
+
+class OnlineTrainer(EngineLike):
+    """The engine face of a :class:`~streamrnn.training.trainer.FreeRunningTrainer`.
+
+    Driven by one thread (a worker's compute thread), like every EngineLike.
+
+    Args:
+        trainer: the trainer to drive (resumed from ``checkpoint`` if that file exists).
+        checkpoint: the trainer's checkpoint file, or None for none.
+        checkpoint_every: optimizer steps between checkpoints.
+        publish_dir: where weights versions are published, or None.
+        publish_every: optimizer steps between published versions.
+        keep_versions: published versions kept in ``publish_dir``.
+        paired: chunks carry explicit targets (see the module docstring).
+        metrics: the worker's metrics (``train_steps``, ``train_loss``, ...), or None.
+    """
 
     def __init__(
         self,
@@ -78,19 +101,23 @@ class OnlineTrainer:
         self._start_step = trainer.step
         self._start_timesteps = trainer.timesteps
 
-    # ---- facts the worker reports ------------------------------------------------------
+    # ---- EngineLike: facts (every training stream holds a slot; none is swapped out) ----
 
     @property
     def slots(self) -> int:
         return self.trainer.slots
 
     @property
-    def free_slots(self) -> int:
-        return self.trainer.table.free
+    def max_streams(self) -> int:
+        return self.trainer.slots
 
     @property
     def capacity_left(self) -> int:
         return self.trainer.table.free
+
+    @property
+    def streams(self) -> list[str]:
+        return self.trainer.streams
 
     @property
     def input_kind(self) -> str:
@@ -108,16 +135,10 @@ class OnlineTrainer:
     def weights_version(self) -> int:
         return self.trainer.version
 
-    @property
-    def streams(self) -> list[str]:
-        return self.trainer.streams
-
-    @property
-    def table(self) -> Any:
-        """The trainer's SlotTable (stream -> row)."""
-        return self.trainer.table
-
     def __contains__(self, stream: object) -> bool:
+        return stream in self.trainer.table
+
+    def is_resident(self, stream: str) -> bool:
         return stream in self.trainer.table
 
     def progress(self) -> dict[str, Any]:
@@ -137,12 +158,12 @@ class OnlineTrainer:
         """The Engine.stats() keys (the worker reads them) plus the training counters."""
         p = self.progress()
         return {**p, "loss": None if math.isnan(p["loss"]) else p["loss"],
-                "slots": self.slots, "free_slots": self.free_slots, "swapped_streams": 0,
+                "slots": self.slots, "free_slots": self.capacity_left, "swapped_streams": 0,
                 "swaps_in": 0, "swaps_out": 0, "steps": p["step"],
                 "weights_version": self.trainer.version, "traces": self.trainer.trace_count,
                 "kernel": "trainer (tf.while_loop)"}
 
-    # ---- chunks ------------------------------------------------------------------------
+    # ---- EngineLike: chunks ------------------------------------------------------------
 
     def _split(self, chunk: Any) -> tuple[np.ndarray, np.ndarray | None]:
         arr = np.asarray(chunk)
@@ -173,6 +194,7 @@ class OnlineTrainer:
         return np.asarray(chunk)
 
     def push(self, stream: str, chunk: Any) -> np.ndarray:
+        """Train on one chunk of ``stream``; returns its training outputs."""
         return self.push_many({stream: chunk})[stream]
 
     def push_many(
@@ -205,9 +227,11 @@ class OnlineTrainer:
         return out
 
     def reset(self, stream: str) -> None:
+        """Back to the initial state; the stream's kept observation is dropped."""
         self.trainer.reset(stream)
 
     def close(self, stream: str) -> None:
+        """Free the stream's slot."""
         self.trainer.close(stream)
 
     # ---- durability --------------------------------------------------------------------
@@ -255,41 +279,10 @@ class OnlineTrainer:
             self.checkpoint()
 
     def loss_history(self) -> list[tuple[int, float]]:
+        """``(step, loss)`` per optimizer step so far (a copy; safe from another thread)."""
         with self._lock:
             return list(self.history)
 
 
 def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
-
-
-def write_loss_curve(history: list[tuple[int, float]], path: str | os.PathLike,
-                     title: str = "streamrnn trainer") -> Path:
-    """Plot loss vs optimizer step (raw and smoothed) to a PNG, atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    if history:
-        steps = np.array([s for s, _ in history])
-        loss = np.array([v for _, v in history], dtype=float)
-        ax.plot(steps, loss, lw=0.8, alpha=0.45, label="loss")
-        if len(loss) >= 10:
-            k = max(len(loss) // 20, 5)
-            smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
-            ax.plot(steps[k - 1:], smooth, lw=2, label=f"mean of {k}")
-        if np.all(loss[np.isfinite(loss)] > 0):
-            ax.set_yscale("log")
-        ax.legend()
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png"))
-    plt.close(fig)
-    return path

@@ -1,0 +1,200 @@
+"""The torch module chain of a :class:`~streamrnn.executors.torch_spec.ModelSpec`.
+
+:class:`TorchChain` holds one module per spec: a one-layer ``nn.LSTM`` / ``nn.GRU`` /
+``nn.RNN`` (batch first) per recurrent cell, and a small functional layer per timewise layer
+(Dense, Embedding, LayerNormalization, BatchNormalization in inference form, activations).
+Its forward takes the gathered rows ``x (k, T, ...)``, their lengths and states; when the
+lengths differ it packs the batch (``pack_padded_sequence``, unsorted), so every recurrent
+layer returns each row's state at its own last valid step, and the timewise layers run on
+the packed rows (the valid steps only).
+
+Weight mapping (Keras -> torch): LSTM gates i, f, c, o are torch's i, f, g, o (kernels
+transposed; Keras' one bias goes to ``bias_ih``, zeros to ``bias_hh``); GRU gates z, r, h
+become r, z, n, and the two biases of ``reset_after=True`` are ``bias_ih`` / ``bias_hh``;
+SimpleRNN: ``bias_ih`` = bias, ``bias_hh`` = zeros.
+
+Example::
+
+    chain = TorchChain(spec)
+    chain.load(keras_weights)                   # copied in place
+    y, states = chain(x, lengths, states)       # x (k, T, D); states [(k, units), ...]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from streamrnn.executors.torch_spec import RECURRENT_KINDS, LayerSpec, ModelSpec
+
+__all__ = ["ACTIVATION_FUNCTIONS", "TorchChain"]
+
+
+def _cap_relu(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return F.relu(x) if cap is None else x.clamp(0.0, cap)
+
+
+#: Keras activation name -> f(x, alpha) (the keys are torch_spec.ACTIVATIONS)
+ACTIVATION_FUNCTIONS: dict[str, Callable[[torch.Tensor, Any], torch.Tensor]] = {
+    "linear": lambda x, a: x,
+    "relu": _cap_relu,
+    "relu6": lambda x, a: F.relu6(x),
+    "tanh": lambda x, a: torch.tanh(x),
+    "sigmoid": lambda x, a: torch.sigmoid(x),
+    "softmax": lambda x, a: F.softmax(x, dim=-1),
+    "log_softmax": lambda x, a: F.log_softmax(x, dim=-1),
+    "gelu": lambda x, a: F.gelu(x),
+    "elu": lambda x, a: F.elu(x, 1.0 if a is None else a),
+    "selu": lambda x, a: F.selu(x),
+    "celu": lambda x, a: F.celu(x),
+    "softplus": lambda x, a: F.softplus(x),
+    "softsign": lambda x, a: F.softsign(x),
+    "silu": lambda x, a: F.silu(x),
+    "exponential": lambda x, a: torch.exp(x),
+    "leaky_relu": lambda x, a: F.leaky_relu(x, 0.2 if a is None else a),
+    "hard_sigmoid": lambda x, a: F.hardsigmoid(x),
+    "hard_silu": lambda x, a: F.hardswish(x),
+    "hard_tanh": lambda x, a: F.hardtanh(x),
+    "mish": lambda x, a: F.mish(x),
+    "tanh_shrink": lambda x, a: F.tanhshrink(x),
+    "log_sigmoid": lambda x, a: F.logsigmoid(x),
+    "soft_shrink": lambda x, a: F.softshrink(x, 0.5),
+    "hard_shrink": lambda x, a: F.hardshrink(x, 0.5),
+}
+
+
+class _Timewise(nn.Module):
+    """One layer acting on each timestep, applied to rows ``(N, dim)`` (or ``(N,)`` ids)."""
+
+    def __init__(self, spec: LayerSpec, dim: int):
+        super().__init__()
+        self.spec = spec
+        shapes = spec.weight_shapes(dim)
+        self.params = nn.ParameterList(
+            [nn.Parameter(torch.zeros(s), requires_grad=False) for s in shapes])
+
+    def load(self, arrays: Sequence[np.ndarray]) -> None:
+        for p, a in zip(self.params, arrays, strict=True):
+            p.copy_(torch.from_numpy(np.asarray(a, np.float32)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s, w = self.spec, list(self.params)
+        if s.kind == "dense":
+            x = F.linear(x, w[0].T, w[1] if s.use_bias else None)
+        elif s.kind == "embedding":
+            return F.embedding(x, w[0])
+        elif s.kind in ("layer_norm", "batch_norm"):
+            return self._norm(x, w)
+        return ACTIVATION_FUNCTIONS[s.activation](x, s.alpha)
+
+    def _norm(self, x: torch.Tensor, w: list[torch.Tensor]) -> torch.Tensor:
+        s = self.spec
+        gamma = w.pop(0) if s.scale else None
+        beta = w.pop(0) if s.center else None
+        if s.kind == "layer_norm":
+            return F.layer_norm(x, (x.shape[-1],), gamma, beta, s.epsilon)
+        return F.batch_norm(x, w[0], w[1], gamma, beta, False, 0.0, s.epsilon)
+
+
+def _swap_zr(m: np.ndarray) -> np.ndarray:
+    """GRU gate blocks on the last axis from Keras z, r, h to torch r, z, n."""
+    z, r, h = np.split(m, 3, axis=-1)
+    return np.concatenate([r, z, h], axis=-1)
+
+
+class _Recurrent(nn.Module):
+    """One recurrent cell as a one-layer ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``."""
+
+    def __init__(self, spec: LayerSpec, dim: int):
+        super().__init__()
+        self.spec = spec
+        self.n_states = 2 if spec.kind == "lstm" else 1
+        extra = {"nonlinearity": spec.activation} if spec.kind == "rnn" else {}
+        cls = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[spec.kind]
+        self.rnn = cls(dim, spec.units, batch_first=True, bias=spec.use_bias, **extra)
+        self.rnn.requires_grad_(False)
+
+    def load(self, arrays: Sequence[np.ndarray]) -> None:
+        w = [np.asarray(a, np.float32) for a in arrays]
+        order = _swap_zr if self.spec.kind == "gru" else (lambda m: m)
+        torch_arrays = [order(w[0]).T, order(w[1]).T]
+        if self.spec.use_bias:
+            if self.spec.kind == "gru":  # (2, 3U): input and recurrent biases
+                torch_arrays += [order(w[2][0]), order(w[2][1])]
+            else:
+                torch_arrays += [w[2], np.zeros_like(w[2])]
+        names = ["weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"]
+        for name, a in zip(names, torch_arrays, strict=False):
+            getattr(self.rnn, name).copy_(torch.from_numpy(np.ascontiguousarray(a)))
+
+    def forward(self, h: torch.Tensor | PackedSequence, states: list[torch.Tensor]
+                ) -> tuple[torch.Tensor | PackedSequence, list[torch.Tensor]]:
+        if self.n_states == 2:
+            y, (hn, cn) = self.rnn(h, (states[0][None], states[1][None]))
+            return y, [hn[0], cn[0]]
+        y, hn = self.rnn(h, states[0][None])
+        return y, [hn[0]]
+
+
+def _rowwise(layer: nn.Module, h: torch.Tensor | PackedSequence
+             ) -> torch.Tensor | PackedSequence:
+    """Apply a timewise layer to every step of a padded ``(k, T, ...)`` batch or a pack."""
+    if isinstance(h, PackedSequence):
+        return PackedSequence(layer(h.data), h.batch_sizes, h.sorted_indices,
+                              h.unsorted_indices)
+    k, t = h.shape[:2]
+    return layer(h.reshape(k * t, *h.shape[2:])).reshape(k, t, -1)
+
+
+class TorchChain(nn.Module):
+    """The module chain of a :class:`ModelSpec` (weights from :meth:`load`)."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        self.steps = nn.ModuleList(
+            _Recurrent(s, d) if s.kind in RECURRENT_KINDS else _Timewise(s, d)
+            for s, d in zip(spec.layers, spec.widths(), strict=True))
+
+    @torch.no_grad()
+    def load(self, weights: Sequence[np.ndarray]) -> None:
+        """Copy Keras-order ``weights`` into the modules (in place, on their device).
+
+        Raises ValueError if the count or a shape differs from the spec."""
+        shapes = self.spec.weight_shapes()
+        weights = list(weights)
+        if len(weights) != len(shapes):
+            raise ValueError(f"expected {len(shapes)} weight arrays, got {len(weights)}")
+        for i, (w, shape) in enumerate(zip(weights, shapes, strict=True)):
+            if np.shape(w) != shape:
+                raise ValueError(f"weight {i} has shape {np.shape(w)}, expected {shape}")
+        offset = 0
+        for step, s, d in zip(self.steps, self.spec.layers, self.spec.widths(), strict=True):
+            n = len(s.weight_shapes(d))
+            step.load(weights[offset:offset + n])
+            offset += n
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None,
+                states: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``x (k, T, ...)`` right-padded, ``lengths (k,)`` on the CPU (None: all ``T``),
+        one ``(k, units)`` per state -> ``y (k, T, output_dim)`` and the states at each
+        row's last valid step."""
+        h: torch.Tensor | PackedSequence = x
+        if lengths is not None:
+            h = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        new: list[torch.Tensor] = []
+        for step in self.steps:
+            if isinstance(step, _Recurrent):
+                h, out = step(h, states[len(new):len(new) + step.n_states])
+                new += out
+            else:
+                h = _rowwise(step, h)
+        if isinstance(h, PackedSequence):
+            h = pad_packed_sequence(h, batch_first=True)[0]
+        return h, new

@@ -1,0 +1,265 @@
+"""The torch executor: ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` on CPU or CUDA (cuDNN on or off).
+
+:class:`TorchExecutor` (``name == "torch"``) runs a :class:`~streamrnn.executors.torch_layers.
+TorchChain` built from a :class:`~streamrnn.executors.torch_spec.ModelSpec` and Keras-layout
+weights. :meth:`TorchExecutor.from_keras` converts a Keras model (TensorFlow is imported
+there only); the spec path needs no TensorFlow, so a GPU machine with torch alone runs it.
+
+State: :class:`TorchStateBank`, one ``(slots, units)`` tensor per recurrent state (h and c
+per LSTM cell, h per GRU / SimpleRNN cell, in the Keras serving clone's order, so snapshots
+move between executors) on the executor's device (host memory on CPU). A step gathers the
+busy slots' rows only, steps them (packed when their lengths differ: each row's state is
+taken at its own last valid step) and scatters the new states back; idle rows are never
+read or written.
+
+CUDA: ``cudnn=True`` runs under ``torch.backends.cudnn.flags(enabled=True)`` (the cuDNN RNN
+kernels), ``cudnn=False`` under ``enabled=False`` (torch's own per-step kernels), so one
+engine can measure both. TF32 stays off (``tf32=False``) to keep float32 results within
+1e-5 of Keras.
+
+Threads (CPU): ``torch.set_num_threads(threads)`` is process-wide (default: all cores).
+torch's OpenMP runtime (GNU libgomp in the pip wheels) spins waiting threads; beside a busy
+I/O thread on few cores that costs a lot. libgomp reads its wait policy once, when torch is
+loaded, so it must be in the environment before the process's first ``import torch``:
+``OMP_WAIT_POLICY=PASSIVE`` (or ``GOMP_SPINCOUNT=0``) in the shell or the service file, or
+:func:`passive_openmp` called before anything imports torch. (``KMP_BLOCKTIME`` is Intel
+OpenMP's; libgomp ignores it.)
+
+Example::
+
+    ex = TorchExecutor.from_keras(model, slots=64)       # or TorchExecutor(spec, weights, 64)
+    out = ex.run({0: chunk_a, 5: chunk_b}, bucket=16)    # {slot: (t, output_dim)}
+    ex.state.reset([5])
+    ex.set_weights(new_model.get_weights())               # copied in place, no rebuild
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from streamrnn.executors.buckets import bucket_sizes
+from streamrnn.executors.torch_layers import TorchChain
+from streamrnn.executors.torch_spec import ModelSpec, TorchUnsupported, spec_from_keras
+
+__all__ = ["ModelSpec", "TorchExecutor", "TorchStateBank", "TorchUnsupported",
+           "passive_openmp"]
+
+StateSnapshot = list[np.ndarray]
+_KIND_NAMES = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}
+
+
+def passive_openmp() -> bool:
+    """Put ``OMP_WAIT_POLICY=PASSIVE`` in the environment unless it is set; True if it
+    takes effect (torch not loaded yet in this process)."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return "torch" not in sys.modules
+
+
+class TorchStateBank:
+    """Row-wise reset/read/write/snapshot/restore of ``(slots, units)`` tensors on one
+    device (a :class:`~streamrnn.engine.interface.StateRows`); rows start at zeros.
+
+    ``read`` returns host numpy copies, ``write`` takes numpy rows; the executor itself
+    uses :meth:`gather` / :meth:`scatter`, which stay on the device.
+    """
+
+    def __init__(self, units: Sequence[int], slots: int, device: torch.device | str = "cpu"):
+        if not units:
+            raise ValueError("TorchStateBank needs at least one state")
+        self.slots = slots
+        self.device = torch.device(device)
+        self.tensors = [torch.zeros(slots, u, device=self.device) for u in units]
+        self.initial_rows: StateSnapshot = [np.zeros(u, np.float32) for u in units]
+
+    @property
+    def nbytes_per_slot(self) -> int:
+        return sum(r.nbytes for r in self.initial_rows)
+
+    def index(self, slots: Sequence[int]) -> torch.Tensor:
+        """``slots`` as an int64 index tensor on the device (IndexError when out of range)."""
+        idx = np.asarray(slots, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.slots):
+            raise IndexError(f"slot index out of range 0..{self.slots - 1}: {slots}")
+        return torch.from_numpy(idx).to(self.device)
+
+    def gather(self, index: torch.Tensor) -> list[torch.Tensor]:
+        return [t.index_select(0, index) for t in self.tensors]
+
+    def scatter(self, index: torch.Tensor, rows: Sequence[torch.Tensor]) -> None:
+        for t, r in zip(self.tensors, rows, strict=True):
+            t.index_copy_(0, index, r)
+
+    def reset(self, slots: Sequence[int]) -> None:
+        """Put ``slots`` back to the initial state (zeros); every other row is untouched."""
+        index = self.index(slots)
+        for t in self.tensors:
+            t.index_fill_(0, index, 0.0)
+
+    def read(self, slots: Sequence[int]) -> list[np.ndarray]:
+        """One host array ``(len(slots), units)`` per state (copies)."""
+        return [r.cpu().numpy() for r in self.gather(self.index(slots))]
+
+    def write(self, slots: Sequence[int], rows: Sequence[np.ndarray]) -> None:
+        """Overwrite the rows of ``slots`` (``rows[k]`` is ``(len(slots), units_k)``)."""
+        if len(rows) != len(self.tensors):
+            raise ValueError(f"expected {len(self.tensors)} state arrays, got {len(rows)}")
+        index = self.index(slots)
+        values = [np.asarray(r, np.float32) for r in rows]
+        for t, v in zip(self.tensors, values, strict=True):
+            if v.shape != (len(index), t.shape[1]):
+                raise ValueError(f"state rows of shape {v.shape}; expected "
+                                 f"{(len(index), t.shape[1])}")
+        self.scatter(index, [torch.from_numpy(v).to(self.device) for v in values])
+
+    def snapshot(self, slot: int) -> StateSnapshot:
+        """A copy of one slot's state, one numpy row per state."""
+        return [a[0] for a in self.read([slot])]
+
+    def restore(self, slot: int, snapshot: StateSnapshot) -> None:
+        """Make ``slot`` continue from ``snapshot`` (from any slot of the same model)."""
+        self.write([slot], [np.asarray(r)[None] for r in snapshot])
+
+
+class TorchExecutor:
+    """Runs a layer chain with torch over ``slots`` state rows.
+
+    Args:
+        spec: the layer chain (:meth:`from_keras` makes it from a Keras model).
+        weights: Keras-layout weights, in ``spec.weight_shapes()`` order.
+        slots: state rows (concurrent streams).
+        max_bucket: longest chunk a step takes (buckets are powers of two up to it).
+        device: ``"cpu"`` or ``"cuda"`` (``"cuda:1"``, ...).
+        cudnn: on CUDA, run the recurrent layers with cuDNN (False: torch's own kernels).
+        threads: CPU intra-op threads (process-wide; default ``os.cpu_count()``).
+        tf32: allow TF32 math in cuDNN (faster on Ampere+, but not within 1e-5 of Keras).
+    """
+
+    name = "torch"
+
+    def __init__(self, spec: ModelSpec, weights: Sequence[np.ndarray], slots: int, *,
+                 max_bucket: int = 64, device: str = "cpu", cudnn: bool = True,
+                 threads: int | None = None, tf32: bool = False):
+        self.spec = spec
+        self.slots = slots
+        self.max_bucket = max_bucket
+        self.buckets = bucket_sizes(max_bucket)
+        self.torch_device = torch.device(device)
+        self.cudnn = cudnn
+        self.tf32 = tf32
+        self.threads = threads or os.cpu_count() or 1
+        if self.torch_device.type == "cpu":
+            torch.set_num_threads(self.threads)
+        self.chain = TorchChain(spec).to(self.torch_device).eval()
+        self.chain.load(weights)
+        self.state = TorchStateBank(spec.state_units(), slots, self.torch_device)
+        self._dtype = np.int64 if spec.input_kind == "tokens" else np.float32
+        self._feature_shape = () if spec.input_kind == "tokens" else (spec.input_dim,)
+        self.steps_run = 0
+        self.timesteps_run = 0
+        self.trace_count = 0  # nothing is traced
+
+    @classmethod
+    def from_keras(cls, model: Any, slots: int, **options: Any) -> TorchExecutor:
+        """The executor of a built Keras model (or ``.keras`` path).
+
+        Raises:
+            UnsupportedModelError: the model cannot stream.
+            TorchUnsupported: it streams but some part has no torch equivalent (use Keras).
+        """
+        spec, weights = spec_from_keras(model)
+        return cls(spec, weights, slots, **options)
+
+    @property
+    def input_kind(self) -> str:
+        return self.spec.input_kind
+
+    @property
+    def input_dim(self) -> int:
+        return self.spec.input_dim
+
+    @property
+    def output_dim(self) -> int:
+        return self.spec.output_dim
+
+    @property
+    def device(self) -> str:
+        """``"GPU"`` on CUDA, else ``"CPU"``."""
+        return "GPU" if self.torch_device.type == "cuda" else "CPU"
+
+    @property
+    def kernel(self) -> str:
+        """What runs, e.g. ``"LSTM torch on CUDA, cuDNN"``, ``"LSTM torch on CPU (2 threads)"``."""
+        kinds = "+".join(sorted({_KIND_NAMES[s.kind] for s in self.spec.layers
+                                 if s.kind in _KIND_NAMES}))
+        if self.device == "GPU":
+            return f"{kinds} torch on CUDA, {'cuDNN' if self.cudnn else 'no cuDNN'}"
+        return f"{kinds} torch on CPU ({self.threads} threads)"
+
+    def set_weights(self, weights: Sequence[np.ndarray]) -> None:
+        """Run later steps with ``weights`` (Keras order and shapes), copied into the
+        existing modules; states are kept. ValueError if a count or shape differs."""
+        self.chain.load(weights)
+
+    def _flags(self) -> contextlib.AbstractContextManager[Any]:
+        if self.torch_device.type != "cuda":
+            return contextlib.nullcontext()
+        return torch.backends.cudnn.flags(enabled=self.cudnn, benchmark=False,
+                                          deterministic=False, allow_tf32=self.tf32)
+
+    def run(self, chunks: Mapping[int, np.ndarray], bucket: int) -> dict[int, np.ndarray]:
+        """One step for the slots in ``chunks``.
+
+        Args:
+            chunks: slot -> validated chunk ``(t, D)`` float32 or ``(t,)`` int ids,
+                ``t <= bucket``.
+            bucket: upper bound of the chunk lengths (the batch is padded to the longest).
+
+        Returns:
+            slot -> outputs ``(t, output_dim)`` float32 (copies). A chunk of length 0 gets
+            ``(0, output_dim)`` and its slot is not stepped.
+        """
+        out = {s: np.zeros((0, self.output_dim), np.float32)
+               for s, c in chunks.items() if len(c) == 0}
+        busy = [(s, c) for s, c in chunks.items() if len(c)]
+        if not busy:
+            return out
+        lengths = np.array([len(c) for _, c in busy], np.int64)
+        steps = int(lengths.max())
+        if steps > bucket:
+            raise ValueError(f"a chunk of {steps} steps does not fit bucket {bucket}")
+        x = np.zeros((len(busy), steps, *self._feature_shape), self._dtype)
+        for i, (_, chunk) in enumerate(busy):
+            x[i, : len(chunk)] = chunk
+        ragged = None if lengths.min() == steps else torch.from_numpy(lengths)
+        y = self._step(x, ragged, self.state.index([s for s, _ in busy]))
+        self.steps_run += 1
+        self.timesteps_run += int(lengths.sum())
+        out.update({s: y[i, : len(c)].copy() for i, (s, c) in enumerate(busy)})
+        return out
+
+    def _step(self, x: np.ndarray, lengths: torch.Tensor | None, index: torch.Tensor
+              ) -> np.ndarray:
+        """Run the chain on the gathered rows ``index`` and scatter their states back."""
+        with torch.inference_mode(), self._flags():
+            xt = torch.from_numpy(x).to(self.torch_device)
+            y, states = self.chain(xt, lengths, self.state.gather(index))
+            self.state.scatter(index, states)
+            return y.cpu().numpy()
+
+    def warmup(self) -> None:
+        """Run every bucket once on all slots (states untouched): allocators and, on CUDA,
+        the cuDNN plans warm up before serving."""
+        with torch.inference_mode(), self._flags():
+            for b in self.buckets:
+                x = torch.from_numpy(np.zeros((self.slots, b, *self._feature_shape),
+                                              self._dtype)).to(self.torch_device)
+                self.chain(x, None, [torch.zeros_like(t) for t in self.state.tensors])
+        if self.torch_device.type == "cuda":
+            torch.cuda.synchronize(self.torch_device)

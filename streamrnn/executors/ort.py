@@ -1,0 +1,236 @@
+"""The ONNX Runtime executor: the default CPU kernel (Keras stays reference and fallback).
+
+:class:`OrtExecutor` builds the model's ONNX graph (:mod:`streamrnn.executors.onnx_graph`:
+one ``LSTM`` / ``GRU`` / ``RNN`` node per recurrent cell, weights as graph inputs) and keeps
+every stream's recurrent state as host numpy rows (:class:`HostStateBank`, one
+``(slots, units)`` array per state: h and c per LSTM cell, h per GRU / SimpleRNN cell, in
+the Keras serving clone's state variable order, so snapshots move between executors).
+
+A step gathers the busy slots' rows only, right-pads their chunks to the longest one (the
+graph's time axis is dynamic; ``bucket`` is only an upper bound), passes each row's length
+as ``sequence_lens`` (ONNX Runtime then returns each row's state at its last valid step),
+and scatters the new states back to those rows; idle rows are never read or written (a row
+of length 0 would come back with a wrong state).
+
+Session: ``CPUExecutionProvider``, ``threads`` intra-op threads (default ``os.cpu_count()``)
+with spinning off (spinning threads starve the I/O thread on a small machine), one inter-op
+thread, all graph optimizations.
+
+Example::
+
+    ex = OrtExecutor(model, slots=64)
+    out = ex.run({0: chunk_a, 5: chunk_b}, bucket=16)   # {slot: (t, output_dim)}
+    ex.state.reset([5])
+    ex.set_weights(new_model.get_weights())              # a new feed, no rebuild
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+import keras
+import numpy as np
+import onnxruntime as ort
+
+from streamrnn.executors.buckets import bucket_sizes
+from streamrnn.executors.models import load_model
+from streamrnn.executors.onnx_graph import OnnxGraph, build_onnx_graph
+from streamrnn.executors.padding import pad_chunks
+
+__all__ = ["HostStateBank", "OrtExecutor", "session_options"]
+
+StateSnapshot = list[np.ndarray]
+
+
+class HostStateBank:
+    """Row-wise reset/read/write/snapshot/restore of ``(slots, ...)`` host numpy arrays
+    (the numpy twin of :class:`~streamrnn.engine.state.StateBank`).
+
+    Args:
+        arrays: one array per state variable, all with ``slots`` rows; the bank owns them.
+        initial_rows: the initial state of a slot (default: each array's row 0).
+    """
+
+    def __init__(self, arrays: Sequence[np.ndarray],
+                 initial_rows: StateSnapshot | None = None):
+        if not arrays:
+            raise ValueError("HostStateBank needs at least one state array")
+        self.arrays = list(arrays)
+        self.slots = int(self.arrays[0].shape[0])
+        for a in self.arrays:
+            if a.shape[0] != self.slots:
+                raise ValueError(f"state array has {a.shape[0]} rows, not {self.slots}")
+        if initial_rows is None:
+            initial_rows = [a[0] for a in self.arrays]
+        self.initial_rows: StateSnapshot = [np.array(r, a.dtype) for r, a in
+                                            zip(initial_rows, self.arrays, strict=True)]
+
+    @property
+    def nbytes_per_slot(self) -> int:
+        return sum(r.nbytes for r in self.initial_rows)
+
+    def _indices(self, slots: Sequence[int]) -> np.ndarray:
+        idx = np.asarray(slots, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.slots):
+            raise IndexError(f"slot index out of range 0..{self.slots - 1}: {slots}")
+        return idx
+
+    def reset(self, slots: Sequence[int]) -> None:
+        """Put ``slots`` back to the initial state; every other row is untouched."""
+        idx = self._indices(slots)
+        for a, row in zip(self.arrays, self.initial_rows, strict=True):
+            a[idx] = row
+
+    def read(self, slots: Sequence[int]) -> list[np.ndarray]:
+        """State rows of ``slots`` (copies): one array ``(len(slots), ...)`` per state."""
+        idx = self._indices(slots)
+        return [a[idx] for a in self.arrays]
+
+    def write(self, slots: Sequence[int], rows: Sequence[np.ndarray]) -> None:
+        """Overwrite the state rows of ``slots`` (``rows[k]`` is ``(len(slots), ...)``)."""
+        if len(rows) != len(self.arrays):
+            raise ValueError(f"expected {len(self.arrays)} state arrays, got {len(rows)}")
+        idx = self._indices(slots)
+        checked = []
+        for a, r in zip(self.arrays, rows, strict=True):
+            r = np.asarray(r, a.dtype)
+            if r.shape != (len(idx), *a.shape[1:]):
+                raise ValueError(f"state rows have shape {r.shape}, expected "
+                                 f"{(len(idx), *a.shape[1:])}")
+            checked.append(r)
+        for a, r in zip(self.arrays, checked, strict=True):
+            a[idx] = r
+
+    def snapshot(self, slot: int) -> StateSnapshot:
+        """A copy of one slot's state, one numpy row per state."""
+        return [a[0] for a in self.read([slot])]
+
+    def restore(self, slot: int, snapshot: StateSnapshot) -> None:
+        """Make ``slot`` continue from ``snapshot`` (taken from any slot of the same model)."""
+        self.write([slot], [np.asarray(r)[None] for r in snapshot])
+
+
+def session_options(threads: int) -> ort.SessionOptions:
+    """Intra-op ``threads`` without spinning, one inter-op thread, all optimizations."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    return options
+
+
+class OrtExecutor:
+    """Runs a Keras model's ONNX graph on ONNX Runtime (CPU) over ``slots`` state rows.
+
+    Args:
+        model: a built ``keras.Model`` (or a ``.keras`` path).
+        slots: state rows (concurrent streams).
+        max_bucket: longest chunk a step takes (buckets are powers of two up to it).
+        threads: intra-op threads (default ``os.cpu_count()``).
+
+    Raises:
+        UnsupportedModelError: the model cannot stream.
+        OnnxUnsupported: it streams but has no ONNX graph here (use the Keras executor).
+    """
+
+    name = "onnxruntime"
+    device = "CPU"
+
+    def __init__(self, model: keras.Model | str | os.PathLike, slots: int,
+                 max_bucket: int = 64, threads: int | None = None):
+        model = load_model(model)
+        self.graph: OnnxGraph = build_onnx_graph(model)
+        self.slots = slots
+        self.max_bucket = max_bucket
+        self.buckets = bucket_sizes(max_bucket)
+        self.threads = threads or os.cpu_count() or 1
+        self.session = ort.InferenceSession(
+            self.graph.proto.SerializeToString(), session_options(self.threads),
+            providers=["CPUExecutionProvider"])
+        self.state = HostStateBank(
+            [np.zeros((slots, s.units), np.float32) for s in self.graph.states])
+        self._outputs = ["y"] + [s.final for s in self.graph.states]
+        self._weights = self.graph.convert_weights(model.get_weights())
+        self._dtype = np.int32 if self.graph.input_kind == "tokens" else np.float32
+        self._feature_shape = () if self.graph.input_kind == "tokens" else (
+            self.graph.input_dim,)
+        self.steps_run = 0
+        self.timesteps_run = 0
+
+    @property
+    def input_kind(self) -> str:
+        return self.graph.input_kind
+
+    @property
+    def input_dim(self) -> int:
+        return self.graph.input_dim
+
+    @property
+    def output_dim(self) -> int:
+        return self.graph.output_dim
+
+    @property
+    def kernel(self) -> str:
+        """What runs, in words, e.g. ``"LSTM onnxruntime on CPU (2 threads)"``."""
+        ops = "+".join(sorted(set(self.graph.recurrent_ops)))
+        return f"{ops} onnxruntime on CPU ({self.threads} threads)"
+
+    def convert_weights(self, weights: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+        """Keras-order weights -> the graph's weight feeds (keep one per pinned version)."""
+        return self.graph.convert_weights(weights)
+
+    def set_weights(self, weights: Sequence[np.ndarray] | Mapping[str, np.ndarray]) -> None:
+        """Run later steps with ``weights``: a Keras ``get_weights()`` list (same shapes as
+        the model's) or feeds from :meth:`convert_weights`. States are kept."""
+        self._weights = (dict(weights) if isinstance(weights, Mapping)
+                         else self.convert_weights(weights))
+
+    def run(self, chunks: Mapping[int, np.ndarray], bucket: int,
+            weights: Mapping[str, np.ndarray] | None = None) -> dict[int, np.ndarray]:
+        """One step for the slots in ``chunks``.
+
+        Args:
+            chunks: slot -> validated chunk ``(t, D)`` float32 or ``(t,)`` int32,
+                ``t <= bucket``.
+            bucket: upper bound of the chunk lengths.
+            weights: feeds from :meth:`convert_weights` for this step (default: the
+                current weights).
+
+        Returns:
+            slot -> outputs ``(t, output_dim)`` float32 (copies). A chunk of length 0 gets
+            ``(0, output_dim)`` and its slot is not stepped.
+        """
+        batch = pad_chunks(chunks, bucket, self._feature_shape, self._dtype)
+        if not batch.slots:
+            return batch.outputs(None, self.output_dim)
+        rows = self.state._indices(batch.slots)
+        y = self._step(batch.x, batch.lengths, rows,
+                       self._weights if weights is None else weights)
+        self.steps_run += 1
+        self.timesteps_run += batch.steps
+        return batch.outputs(y, self.output_dim)
+
+    def _step(self, x: np.ndarray, lengths: np.ndarray, rows: np.ndarray,
+              weights: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Run the graph on the gathered ``rows`` and scatter their new states back."""
+        feed: dict[str, np.ndarray] = {"x": x, "sequence_lens": lengths, **weights}
+        for spec, array in zip(self.graph.states, self.state.arrays, strict=True):
+            feed[spec.initial] = array[rows][None]
+        y, *finals = self.session.run(self._outputs, feed)
+        for array, final in zip(self.state.arrays, finals, strict=True):
+            array[rows] = final[0]
+        return y
+
+    def warmup(self) -> None:
+        """Run the graph once on every slot at the longest bucket (states untouched)."""
+        x = np.zeros((self.slots, self.buckets[-1], *self._feature_shape), self._dtype)
+        feed: dict[str, np.ndarray] = {
+            "x": x, "sequence_lens": np.full(self.slots, self.buckets[-1], np.int32),
+            **self._weights}
+        for spec in self.graph.states:
+            feed[spec.initial] = np.zeros((1, self.slots, spec.units), np.float32)
+        self.session.run(self._outputs, feed)

@@ -1,0 +1,71 @@
+"""Packing the busy slots' chunks into one right-padded batch (pure: numpy only).
+
+An executor that gathers only the busy rows (ONNX Runtime, torch) steps the slots whose
+chunk has at least one step, padded to the longest chunk, and hands back each slot's own
+steps. A chunk of length 0 is never stepped (ONNX Runtime returns a wrong state for a row
+of length 0) and gets an empty output.
+
+Example::
+
+    batch = pad_chunks({3: a, 7: b}, bucket=16, feature_shape=(5,), dtype=np.float32)
+    y = step(batch.x, batch.lengths, batch.slots)   # y (rows, steps, out)
+    outputs = batch.outputs(y, out_dim)             # {3: (len(a), out), 7: (len(b), out)}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["PaddedBatch", "pad_chunks"]
+
+
+@dataclass(frozen=True)
+class PaddedBatch:
+    """The busy slots' chunks as one batch.
+
+    Attributes:
+        slots: the busy slots, in the order of the batch rows.
+        lengths: ``(rows,)`` each row's valid steps (all >= 1).
+        x: ``(rows, steps, *feature_shape)``, right-padded with zeros (``steps`` is the
+            longest chunk; ``rows`` may be 0).
+        idle: slots whose chunk has no steps.
+    """
+
+    slots: list[int]
+    lengths: np.ndarray
+    x: np.ndarray
+    idle: list[int]
+
+    @property
+    def steps(self) -> int:
+        """Valid steps in all (the timesteps a run computes)."""
+        return int(self.lengths.sum())
+
+    def outputs(self, y: np.ndarray | None, out_dim: int) -> dict[int, np.ndarray]:
+        """slot -> its own steps of ``y (rows, steps, out_dim)`` (copies); ``(0, out_dim)``
+        for idle slots (``y`` may be None when no slot was busy)."""
+        out = {s: np.zeros((0, out_dim), np.float32) for s in self.idle}
+        if y is not None:
+            out.update({s: y[i, :n].copy() for i, (s, n) in
+                        enumerate(zip(self.slots, self.lengths.tolist(), strict=True))})
+        return out
+
+
+def pad_chunks(chunks: Mapping[int, np.ndarray], bucket: int, feature_shape: tuple[int, ...],
+               dtype: type | np.dtype, length_dtype: type | np.dtype = np.int32
+               ) -> PaddedBatch:
+    """Right-pad the non-empty chunks (``(t, *feature_shape)``, ``t <= bucket``) into one
+    batch; ValueError if a chunk is longer than ``bucket``."""
+    busy = [(s, c) for s, c in chunks.items() if len(c)]
+    lengths = np.array([len(c) for _, c in busy], length_dtype)
+    steps = int(lengths.max()) if busy else 0
+    if steps > bucket:
+        raise ValueError(f"a chunk of {steps} steps does not fit bucket {bucket}")
+    x = np.zeros((len(busy), steps, *feature_shape), dtype)
+    for i, (_, chunk) in enumerate(busy):
+        x[i, : len(chunk)] = chunk
+    return PaddedBatch([s for s, _ in busy], lengths, x,
+                       [s for s, c in chunks.items() if not len(c)])

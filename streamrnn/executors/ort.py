@@ -177,7 +177,8 @@ class OrtExecutor:
     def kernel(self) -> str:
         """What runs, in words, e.g. ``"LSTM onnxruntime on CPU (2 threads)"``."""
         ops = "+".join(sorted(set(self.graph.recurrent_ops)))
-        return f"{ops} onnxruntime on CPU ({self.threads} threads)"
+        threads = f"{self.threads} thread{'s' if self.threads != 1 else ''}"
+        return f"{ops} onnxruntime on CPU ({threads})"
 
     def convert_weights(self, weights: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
         """Keras-order weights -> the graph's weight feeds (keep one per pinned version)."""

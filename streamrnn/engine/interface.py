@@ -35,13 +35,44 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+__all__ = [
+    "Capabilities",
+    "EngineLike",
+    "Executor",
+    "ModelDims",
+    "StateRows",
+    "StateSnapshot",
+    "SupportsGeneration",
+    "SupportsPins",
+    "SupportsSnapshots",
+    "capabilities_of",
+]
+
 StateSnapshot = list[np.ndarray]
 """One slot's state: one numpy row per state variable (variable shape without the slot axis)."""
 
 
 @runtime_checkable
-class EngineLike(Protocol):
-    """What every engine-like object offers: slots, chunk validation, stepping, lifecycle.
+class ModelDims(Protocol):
+    """What a model takes and gives: its input kind and sizes (a serving clone, an engine)."""
+
+    @property
+    def input_kind(self) -> str:
+        """``"features"`` (chunks ``(T, D)`` float) or ``"tokens"`` (chunks ``(T,)`` int)."""
+
+    @property
+    def input_dim(self) -> int:
+        """``D`` for feature chunks; the vocabulary size for token chunks."""
+
+    @property
+    def output_dim(self) -> int:
+        """Width of each output step."""
+
+
+@runtime_checkable
+class EngineLike(ModelDims, Protocol):
+    """What every engine-like object offers: slots, chunk validation, stepping, lifecycle
+    (and the :class:`ModelDims` of its model).
 
     Not thread-safe: one thread (a worker's compute thread) drives it.
     """
@@ -63,18 +94,6 @@ class EngineLike(Protocol):
         """Every live stream (resident or swapped out)."""
 
     @property
-    def input_kind(self) -> str:
-        """``"features"`` (chunks ``(T, D)`` float) or ``"tokens"`` (chunks ``(T,)`` int)."""
-
-    @property
-    def input_dim(self) -> int:
-        """``D`` for feature chunks; the vocabulary size for token chunks."""
-
-    @property
-    def output_dim(self) -> int:
-        """Width of each output step."""
-
-    @property
     def weights_version(self) -> int:
         """Version of the weights in use (0: the model file's own)."""
 
@@ -90,9 +109,12 @@ class EngineLike(Protocol):
     def push(self, stream: str, chunk: Any) -> np.ndarray:
         """Step one stream: ``(T, D)`` or ``(T,)`` -> ``(T, output_dim)``."""
 
-    def push_many(self, chunks: Mapping[str, Any], validated: bool = False
+    def push_many(self, chunks: Mapping[str, Any], *, validated: bool = False
                   ) -> dict[str, np.ndarray]:
-        """Step many streams in one batched step: stream -> outputs."""
+        """Step many streams in one batched step: stream -> outputs.
+
+        ``validated=True``: every chunk is already what :meth:`validate` returned for it.
+        """
 
     def reset(self, stream: str) -> None:
         """Back to the initial state; other streams untouched."""
@@ -137,8 +159,12 @@ class SupportsPins(Protocol):
 class SupportsSnapshots(Protocol):
     """Export and import every live stream's state rows (worker checkpoints)."""
 
+    @property
     def state_layout(self) -> list[tuple[str, tuple[int, ...]]]:
-        """(name, row shape) of each state variable, to check a checkpoint matches."""
+        """(dtype, row shape) of each state variable, to check a checkpoint matches."""
+
+    def initial_state(self) -> StateSnapshot:
+        """A copy of the rows a new (or reset) stream starts from."""
 
     def export_states(self) -> dict[str, tuple[StateSnapshot, int]]:
         """stream -> (state rows, steps since reset)."""
@@ -165,6 +191,7 @@ def capabilities_of(engine: object) -> Capabilities:
     )
 
 
+@runtime_checkable
 class StateRows(Protocol):
     """Row-wise access to every recurrent state of ``slots`` rows (where they live is the
     executor's business: Keras variables, host numpy arrays, device tensors)."""
@@ -188,6 +215,7 @@ class StateRows(Protocol):
         """Make ``slot`` continue from ``snapshot``."""
 
 
+@runtime_checkable
 class Executor(Protocol):
     """Runs one batched step over some slots and keeps their state rows.
 
@@ -200,6 +228,11 @@ class Executor(Protocol):
     name: str
     #: padded step lengths it compiles for (powers of two up to the max bucket)
     buckets: list[int]
+    #: counters reported in STATS: ``run`` calls, chunk timesteps stepped, compiled traces
+    #: (0 for an executor that does not trace)
+    steps_run: int
+    timesteps_run: int
+    trace_count: int
 
     @property
     def kernel(self) -> str:

@@ -20,12 +20,17 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
-StateSnapshot = list[np.ndarray]
-"""One slot's state: one numpy row per state variable (variable shape without the slot axis)."""
+from streamrnn.engine.interface import StateSnapshot
+
+__all__ = ["StateBank", "StateSnapshot"]
 
 
 class StateBank:
-    """Row-wise read/write/reset/snapshot of a list of ``(slots, ...)`` variables."""
+    """Row-wise read/write/reset/snapshot of a list of ``(slots, ...)`` variables.
+
+    The Keras executor's :class:`~streamrnn.engine.interface.StateRows`: the rows live in
+    the serving clone's own state variables.
+    """
 
     def __init__(self, variables: Sequence[tf.Variable]):
         if not variables:

@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+__all__ = ["StepPlan", "bucket_for", "bucket_sizes", "plan_steps"]
+
 
 def bucket_sizes(max_bucket: int) -> list[int]:
     """Powers of two ``1, 2, 4, ...`` up to and including ``max_bucket`` (itself a power of 2)."""

@@ -38,6 +38,8 @@ import keras
 import tensorflow as tf
 from tensorflow.python.ops import control_flow_util
 
+__all__ = ["FusedRNN", "MAX_UNROLL", "fusable", "fuse_layers"]
+
 # Longest bucket unrolled into straight-line code outside XLA; longer ones use a while loop
 # (whose graph, and so compile time, does not grow with T).
 MAX_UNROLL = 32
@@ -152,38 +154,50 @@ class FusedRNN:
     # ---- one step: same math as the Keras cells (implementation=2) ---------------------
 
     def _step_fn(self) -> Callable[[tf.Tensor, list[tf.Tensor]], list[tf.Tensor]]:
+        """``step(xw, states) -> new states`` for this cell (weights read once per call)."""
+        rk = _tf(self.cell.recurrent_kernel)
+        if self._tanh_gates():
+            return self._lstm_tanh_step(rk)
+        build = {"lstm": self._lstm_step, "simple": self._simple_step, "gru": self._gru_step}
+        return build[self.kind](rk)
+
+    def _lstm_tanh_step(self, rk: tf.Tensor) -> Callable:
+        rk_scaled = rk * self._gate_scale()  # once per call, outside the time loop
+
+        def lstm_tanh(xw: tf.Tensor, states: list[tf.Tensor]) -> list[tf.Tensor]:
+            h, c = states
+            s = tf.tanh(xw + tf.matmul(h, rk_scaled))  # xw is pre-scaled too
+            si, sf, g, so = tf.split(s, 4, axis=1)
+            c = (0.5 * sf + 0.5) * c + (0.5 * si + 0.5) * g
+            h = (0.5 * so + 0.5) * tf.tanh(c)
+            return [h, c]
+
+        return lstm_tanh
+
+    def _lstm_step(self, rk: tf.Tensor) -> Callable:
+        act, rec_act = self.act, self.rec_act
+
+        def lstm(xw: tf.Tensor, states: list[tf.Tensor]) -> list[tf.Tensor]:
+            h, c = states
+            z = xw + tf.matmul(h, rk)
+            zi, zf, zc, zo = tf.split(z, 4, axis=1)
+            c = rec_act(zf) * c + rec_act(zi) * act(zc)
+            h = rec_act(zo) * act(c)
+            return [h, c]
+
+        return lstm
+
+    def _simple_step(self, rk: tf.Tensor) -> Callable:
+        act = self.act
+
+        def simple(xw: tf.Tensor, states: list[tf.Tensor]) -> list[tf.Tensor]:
+            return [act(xw + tf.matmul(states[0], rk))]
+
+        return simple
+
+    def _gru_step(self, rk: tf.Tensor) -> Callable:
         cell, units = self.cell, self.units
         act, rec_act = self.act, self.rec_act
-        rk = _tf(cell.recurrent_kernel)
-        if self._tanh_gates():
-            rk_scaled = rk * self._gate_scale()  # once per call, outside the time loop
-
-            def lstm_tanh(xw: tf.Tensor, states: list[tf.Tensor]) -> list[tf.Tensor]:
-                h, c = states
-                s = tf.tanh(xw + tf.matmul(h, rk_scaled))  # xw is pre-scaled too
-                si, sf, g, so = tf.split(s, 4, axis=1)
-                c = (0.5 * sf + 0.5) * c + (0.5 * si + 0.5) * g
-                h = (0.5 * so + 0.5) * tf.tanh(c)
-                return [h, c]
-
-            return lstm_tanh
-        if self.kind == "lstm":
-
-            def lstm(xw: tf.Tensor, states: list[tf.Tensor]) -> list[tf.Tensor]:
-                h, c = states
-                z = xw + tf.matmul(h, rk)
-                zi, zf, zc, zo = tf.split(z, 4, axis=1)
-                c = rec_act(zf) * c + rec_act(zi) * act(zc)
-                h = rec_act(zo) * act(c)
-                return [h, c]
-
-            return lstm
-        if self.kind == "simple":
-
-            def simple(xw: tf.Tensor, states: list[tf.Tensor]) -> list[tf.Tensor]:
-                return [act(xw + tf.matmul(states[0], rk))]
-
-            return simple
         if cell.reset_after:
             rbias = _tf(cell.bias)[1] if cell.use_bias else None
 
@@ -261,7 +275,9 @@ class FusedRNN:
             return tf.stack(outs, axis=1), states
         return self._loop(xw, keep, states, step, steps)
 
-    def _loop(self, xw, keep, states, step, steps):
+    def _loop(self, xw: tf.Tensor, keep: tf.Tensor | None, states: list[tf.Tensor],
+              step: Callable, steps: int) -> tuple[tf.Tensor, list[tf.Tensor]]:
+        """The time loop as a ``tf.while_loop`` (long buckets, and always under XLA)."""
         if keep is None:
             keep = tf.ones(tf.concat([tf.shape(xw)[:2], [1]], 0), tf.bool)
         out = tf.TensorArray(tf.float32, size=steps, element_shape=states[0].shape)

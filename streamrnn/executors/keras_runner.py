@@ -1,4 +1,9 @@
-"""ModelRunner: packs chunks into one padded batch and runs the compiled stateful step.
+"""The Keras executor (:class:`ModelRunner`): packs chunks into one padded batch and runs
+the compiled stateful step of a serving clone.
+
+It meets :class:`~streamrnn.engine.interface.Executor` (``name == "keras"``): the reference
+executor and the fallback for any layer the others do not map. Its state rows are the
+serving clone's own state variables (``engine.state.StateBank`` reads and writes them).
 
 Each step takes, for some slots, a chunk of ``t <= bucket`` steps, right-pads it into
 ``x (slots, bucket, D)`` (or ``(slots, bucket)`` token ids) with ``mask (slots, bucket)``,
@@ -29,6 +34,8 @@ import tensorflow as tf
 from streamrnn.executors.buckets import bucket_sizes
 from streamrnn.executors.models import ServingModel
 
+__all__ = ["ModelRunner", "gpu_available"]
+
 
 @functools.cache
 def gpu_available() -> bool:
@@ -37,7 +44,17 @@ def gpu_available() -> bool:
 
 
 class ModelRunner:
-    """Owns the padded input buffers and the compiled step of one serving model."""
+    """The Keras executor: owns the padded input buffers and the compiled step of one
+    serving model.
+
+    Args:
+        serving: the stateful serving clone (batch == slots).
+        max_bucket: longest padded step (a power of two).
+        jit_compile: compile with XLA; None: on CPU only.
+    """
+
+    #: which executor this is (``Executor.name``)
+    name = "keras"
 
     def __init__(
         self, serving: ServingModel, max_bucket: int = 64, jit_compile: bool | None = None
@@ -84,10 +101,15 @@ class ModelRunner:
         }
 
     @property
+    def device(self) -> str:
+        """``"GPU"`` when TensorFlow sees one (it places the step there), else ``"CPU"``."""
+        return "GPU" if gpu_available() else "CPU"
+
+    @property
     def kernel(self) -> str:
         """Which recurrent kernel the step runs, in words."""
         names = sorted({type(layer).__name__ for layer in self.serving.rnn_layers})
-        where = "GPU" if gpu_available() else "CPU"
+        where = self.device
         cudnn = [
             layer.name
             for layer in self.serving.rnn_layers

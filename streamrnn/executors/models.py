@@ -26,6 +26,15 @@ import tensorflow as tf
 from streamrnn.errors import UnsupportedModelError
 from streamrnn.executors.fused import FusedRNN, fuse_layers
 
+__all__ = [
+    "ServingModel",
+    "build_serving_model",
+    "check_streamable",
+    "check_timewise_axis",
+    "flatten_layers",
+    "load_model",
+]
+
 # Layers that act on each timestep independently at inference time (so they stream).
 _TIMEWISE_LAYERS: tuple[type, ...] = (
     keras.layers.Dense,
@@ -279,6 +288,39 @@ def _clone_layer(layer: keras.layers.Layer, overrides: dict[str, Any]) -> keras.
         ) from exc
 
 
+def _input_facts(model: keras.Model, chain: list[keras.layers.Layer],
+                 input_shape: tuple[Any, ...]) -> tuple[Literal["features", "tokens"], int]:
+    """(input kind, D or vocabulary size) from the model's input shape and first layer."""
+    if len(input_shape) == 2:
+        if not isinstance(chain[0], keras.layers.Embedding):
+            raise UnsupportedModelError(
+                f"model {model.name!r} takes rank-2 input {input_shape} but does not start with "
+                "an Embedding; feature inputs must be (batch, time, features)"
+            )
+        return "tokens", int(chain[0].input_dim)
+    if len(input_shape) == 3 and input_shape[-1] is not None:
+        return "features", int(input_shape[-1])
+    raise UnsupportedModelError(
+        f"model {model.name!r} input shape {input_shape} is not (batch, time, features) or "
+        "(batch, time) token ids"
+    )
+
+
+def _rnn_overrides(layer: keras.layers.RNN, use_cudnn: bool | str, last: bool
+                   ) -> dict[str, Any]:
+    """Config changes that make a recurrent layer's clone a stateful serving layer."""
+    overrides: dict[str, Any] = {
+        "stateful": True, "return_sequences": True, "return_state": False}
+    if "use_cudnn" in layer.get_config():
+        overrides["use_cudnn"] = use_cudnn
+    if not last and not layer.return_sequences:
+        raise UnsupportedModelError(
+            f"layer {layer.name!r} has return_sequences=False but is followed by "
+            "another recurrent layer; this cannot stream"
+        )
+    return overrides
+
+
 def build_serving_model(
     model: keras.Model, slots: int, use_cudnn: bool | str = "auto", fused: bool = False
 ) -> ServingModel:
@@ -302,23 +344,8 @@ def build_serving_model(
     rnn_positions = [i for i, layer in enumerate(chain) if isinstance(layer, _RNN_LAYERS)]
     if not rnn_positions:
         raise UnsupportedModelError(f"model {model.name!r} has no recurrent layer to serve")
-
     input_shape = tuple(model.inputs[0].shape)
-    if len(input_shape) == 2:
-        if not isinstance(chain[0], keras.layers.Embedding):
-            raise UnsupportedModelError(
-                f"model {model.name!r} takes rank-2 input {input_shape} but does not start with "
-                "an Embedding; feature inputs must be (batch, time, features)"
-            )
-        input_kind, input_dim = "tokens", int(chain[0].input_dim)
-    elif len(input_shape) == 3 and input_shape[-1] is not None:
-        input_kind, input_dim = "features", int(input_shape[-1])
-    else:
-        raise UnsupportedModelError(
-            f"model {model.name!r} input shape {input_shape} is not (batch, time, features) or "
-            "(batch, time) token ids"
-        )
-
+    input_kind, input_dim = _input_facts(model, chain, input_shape)
     clones: list[keras.layers.Layer] = []
     rnns: list[keras.layers.RNN] = []
     mask_layers: set[int] = set()
@@ -327,16 +354,9 @@ def build_serving_model(
     for i, layer in enumerate(chain):
         overrides: dict[str, Any] = {}
         if isinstance(layer, _RNN_LAYERS):
-            overrides = {"stateful": True, "return_sequences": True, "return_state": False}
-            if "use_cudnn" in layer.get_config():
-                overrides["use_cudnn"] = use_cudnn
+            overrides = _rnn_overrides(layer, use_cudnn, last=i == rnn_positions[-1])
             if i == rnn_positions[-1]:
                 final_rs = bool(layer.return_sequences)
-            elif not layer.return_sequences:
-                raise UnsupportedModelError(
-                    f"layer {layer.name!r} has return_sequences=False but is followed by "
-                    "another recurrent layer; this cannot stream"
-                )
         clone = _clone_layer(layer, overrides)
         clone.build(shape)
         clone.set_weights(layer.get_weights())

@@ -47,6 +47,8 @@ from streamrnn.executors.keras_runner import gpu_available
 from streamrnn.executors.models import load_model
 from streamrnn.protocol import ErrorCode
 
+__all__ = ["InferenceModels", "Seq2SeqEngine", "derive_inference_models"]
+
 
 @dataclass
 class InferenceModels:
@@ -127,6 +129,28 @@ def derive_inference_models(model: keras.Model) -> InferenceModels:
             f"model {model.name!r} has {len(model.inputs)} inputs and {len(model.outputs)} "
             "outputs; a seq2seq training model has [encoder_input, decoder_input] -> output"
         )
+    dec_rnn, dec_node = _decoder_rnn(model)
+    states = list(keras.tree.flatten(dec_node.arguments.kwargs["initial_state"]))
+    enc_rnn = _producer(states[0])[0]
+    if not isinstance(enc_rnn, keras.layers.RNN) or not enc_rnn.return_state:
+        raise UnsupportedModelError(
+            f"the decoder's initial_state in model {model.name!r} does not come from an RNN "
+            "with return_state=True"
+        )
+    if isinstance(dec_rnn, keras.layers.Bidirectional) or dec_rnn.go_backwards:
+        raise UnsupportedModelError(f"decoder RNN {dec_rnn.name!r} cannot run forwards")
+    enc_i = _encoder_input_index(model, states[0])
+    enc_in, dec_in = model.inputs[enc_i], model.inputs[1 - enc_i]
+    encoder = keras.Model(enc_in, states, name=f"{model.name}_encoder")
+    pre = _chain_back(dec_node.arguments.args[0], dec_in, model, "decoder input path")
+    post = _chain_back(model.outputs[0], dec_node.outputs[0], model, "decoder output path")
+    decoder = _step_decoder(model, dec_rnn, dec_in, states, pre, post)
+    kind, dim, out_dim = _decoder_io(model, dec_in, pre)
+    return InferenceModels(encoder, decoder, enc_rnn, dec_rnn, kind, dim, out_dim, enc_i)
+
+
+def _decoder_rnn(model: keras.Model) -> tuple[Any, Any]:
+    """The one recurrent layer called with ``initial_state``, and that call's node."""
     decoders = []
     for layer in model.layers:
         if not isinstance(layer, keras.layers.RNN):
@@ -139,30 +163,24 @@ def derive_inference_models(model: keras.Model) -> InferenceModels:
             f"model {model.name!r} has {len(decoders)} recurrent layers called with "
             "initial_state; expected exactly one decoder RNN taking the encoder's states"
         )
-    dec_rnn, dec_node = decoders[0]
-    states = list(keras.tree.flatten(dec_node.arguments.kwargs["initial_state"]))
-    enc_rnn = _producer(states[0])[0]
-    if not isinstance(enc_rnn, keras.layers.RNN) or not enc_rnn.return_state:
-        raise UnsupportedModelError(
-            f"the decoder's initial_state in model {model.name!r} does not come from an RNN "
-            "with return_state=True"
-        )
-    if isinstance(dec_rnn, keras.layers.Bidirectional) or dec_rnn.go_backwards:
-        raise UnsupportedModelError(f"decoder RNN {dec_rnn.name!r} cannot run forwards")
-    enc_index = [i for i, inp in enumerate(model.inputs) if _depends_on(states[0], inp)]
+    return decoders[0]
+
+
+def _encoder_input_index(model: keras.Model, state: Any) -> int:
+    """Which of the model's inputs the encoder state ``state`` is computed from."""
+    enc_index = [i for i, inp in enumerate(model.inputs) if _depends_on(state, inp)]
     if len(enc_index) != 1:
         raise UnsupportedModelError(
             f"the encoder states of model {model.name!r} depend on {len(enc_index)} inputs; "
             "expected exactly one encoder input"
         )
-    enc_i = enc_index[0]
-    enc_in, dec_in = model.inputs[enc_i], model.inputs[1 - enc_i]
-    encoder = keras.Model(enc_in, states, name=f"{model.name}_encoder")
+    return enc_index[0]
 
-    dec_seq = dec_node.arguments.args[0]
-    pre = _chain_back(dec_seq, dec_in, model, "decoder input path")
-    post = _chain_back(model.outputs[0], dec_node.outputs[0], model, "decoder output path")
 
+def _step_decoder(model: keras.Model, dec_rnn: keras.layers.RNN, dec_in: Any,
+                  states: list[Any], pre: list[Any], post: list[Any]) -> keras.Model:
+    """``[x, *states] -> [y, *new_states]`` over the training model's own decoder layers
+    and a ``keras.layers.RNN`` around the decoder RNN's very cell."""
     dec_shape = tuple(dec_in.shape[2:])
     x = keras.Input((None, *dec_shape), dtype=dec_in.dtype, name="decoder_step_input")
     state_inputs = [
@@ -178,8 +196,12 @@ def derive_inference_models(model: keras.Model) -> InferenceModels:
     h, *new_states = step_rnn(h, initial_state=state_inputs)
     for layer in post:
         h = layer(h)
-    decoder = keras.Model([x, *state_inputs], [h, *new_states], name=f"{model.name}_decoder")
+    return keras.Model([x, *state_inputs], [h, *new_states], name=f"{model.name}_decoder")
 
+
+def _decoder_io(model: keras.Model, dec_in: Any, pre: list[Any]) -> tuple[str, int, int]:
+    """(decoder input kind, its vocabulary or width, output classes), checked."""
+    dec_shape = tuple(dec_in.shape[2:])
     if dec_shape:
         kind, dim = "features", int(dec_shape[-1])
     elif pre and isinstance(pre[0], keras.layers.Embedding):
@@ -195,7 +217,7 @@ def derive_inference_models(model: keras.Model) -> InferenceModels:
             f"decoder of model {model.name!r} takes {dim}-dim vectors but outputs {out_dim} "
             "classes; a one-hot decoder needs input size == output size to feed tokens back"
         )
-    return InferenceModels(encoder, decoder, enc_rnn, dec_rnn, kind, dim, out_dim, enc_i)
+    return kind, dim, out_dim
 
 
 class Seq2SeqEngine:

@@ -1,4 +1,4 @@
-"""Engine: the in-process streaming API (slots + state bank + runner, no sockets).
+"""Engine: the in-process streaming API (slots + state rows + an executor, no sockets).
 
 Example::
 
@@ -7,41 +7,51 @@ Example::
     ys = engine.push_many({"a": c1, "b": c2})      # one batched step for both streams
     engine.reset("sensor-7"); engine.close("sensor-7")
 
+An :class:`Engine` meets :class:`~streamrnn.engine.interface.EngineLike` and the optional
+:class:`~streamrnn.engine.interface.SupportsGeneration` and
+:class:`~streamrnn.engine.interface.SupportsSnapshots`. It runs its steps through an
+:class:`~streamrnn.engine.interface.Executor` (today the Keras one,
+:class:`~streamrnn.executors.keras_runner.ModelRunner`), keeps each stream's state in one
+row of :class:`~streamrnn.engine.interface.StateRows`, and swaps streams beyond its slots
+to host memory (:mod:`streamrnn.engine.residency`).
+
 The engine is not thread-safe: one thread (a worker's compute loop) drives it.
 """
 
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import keras
 import numpy as np
 
+from streamrnn.engine.generate import GenerationMixin, Generator
+from streamrnn.engine.interface import Executor, StateRows, StateSnapshot
+from streamrnn.engine.residency import Residency
 from streamrnn.engine.slots import SlotTable
-from streamrnn.engine.state import StateBank, StateSnapshot
-from streamrnn.errors import EngineFullError, InvalidInputError, UnknownStreamError
+from streamrnn.engine.state import StateBank
+from streamrnn.engine.validation import validate_chunk
+from streamrnn.errors import EngineFullError, InvalidInputError
 from streamrnn.executors.buckets import plan_steps
 from streamrnn.executors.keras_runner import ModelRunner, gpu_available
 from streamrnn.executors.models import ServingModel, build_serving_model, load_model
 from streamrnn.protocol import ErrorCode
 
+__all__ = ["DEFAULT_MAX_CHUNK_STEPS", "Engine"]
+
 DEFAULT_MAX_CHUNK_STEPS = 1 << 20
 
 
-@dataclass
-class _SwappedStream:
-    """A stream parked in host memory: its state rows and steps since reset."""
+class Engine(GenerationMixin):
+    """Serves one Keras RNN model to many streams, one slot (batch row) per stream.
 
-    state: StateSnapshot
-    steps: int
-
-
-class Engine:
-    """Serves one Keras RNN model to many streams, one slot (batch row) per stream."""
+    An :class:`~streamrnn.engine.interface.EngineLike` with closed-loop generation
+    (``generate`` / ``generate_many``, from :class:`~streamrnn.engine.generate.GenerationMixin`)
+    and state snapshots (``state_layout``, ``initial_state``, ``export_states``,
+    ``import_states``).
+    """
 
     def __init__(
         self,
@@ -54,18 +64,17 @@ class Engine:
         max_streams: int | None = None,
     ):
         self.serving = serving
-        self.runner = ModelRunner(serving, max_bucket=max_bucket, jit_compile=jit_compile)
-        self.bank = StateBank(serving.state_variables())
+        #: XLA for the compiled steps and generation loops (None -> on CPU only)
+        self.jit_compile = not gpu_available() if jit_compile is None else jit_compile
+        self.executor: Executor = ModelRunner(
+            serving, max_bucket=max_bucket, jit_compile=self.jit_compile)
+        self.bank: StateRows = StateBank(serving.state_variables())
         self.table = SlotTable(serving.slots)
+        # Streams beyond the slot count live in host memory (LRU swap); None: slots only.
+        self.residency = Residency(self.table, self.bank, max_streams)
         self.allow_nonfinite = allow_nonfinite
         self.max_chunk_steps = max_chunk_steps
-        # Streams beyond the slot count live in host memory (LRU swap); None: slots only.
-        self.max_streams = serving.slots if max_streams is None else max_streams
-        if self.max_streams < serving.slots:
-            raise ValueError(f"max_streams ({max_streams}) must be >= slots ({serving.slots})")
-        self._swapped: OrderedDict[str, _SwappedStream] = OrderedDict()
-        self.swaps_in = 0
-        self.swaps_out = 0
+        self._generator: Generator | None = None
 
     @classmethod
     def from_keras(
@@ -121,8 +130,19 @@ class Engine:
     # ---- facts -------------------------------------------------------------------------
 
     @property
+    def runner(self) -> Any:
+        """The executor (its older name; the Keras executor's extras such as
+        ``row_buckets`` are reached through it)."""
+        return self.executor
+
+    @property
     def slots(self) -> int:
         return self.serving.slots
+
+    @property
+    def max_streams(self) -> int:
+        """Live streams allowed in all (those beyond ``slots`` are swapped to host memory)."""
+        return self.residency.max_streams
 
     @property
     def free_slots(self) -> int:
@@ -131,12 +151,12 @@ class Engine:
     @property
     def streams(self) -> list[str]:
         """Every live stream, resident in a slot or swapped out to host memory."""
-        return [*self.table, *self._swapped]
+        return self.residency.streams
 
     @property
     def capacity_left(self) -> int:
         """How many new streams can still be opened (free slots plus swap room)."""
-        return self.max_streams - len(self.table) - len(self._swapped)
+        return self.residency.capacity_left
 
     @property
     def input_kind(self) -> str:
@@ -154,76 +174,35 @@ class Engine:
 
     @property
     def kernel(self) -> str:
-        return self.runner.kernel
+        return self.executor.kernel
 
     def stats(self) -> dict[str, Any]:
+        homes = self.residency
         return {
             "slots": self.slots,
-            "streams": len(self.table) + len(self._swapped),
+            "streams": len(homes),
             "free_slots": self.free_slots,
-            "swapped_streams": len(self._swapped),
-            "swaps_in": self.swaps_in,
-            "swaps_out": self.swaps_out,
-            "steps": self.runner.steps_run,
-            "timesteps": self.runner.timesteps_run,
-            "traces": self.runner.trace_count,
+            "swapped_streams": len(homes.parked),
+            "swaps_in": homes.swaps_in,
+            "swaps_out": homes.swaps_out,
+            "steps": self.executor.steps_run,
+            "timesteps": self.executor.timesteps_run,
+            "traces": self.executor.trace_count,
             "kernel": self.kernel,
         }
 
-    # ---- validation --------------------------------------------------------------------
+    # ---- streaming ---------------------------------------------------------------------
 
     def validate(self, chunk: Any) -> np.ndarray:
         """Check a chunk and return it normalised (float32 ``(T, D)`` or int32 ``(T,)``).
 
-        Raises InvalidInputError (with an ErrorCode) and touches no state.
+        Raises InvalidInputError (with an ErrorCode) and touches no state; see
+        :func:`~streamrnn.engine.validation.validate_chunk`.
         """
-        arr = np.asarray(chunk)
-        if self.input_kind == "tokens":
-            if arr.ndim != 1:
-                raise InvalidInputError(
-                    f"token chunks must be 1-D [T] int ids, got shape {arr.shape}",
-                    ErrorCode.BAD_SHAPE,
-                )
-            if arr.dtype.kind not in "iu":
-                raise InvalidInputError(
-                    f"token chunks must have an integer dtype, got {arr.dtype}", ErrorCode.BAD_DTYPE
-                )
-        else:
-            if arr.ndim != 2 or arr.shape[1] != self.input_dim:
-                raise InvalidInputError(
-                    f"feature chunks must be [T, {self.input_dim}], got shape {arr.shape}",
-                    ErrorCode.BAD_SHAPE,
-                )
-            if arr.dtype.kind != "f":
-                raise InvalidInputError(
-                    f"feature chunks must have a float dtype, got {arr.dtype}", ErrorCode.BAD_DTYPE
-                )
-        if arr.shape[0] == 0:
-            raise InvalidInputError("empty chunk (T = 0)", ErrorCode.EMPTY_CHUNK)
-        if arr.shape[0] > self.max_chunk_steps:
-            raise InvalidInputError(
-                f"chunk of {arr.shape[0]} steps exceeds the limit of {self.max_chunk_steps}",
-                ErrorCode.TOO_LARGE,
-            )
-        if self.input_kind == "tokens":
-            low, high = int(arr.min()), int(arr.max())
-            if low < 0 or high >= self.input_dim:
-                raise InvalidInputError(
-                    f"token ids must be in 0..{self.input_dim - 1}, got {low}..{high}",
-                    ErrorCode.BAD_VALUE,
-                )
-            return arr.astype(np.int32, copy=False)
-        arr = arr.astype(np.float32, copy=False)
-        if not self.allow_nonfinite and not np.isfinite(arr).all():
-            bad = int(np.flatnonzero(~np.isfinite(arr).all(axis=1))[0])
-            raise InvalidInputError(
-                f"chunk contains NaN or Inf (first at step {bad}); "
-                "build the engine with allow_nonfinite=True to accept them",
-                ErrorCode.NON_FINITE,
-            )
-        return arr
-
-    # ---- streaming ---------------------------------------------------------------------
+        return validate_chunk(
+            chunk, input_kind=self.input_kind, input_dim=self.input_dim,
+            max_chunk_steps=self.max_chunk_steps, allow_nonfinite=self.allow_nonfinite,
+        )
 
     def push(self, stream: str, chunk: Any) -> np.ndarray:
         """Feed ``chunk`` to ``stream`` (opened if new); returns ``(T, output_dim)`` float32."""
@@ -260,52 +239,22 @@ class Engine:
         names = list(ready)
         for start in range(0, len(names), self.slots):
             wave = names[start : start + self.slots]
-            self._make_resident(wave)
+            self.residency.make_resident(wave)
             outputs.update(self._run_resident({s: ready[s] for s in wave}))
         return outputs
 
     def _run_resident(self, ready: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         slot_of = {s: self.table.slot_of(s) for s in ready}
         pieces: dict[str, list[np.ndarray]] = {s: [] for s in ready}
-        for plan in plan_steps({s: len(c) for s, c in ready.items()}, self.runner.max_bucket):
+        max_bucket = self.executor.buckets[-1]
+        for plan in plan_steps({s: len(c) for s, c in ready.items()}, max_bucket):
             batch = {slot_of[s]: ready[s][a:b] for s, (a, b) in plan.slices.items()}
-            out = self.runner.run(batch, plan.bucket)
+            out = self.executor.run(batch, plan.bucket)
             for s in plan.slices:
                 pieces[s].append(out[slot_of[s]])
         for s, c in ready.items():
             self.table.touch(s, len(c))
         return {s: p[0] if len(p) == 1 else np.concatenate(p) for s, p in pieces.items()}
-
-    def _make_resident(self, streams: list[str]) -> None:
-        """Give every stream in ``streams`` (at most ``slots``) a slot, swapping others out."""
-        absent = [s for s in streams if s not in self.table]
-        shortfall = len(absent) - self.table.free
-        if shortfall > 0:
-            keep = set(streams)
-            victims = sorted(
-                (info.last_seen, name) for name, info in self.table.items() if name not in keep
-            )[:shortfall]
-            self._swap_out([name for _, name in victims])
-        fresh = [s for s in absent if s not in self._swapped]
-        self.open_many(fresh)
-        for s in absent:
-            if s in self._swapped:
-                parked = self._swapped.pop(s)
-                slot = self.table.acquire(s)
-                self.bank.restore(slot, parked.state)
-                self.table.info(s).steps = parked.steps
-                self.swaps_in += 1
-
-    def _swap_out(self, streams: list[str]) -> None:
-        if not streams:
-            return
-        slots = [self.table.slot_of(s) for s in streams]
-        rows = self.bank.read(slots)
-        for k, s in enumerate(streams):
-            info = self.table.info(s)
-            self._swapped[s] = _SwappedStream([r[k].copy() for r in rows], info.steps)
-            self.table.release(s)
-            self.swaps_out += 1
 
     def open(self, stream: str) -> int:
         """Give ``stream`` a slot (a new stream starts in the initial state); returns the slot."""
@@ -314,135 +263,50 @@ class Engine:
                 f"no room for stream {stream!r} (slots={self.slots}, "
                 f"max_streams={self.max_streams})"
             )
-        self._make_resident([stream])
+        self.residency.make_resident([stream])
         return self.table.slot_of(stream)
 
     def open_many(self, streams: list[str]) -> None:
-        fresh = [self.table.acquire(s) for s in streams if s not in self.table]
-        self.bank.reset(fresh)  # a reused row must not leak the previous stream's state
+        """Slots for the new ones among ``streams`` (there must be free slots)."""
+        self.residency.open_many(streams)
 
     def reset(self, stream: str) -> None:
         """Put ``stream`` back to its initial state; no other stream is touched."""
-        if stream in self._swapped:
-            self._swapped[stream] = _SwappedStream(
-                [r.copy() for r in self.bank.initial_rows], 0
-            )
-            return
-        self.bank.reset([self.table.slot_of(stream)])
-        self.table.info(stream).steps = 0
+        self.residency.reset(stream)
 
     def close(self, stream: str) -> None:
         """Forget ``stream`` and free its slot."""
-        if self._swapped.pop(stream, None) is None:
-            self.table.release(stream)
+        self.residency.close(stream)
 
     def is_resident(self, stream: str) -> bool:
         """Whether ``stream`` holds a slot now (not swapped out to host memory)."""
         return stream in self.table
 
     def __contains__(self, stream: object) -> bool:
-        return stream in self.table or stream in self._swapped
+        return stream in self.residency
 
     # ---- state snapshots (checkpoints, swapping, failover) ----------------------------
 
     def snapshot(self, stream: str) -> StateSnapshot:
         """A copy of ``stream``'s recurrent state rows (resident or swapped out)."""
-        if stream in self._swapped:
-            return [r.copy() for r in self._swapped[stream].state]
-        if stream not in self.table:
-            raise UnknownStreamError(f"unknown stream {stream!r}")
-        return self.bank.snapshot(self.table.slot_of(stream))
+        return self.residency.snapshot(stream)
 
     def restore(self, stream: str, snapshot: StateSnapshot) -> None:
         """Open ``stream`` (if needed) and make it continue from ``snapshot``."""
         self.bank.restore(self.open(stream), snapshot)
-
-    # ---- closed-loop generation (streamrnn.engine.generate) ----------------------------------
-
-    def generate(
-        self,
-        stream: str,
-        prompt: Any,
-        steps: int = 100,
-        sample: str = "greedy",
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        seed: int | None = 0,
-        end_token: int | None = None,
-        feedback: Any = None,
-    ) -> np.ndarray:
-        """Prime ``stream`` with ``prompt``, then feed each output back as the next input.
-
-        The prompt goes through the normal push path (the stream is opened if new). Every
-        generated value is then fed in, so afterwards the stream has consumed
-        ``prompt + returned values`` and a later :meth:`push` continues from there, exactly
-        as one offline call on the concatenated sequence would.
-
-        Args:
-            prompt: a chunk as for :meth:`push` (token ids ``(T,)``, or ``(T, D)`` floats;
-                one-hot models also take ids). T >= 1.
-            steps: values to generate (fewer if ``end_token`` comes first).
-            sample: ``"greedy"`` (argmax), ``"temperature"`` (alias ``"sample"``) or
-                ``"top_k"``: token models only.
-            temperature: divides the logits before sampling.
-            top_k: sample among the k most likely tokens.
-            seed: sampling is a pure function of (seed, stream id, step): reproducible, and
-                independent of slots and of other streams in the batch.
-            end_token: stop this stream after emitting (and consuming) this token.
-            feedback: None (rule chosen from the model), ``"tokens"``, ``"onehot"``,
-                ``"prediction"``, or a callable ``y (slots, out) -> next input`` written in
-                TF ops; see :mod:`streamrnn.engine.generate`.
-
-        Returns:
-            token models: ``(n,)`` int32 ids; regression models: ``(n, D)`` float32.
-        """
-        return self.generate_many(
-            {stream: prompt}, steps=steps, sample=sample, temperature=temperature,
-            top_k=top_k, seed=seed, end_token=end_token, feedback=feedback,
-        )[stream]
-
-    def generate_many(
-        self,
-        prompts: Mapping[str, Any],
-        steps: int = 100,
-        sample: str = "greedy",
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        seed: int | Mapping[str, int] | None = 0,
-        end_token: int | None = None,
-        feedback: Any = None,
-    ) -> dict[str, np.ndarray]:
-        """:meth:`generate` for several streams in the same batched compiled steps.
-
-        A stream that emits ``end_token`` stops; the others go on. Each stream's result
-        equals what :meth:`generate` alone would return. ``seed`` may be a mapping
-        stream -> seed.
-        """
-        from streamrnn.engine.generate import generate_many
-
-        return generate_many(
-            self, prompts, steps=steps, sample=sample, temperature=temperature,
-            top_k=top_k, seed=seed, end_token=end_token, feedback=feedback,
-        )
-
-    # ---- whole-engine state (durability) ----------------------------------------------
 
     @property
     def state_layout(self) -> list[tuple[str, tuple[int, ...]]]:
         """(dtype, row shape) of every state variable: identifies the model's state format."""
         return [(str(r.dtype), tuple(r.shape)) for r in self.bank.initial_rows]
 
+    def initial_state(self) -> StateSnapshot:
+        """A copy of the rows a new (or reset) stream starts from."""
+        return [r.copy() for r in self.bank.initial_rows]
+
     def export_states(self) -> dict[str, tuple[StateSnapshot, int]]:
         """Every live stream's ``(state rows, steps since reset)``, resident or swapped."""
-        resident = [s for s in self.table]
-        out: dict[str, tuple[StateSnapshot, int]] = {}
-        if resident:
-            rows = self.bank.read([self.table.slot_of(s) for s in resident])
-            for k, s in enumerate(resident):
-                out[s] = ([r[k].copy() for r in rows], self.table.info(s).steps)
-        for s, parked in self._swapped.items():
-            out[s] = ([r.copy() for r in parked.state], parked.steps)
-        return out
+        return self.residency.export_states()
 
     def import_states(self, states: Mapping[str, tuple[StateSnapshot, int]]) -> None:
         """Open (or overwrite) each stream with the given state rows and step count."""
@@ -451,12 +315,7 @@ class Engine:
                 f"cannot import {len(states)} streams: room for {self.capacity_left} "
                 f"(slots={self.slots}, max_streams={self.max_streams})"
             )
-        for stream, (state, steps) in states.items():
-            if stream in self._swapped or (stream not in self.table and not self.table.free):
-                self._swapped[stream] = _SwappedStream([np.array(r) for r in state], steps)
-                continue
-            self.restore(stream, state)
-            self.table.info(stream).steps = steps
+        self.residency.import_states(states)
 
     # ---- weights versions (hot swap between steps) -------------------------------------
 
@@ -472,14 +331,19 @@ class Engine:
         ``version`` defaults to the current one + 1.
         """
         if not isinstance(weights, keras.Model):
-            current = self.serving.get_weights()
-            weights = [np.asarray(w) for w in weights]
-            if len(weights) != len(current) or any(
-                w.shape != c.shape for w, c in zip(weights, current, strict=False)
-            ):
-                raise InvalidInputError(
-                    f"weights {[w.shape for w in weights]} do not match the served model's "
-                    f"{[c.shape for c in current]}", ErrorCode.BAD_SHAPE,
-                )
+            weights = _checked_weights(weights, self.serving.get_weights())
         self.serving.set_weights_from(weights)
         self.weights_version = self.weights_version + 1 if version is None else int(version)
+
+
+def _checked_weights(weights: list[Any], current: list[Any]) -> list[np.ndarray]:
+    """``weights`` as arrays, if every shape matches ``current``'s (else BAD_SHAPE)."""
+    weights = [np.asarray(w) for w in weights]
+    if len(weights) != len(current) or any(
+        w.shape != c.shape for w, c in zip(weights, current, strict=False)
+    ):
+        raise InvalidInputError(
+            f"weights {[w.shape for w in weights]} do not match the served model's "
+            f"{[c.shape for c in current]}", ErrorCode.BAD_SHAPE,
+        )
+    return weights

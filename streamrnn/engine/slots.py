@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 from streamrnn.errors import EngineFullError, UnknownStreamError
 
+__all__ = ["SlotInfo", "SlotTable"]
+
 
 @dataclass
 class SlotInfo:

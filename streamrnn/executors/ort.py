@@ -70,7 +70,8 @@ class HostStateBank:
     def nbytes_per_slot(self) -> int:
         return sum(r.nbytes for r in self.initial_rows)
 
-    def _indices(self, slots: Sequence[int]) -> np.ndarray:
+    def index(self, slots: Sequence[int]) -> np.ndarray:
+        """``slots`` as an int64 index array (IndexError when out of range)."""
         idx = np.asarray(slots, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= self.slots):
             raise IndexError(f"slot index out of range 0..{self.slots - 1}: {slots}")
@@ -78,20 +79,20 @@ class HostStateBank:
 
     def reset(self, slots: Sequence[int]) -> None:
         """Put ``slots`` back to the initial state; every other row is untouched."""
-        idx = self._indices(slots)
+        idx = self.index(slots)
         for a, row in zip(self.arrays, self.initial_rows, strict=True):
             a[idx] = row
 
     def read(self, slots: Sequence[int]) -> list[np.ndarray]:
         """State rows of ``slots`` (copies): one array ``(len(slots), ...)`` per state."""
-        idx = self._indices(slots)
+        idx = self.index(slots)
         return [a[idx] for a in self.arrays]
 
     def write(self, slots: Sequence[int], rows: Sequence[np.ndarray]) -> None:
         """Overwrite the state rows of ``slots`` (``rows[k]`` is ``(len(slots), ...)``)."""
         if len(rows) != len(self.arrays):
             raise ValueError(f"expected {len(self.arrays)} state arrays, got {len(rows)}")
-        idx = self._indices(slots)
+        idx = self.index(slots)
         checked = []
         for a, r in zip(self.arrays, rows, strict=True):
             r = np.asarray(r, a.dtype)
@@ -208,7 +209,7 @@ class OrtExecutor:
         batch = pad_chunks(chunks, bucket, self._feature_shape, self._dtype)
         if not batch.slots:
             return batch.outputs(None, self.output_dim)
-        rows = self.state._indices(batch.slots)
+        rows = self.state.index(batch.slots)
         y = self._step(batch.x, batch.lengths, rows,
                        self._weights if weights is None else weights)
         self.steps_run += 1

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 from collections.abc import Sequence
 
+from streamrnn.cli import lifecycle
+from streamrnn.cli.lifecycle import log_ready, stop_on_signals, wait
 from streamrnn.logs import add_logging_arguments, configure_logging
 from streamrnn.metrics import add_metrics_argument, metrics_url
+
+__all__ = ["READY_MARKER", "add_arguments", "main", "run"]
 
 log = logging.getLogger("streamrnn.router")
 
@@ -23,6 +26,7 @@ READY_MARKER = "streamrnn router ready on "
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The router's command-line options (shared with ``streamrnn router``)."""
     parser.add_argument("--bind", default="tcp://127.0.0.1:5555",
                         help="client endpoint (same protocol as a worker); port 0: any")
     parser.add_argument("--workers-bind", default="tcp://127.0.0.1:5556",
@@ -41,6 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Route until SIGTERM/SIGINT; returns the exit status."""
     configure_logging(args.log_level, args.log_format)
     from streamrnn.cluster.router import Router, RouterConfig
 
@@ -48,13 +53,7 @@ def run(args: argparse.Namespace) -> int:
         bind=args.bind, workers_bind=args.workers_bind, dead_after_s=args.dead_after_s,
         busy_retry_after_ms=args.busy_retry_after_ms, curve_secret_key=args.curve_secret_key,
         curve_allow=args.curve_allow))
-
-    def on_signal(signum: int, _frame: object) -> None:
-        log.info("received %s: stopping", signal.Signals(signum).name)
-        router.stop()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop_on_signals(router, log, "stopping")
     endpoint, workers_endpoint = router.start()
     metrics = ""
     if args.metrics_port is not None:
@@ -62,17 +61,15 @@ def run(args: argparse.Namespace) -> int:
 
         port = RouterMetrics(router.stats).serve(args.metrics_port)
         metrics = f" metrics={metrics_url(port)}"
-    log.info("%s%s workers=%s%s", READY_MARKER, endpoint, workers_endpoint, metrics)
-    while not router.join(timeout=0.2):
-        pass
+    log_ready(log, READY_MARKER, endpoint, f"workers={workers_endpoint}{metrics}")
+    wait(router)
     log.info("router stopped cleanly")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = add_arguments(argparse.ArgumentParser(
-        prog="python -m streamrnn.cli.router", description="streamrnn router"))
-    return run(parser.parse_args(argv))
+    """``python -m streamrnn.cli.router``; returns the exit status."""
+    return lifecycle.main(argv, "router", "streamrnn router", add_arguments, run)
 
 
 if __name__ == "__main__":

@@ -15,13 +15,21 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
+from streamrnn.cli import lifecycle
+from streamrnn.cli.lifecycle import log_ready, stop_on_signals, wait
 from streamrnn.logs import add_logging_arguments, configure_logging
 from streamrnn.metrics import Metrics, add_metrics_argument, metrics_url
+
+if TYPE_CHECKING:
+    from streamrnn.serving.worker import StreamWorker
+    from streamrnn.training.online import OnlineTrainer
+
+__all__ = ["READY_MARKER", "add_arguments", "main", "run"]
 
 log = logging.getLogger("streamrnn.trainer")
 
@@ -98,10 +106,36 @@ def run(args: argparse.Namespace) -> int:
     """Train until SIGTERM/SIGINT; returns the exit status."""
     configure_logging(args.log_level, args.log_format)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from streamrnn.executors.models import load_model
     from streamrnn.serving.worker import StreamWorker, WorkerConfig
-    from streamrnn.training.online import OnlineTrainer, write_loss_curve
-    from streamrnn.training.trainer import FreeRunningTrainer, TrainConfig
+    from streamrnn.training.loss_curve import write_loss_curve
+
+    online, metrics = _build(args)
+    trainer = online.trainer
+    worker = StreamWorker(online, WorkerConfig(
+        bind=args.bind, batch_window_us=args.batch_window_us,
+        model_name=os.path.basename(args.model)))
+    stop_on_signals(worker, log, "finishing queued chunks, then checkpointing")
+    endpoint = worker.start()
+    log_ready(log, READY_MARKER, endpoint, f"(slots={args.slots}, mode={args.mode}, "
+                                           f"step={trainer.step}, weights v{trainer.version})")
+    _follow(args, worker, online)
+    online.shutdown()  # the compute thread has ended: safe to touch the trainer here
+    if args.loss_png:
+        write_loss_curve(online.loss_history(), args.loss_png,
+                         title=f"streamrnn trainer ({args.mode})")
+    if metrics is not None:
+        metrics.close()
+    log.info("trainer stopped cleanly at step %d (weights v%d, %d checkpoints)", trainer.step,
+             trainer.version, online.checkpoints_written)
+    return 0
+
+
+def _build(args: argparse.Namespace) -> tuple[OnlineTrainer, Metrics | None]:
+    """The online trainer (resumed from ``--checkpoint`` if it exists) and its metrics."""
+    from streamrnn.executors.models import load_model
+    from streamrnn.training.config import TrainConfig
+    from streamrnn.training.online import OnlineTrainer
+    from streamrnn.training.trainer import FreeRunningTrainer
 
     config = TrainConfig(
         mode=args.mode, warmup=args.warmup, schedule=args.schedule,
@@ -123,21 +157,15 @@ def run(args: argparse.Namespace) -> int:
     if online.resumed:
         log.info("resumed from %s at step %d (weights v%d, %d streams)", args.checkpoint,
                  trainer.step, trainer.version, len(trainer.table))
-    worker = StreamWorker(online, WorkerConfig(
-        bind=args.bind, batch_window_us=args.batch_window_us,
-        model_name=os.path.basename(args.model)))
+    return online, metrics
 
-    def on_signal(signum: int, _frame: object) -> None:
-        log.info("received %s: finishing queued chunks, then checkpointing",
-                 signal.Signals(signum).name)
-        worker.stop()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    endpoint = worker.start()
-    log.info("%s%s (slots=%d, mode=%s, step=%d, weights v%d)", READY_MARKER, endpoint,
-             args.slots, args.mode, trainer.step, trainer.version)
-    show = sys.stderr.isatty() if args.progress is None else args.progress
+def _follow(args: argparse.Namespace, worker: StreamWorker, online: OnlineTrainer) -> None:
+    """Until the worker stops: show progress (a live table on a terminal, else a log line
+    every 10 s) and rewrite the loss curve PNG after new weight versions."""
+    from streamrnn.training.loss_curve import write_loss_curve
+
+    trainer = online.trainer
     last_png = time.monotonic()
     last_version = trainer.version
 
@@ -147,41 +175,39 @@ def run(args: argparse.Namespace) -> int:
             write_loss_curve(online.loss_history(), args.loss_png)
             last_png, last_version = time.monotonic(), trainer.version
 
+    show = sys.stderr.isatty() if args.progress is None else args.progress
     if show:
         from rich.console import Console
         from rich.live import Live
 
         with Live(_progress_table(online.progress()), console=Console(stderr=True),
                   refresh_per_second=4, transient=False) as live:
-            while not worker.join(timeout=0.25):
+
+            def update() -> None:
                 live.update(_progress_table(online.progress()))
                 tick()
+
+            wait(worker, update, every_s=0.25)
             live.update(_progress_table(online.progress()))
-    else:
-        next_log = time.monotonic() + 10
-        while not worker.join(timeout=0.2):  # short joins keep the signal handlers responsive
-            tick()
-            if time.monotonic() >= next_log:
-                p = online.progress()
-                log.info("step %d loss %.5g steps/s %.1f timesteps/s %.0f weights v%d",
-                         p["step"], p["loss"], p["steps_per_s"], p["timesteps_per_s"],
-                         p["version"])
-                next_log = time.monotonic() + 10
-    online.shutdown()  # the compute thread has ended: safe to touch the trainer here
-    if args.loss_png:
-        write_loss_curve(online.loss_history(), args.loss_png,
-                         title=f"streamrnn trainer ({args.mode})")
-    if metrics is not None:
-        metrics.close()
-    log.info("trainer stopped cleanly at step %d (weights v%d, %d checkpoints)", trainer.step,
-             trainer.version, online.checkpoints_written)
-    return 0
+        return
+    next_log = time.monotonic() + 10
+
+    def log_progress() -> None:
+        nonlocal next_log
+        tick()
+        if time.monotonic() >= next_log:
+            p = online.progress()
+            log.info("step %d loss %.5g steps/s %.1f timesteps/s %.0f weights v%d",
+                     p["step"], p["loss"], p["steps_per_s"], p["timesteps_per_s"],
+                     p["version"])
+            next_log = time.monotonic() + 10
+
+    wait(worker, log_progress)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = add_arguments(argparse.ArgumentParser(
-        prog="python -m streamrnn.cli.trainer", description="streamrnn online trainer"))
-    return run(parser.parse_args(argv))
+    """``python -m streamrnn.cli.trainer``; returns the exit status."""
+    return lifecycle.main(argv, "trainer", "streamrnn online trainer", add_arguments, run)
 
 
 if __name__ == "__main__":

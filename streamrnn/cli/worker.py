@@ -11,15 +11,22 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
+from streamrnn.cli import lifecycle
+from streamrnn.cli.lifecycle import log_ready, stop_on_signals, wait
 from streamrnn.logs import add_logging_arguments, configure_logging
 from streamrnn.metrics import add_metrics_argument, metrics_url
+
+if TYPE_CHECKING:
+    from streamrnn.cluster.registration import RouterLink
+    from streamrnn.serving.worker import StreamWorker
+
+__all__ = ["READY_MARKER", "add_arguments", "main", "run"]
 
 log = logging.getLogger("streamrnn.worker")
 
@@ -127,36 +134,34 @@ def run(args: argparse.Namespace) -> int:
     if not _restore(worker, args):
         return 2
 
-    def on_signal(signum: int, _frame: object) -> None:
-        log.info("received %s: finishing queued work, then exiting",
-                 signal.Signals(signum).name)
-        worker.stop()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop_on_signals(worker, log, "finishing queued work, then exiting")
     endpoint = worker.start()
     metrics = "" if worker.metrics_port is None else f", metrics={metrics_url(worker.metrics_port)}"
-    log.info("%s%s (slots=%d, model=%s, kernel=%s%s)", READY_MARKER, endpoint, engine.slots,
-             config.model_name, engine.kernel, metrics)
-    link = None
-    if args.register:
-        from streamrnn.cluster.registration import RouterLink
-
-        def fenced(reason: str) -> None:
-            # another worker owns our streams now: exit without writing our checkpoint
-            log.error("exiting at once: %s", reason)
-            os._exit(3)
-
-        link = RouterLink(worker, args.register, args.name, heartbeat_s=args.heartbeat_s,
-                          advertise=args.advertise, on_fenced=fenced)
-        link.start()
-        log.info("registering with router %s as %r", args.register, args.name)
-    while not worker.join(timeout=0.2):  # short joins keep the signal handlers responsive
-        pass
+    log_ready(log, READY_MARKER, endpoint, f"(slots={engine.slots}, model={config.model_name}, "
+                                           f"kernel={engine.kernel}{metrics})")
+    link = _register(worker, args) if args.register else None
+    wait(worker)
     if link is not None:
         link.stop()
     log.info("worker stopped cleanly")
     return 0
+
+
+def _register(worker: StreamWorker, args: argparse.Namespace) -> RouterLink:
+    """Register with the router at ``--register`` and heartbeat to it (a started
+    :class:`~streamrnn.cluster.registration.RouterLink`)."""
+    from streamrnn.cluster.registration import RouterLink
+
+    def fenced(reason: str) -> None:
+        # another worker owns our streams now: exit without writing our checkpoint
+        log.error("exiting at once: %s", reason)
+        os._exit(3)
+
+    link = RouterLink(worker, args.register, args.name, heartbeat_s=args.heartbeat_s,
+                      advertise=args.advertise, on_fenced=fenced)
+    link.start()
+    log.info("registering with router %s as %r", args.register, args.name)
+    return link
 
 
 def _checkpoint_usable(path: Path, args: argparse.Namespace,
@@ -192,7 +197,7 @@ def _precheck(args: argparse.Namespace) -> bool:
     return _checkpoint_usable(path, args, lambda: load_checkpoint(path))
 
 
-def _restore(worker: Any, args: argparse.Namespace) -> bool:
+def _restore(worker: StreamWorker, args: argparse.Namespace) -> bool:
     """Resume the worker's checkpoint (its states must fit this model and --max-streams)."""
     if worker.checkpointer is None:
         return True
@@ -206,9 +211,8 @@ def _restore(worker: Any, args: argparse.Namespace) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = add_arguments(argparse.ArgumentParser(
-        prog="python -m streamrnn.cli.worker", description="streamrnn stream worker"))
-    return run(parser.parse_args(argv))
+    """``python -m streamrnn.cli.worker``; returns the exit status."""
+    return lifecycle.main(argv, "worker", "streamrnn stream worker", add_arguments, run)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ worker with SIGTERM.
 
 from __future__ import annotations
 
+import argparse
 import tempfile
 import threading
 import time
@@ -19,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+__all__ = ["DemoConfig", "add_arguments", "build_demo_model", "run", "run_demo"]
 
 FEATURES, UNITS, OUTPUTS = 32, 64, 8
 
@@ -33,6 +36,26 @@ class DemoConfig:
     seed: int = 0
     window: int = 4  # chunks in flight per stream
     xla: bool = False  # XLA steps run faster but take ~10 s longer to trace at start
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of ``streamrnn demo``."""
+    parser.add_argument("--streams", type=int, default=48, help="concurrent streams")
+    parser.add_argument("--steps", type=int, default=400, help="timesteps per stream")
+    parser.add_argument("--slots", type=int, default=64, help="worker slots")
+    parser.add_argument("--max-chunk", type=int, default=64, help="longest random chunk")
+    parser.add_argument("--verify", type=int, default=6, help="streams checked offline")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--xla", action="store_true",
+                        help="compile the worker's step with XLA (faster steps, slower start)")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """``streamrnn demo``: :func:`run_demo` with the command-line options."""
+    return run_demo(DemoConfig(streams=args.streams, steps=args.steps, slots=args.slots,
+                               max_chunk=args.max_chunk, verify=args.verify, seed=args.seed,
+                               xla=args.xla))
 
 
 @dataclass

@@ -19,7 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
-_REPO_ROOT = Path(__file__).resolve().parent.parent
+__all__ = ["RouterProcess", "WorkerProcess"]
+
+# The folder holding the streamrnn package (the repository root in a checkout): children run
+# there with it first on PYTHONPATH, so they import the same streamrnn as this process.
+_SOURCE_ROOT = Path(__file__).resolve().parents[2]
 
 
 class _ManagedProcess:
@@ -40,14 +44,14 @@ class _ManagedProcess:
             log_path = name
         log_path = Path(log_path)
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_REPO_ROOT),
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_SOURCE_ROOT),
                                                           env.get("PYTHONPATH")]))
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         with open(log_path, "wb") as log_file:
             # the log goes to a file, not a pipe: a full pipe would block the process
             proc = subprocess.Popen([sys.executable, "-m", f"streamrnn.cli.{role}", *args],
                                     stdout=log_file, stderr=subprocess.STDOUT, env=env,
-                                    cwd=_REPO_ROOT)
+                                    cwd=_SOURCE_ROOT)
         deadline = time.monotonic() + ready_timeout
         while True:
             match = ready.search(log_path.read_text(errors="replace"))

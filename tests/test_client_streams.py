@@ -1,7 +1,6 @@
-"""The client's stream state machine (streamrnn.client.streams), with no socket and no worker.
-
-A :class:`Wire` feeds :class:`Streams` events at chosen times, applies the futures it
-resolves and records what it sends; the tests play the worker by answering those sends.
+"""The client's stream state machine (streamrnn.client.streams) with no socket and no worker:
+windows, order, errors, renumbering, go-back-N, BUSY backoff, timeouts (replay after a
+worker restart: test_client_replay.py). The worker is played through tests/client_wire.py.
 """
 
 from __future__ import annotations
@@ -9,122 +8,30 @@ from __future__ import annotations
 import subprocess
 import sys
 from concurrent.futures import Future
-from typing import Any
 
-import numpy as np
 import pytest
 
-from streamrnn.client.requests import Request, Resolve, Send, StreamState
-from streamrnn.client.streams import Streams, busy_delay
-from streamrnn.codec import Message
+from streamrnn.client.requests import Request, Resolve, StreamState
+from streamrnn.client.streams import busy_delay
 from streamrnn.errors import (
     RemoteError,
     RemoteInvalidInputError,
     RequestTimeoutError,
-    StreamExpiredError,
     StreamRNNError,
     WorkerBusyError,
 )
 from streamrnn.protocol import (
     A_CHUNK,
-    A_OUTPUT,
-    F_CODE,
-    F_DURABLE_SEQ,
-    F_EXPECTED,
-    F_MESSAGE,
-    F_NEXT_SEQ,
     F_REQUEST_ID,
     F_RETRY_AFTER_MS,
-    F_SEQ,
     F_STATS,
     F_STREAM,
     ErrorCode,
     MessageType,
 )
+from tests.client_wire import Wire, kinds, push, started
 
-OPEN, PUSH, CLOSE = MessageType.OPEN, MessageType.PUSH, MessageType.CLOSE
-
-
-class Wire:
-    """Streams plus a clock; ``sent`` holds the sends not answered yet by the test."""
-
-    def __init__(self, window: int = 4, timeout: float = 1.0, retries: int = 2,
-                 replay_buffer: int = 16, jitter: float = 0.5):
-        self.streams = Streams("tcp://worker:1", timeout=timeout, retries=retries,
-                               window=window, replay_buffer=replay_buffer,
-                               jitter=lambda: jitter)
-        self.counters = self.streams.counters
-        self.now = 0.0
-        self.sent: list[Send] = []
-
-    def run(self, actions: list) -> None:
-        for action in actions:
-            if isinstance(action, Send):
-                if not action.stale:
-                    self.sent.append(action)
-            else:
-                action.apply()
-
-    def submit(self, *requests: Request) -> None:
-        self.run(self.streams.submit(list(requests), self.now))
-
-    def tick(self, dt: float = 0.0) -> None:
-        self.now += dt
-        self.run(self.streams.tick(self.now))
-
-    def answer(self, send: Send, kind: MessageType, arrays: dict | None = None,
-               **header: Any) -> None:
-        rid = send.part[1][F_REQUEST_ID]
-        self.run(self.streams.on_reply(Message(kind, {F_REQUEST_ID: rid, **header},
-                                               arrays or {}), self.now))
-
-    def output(self, send: Send, **header: Any) -> np.ndarray:
-        y = np.full((1, 1), float(send.part[1][F_SEQ]), np.float32)
-        self.answer(send, MessageType.OUTPUT, {A_OUTPUT: y}, **header)
-        return y
-
-    def error(self, send: Send, code: ErrorCode, expected: int | None = None) -> None:
-        self.answer(send, MessageType.ERROR, **{F_CODE: int(code), F_MESSAGE: code.name,
-                                                F_EXPECTED: expected})
-
-    def take(self) -> list[Send]:
-        sent, self.sent = self.sent, []
-        return sent
-
-    def open(self, stream: str = "s", next_seq: int = 0, **header: Any) -> None:
-        """Answer the OPEN the first request of ``stream`` sent."""
-        (send,) = [s for s in self.take() if s.part[0] == OPEN]
-        assert send.part[1][F_STREAM] == stream
-        self.answer(send, MessageType.ACK, **{F_NEXT_SEQ: next_seq, **header})
-
-
-def push(stream: str = "s") -> Request:
-    return Request(PUSH, stream, {}, {A_CHUNK: np.zeros((1, 2), np.float32)}, Future())
-
-
-def kinds(sends: list[Send]) -> list[tuple[str, int | None]]:
-    return [(s.part[0].name, s.part[1].get(F_SEQ)) for s in sends]
-
-
-def started(wire: Wire, n: int, next_seq: int = 0, **ack: Any) -> list[Request]:
-    """``n`` pushes on stream "s", after the OPEN that learns ``next_seq``."""
-    requests = [push() for _ in range(n)]
-    wire.submit(*requests)
-    wire.open("s", next_seq, **ack)
-    return requests
-
-
-def restarted(wire: Wire, applied: int, durable: int,
-              code: ErrorCode = ErrorCode.SEQ_GAP) -> tuple[list[Request], Request]:
-    """``applied`` pushes answered with ``durable_seq = durable``, then one more that a
-    restarted worker refuses with ``code``, expecting ``durable``: (the first, the last)."""
-    requests = started(wire, applied)
-    for send in wire.take():
-        wire.output(send, **{F_DURABLE_SEQ: durable})
-    late = push()
-    wire.submit(late)
-    wire.error(wire.take()[0], code, expected=durable)
-    return requests, late
+CLOSE = MessageType.CLOSE
 
 
 # ---- window and order ------------------------------------------------------------------
@@ -289,110 +196,6 @@ def test_unsendable_request_fails_alone_and_the_next_takes_its_seq():
     assert requests[0].future.exception() is exc
     assert b.stale and requests[1].seq == 0
     wire.tick()
-    assert kinds(wire.take()) == [("PUSH", 0)]
-
-
-# ---- durability and replay ---------------------------------------------------------------
-
-
-def test_applied_requests_are_kept_only_beyond_durable_seq():
-    wire = Wire()
-    started(wire, 3)
-    sends = wire.take()
-    for send in sends:
-        wire.output(send, **{F_DURABLE_SEQ: 1})
-    st = wire.streams.stream("s")
-    assert [r.seq for r in st.done] == [1, 2] and st.durable == 1
-    wire.submit(push())
-    wire.output(wire.take()[0], **{F_DURABLE_SEQ: 3})
-    assert [r.seq for r in st.done] == [3]
-
-
-def test_without_durable_seq_nothing_is_kept():
-    wire = Wire()
-    started(wire, 2)
-    for send in wire.take():
-        wire.output(send)
-    assert not wire.streams.stream("s").done
-
-
-def test_replay_after_worker_restart_resends_kept_requests_then_in_flight_ones():
-    wire = Wire()
-    # the worker restarted from its checkpoint at seq 1: it lost 1 and 2
-    requests, late = restarted(wire, 3, durable=1)
-    delivered = [r.future.result() for r in requests]
-    assert wire.counters["replayed"] == 2 and not late.future.done()
-    wire.tick()
-    replay = wire.take()
-    assert kinds(replay) == [("PUSH", 1), ("PUSH", 2), ("PUSH", 3)]
-    assert [s.request.replay for s in replay] == [True, True, False]
-    for send in replay:
-        wire.output(send, **{F_DURABLE_SEQ: 1})
-    # the replayed outputs were delivered before: the futures keep their first result
-    assert [r.future.result() for r in requests] == delivered
-    assert late.future.result()[0, 0] == 3.0
-
-
-def test_unknown_stream_after_restart_replays_from_seq_zero():
-    wire = Wire()
-    restarted(wire, 2, durable=0, code=ErrorCode.UNKNOWN_STREAM)
-    wire.tick()
-    assert kinds(wire.take()) == [("PUSH", 0), ("PUSH", 1), ("PUSH", 2)]
-
-
-def test_replayed_request_the_worker_already_has_is_dropped_quietly():
-    wire = Wire()
-    _, late = restarted(wire, 2, durable=0)
-    wire.tick()
-    r0, r1, r2 = wire.take()
-    wire.error(r0, ErrorCode.SEQ_STALE, expected=2)
-    assert wire.streams.stream("s").inflight[0] is r1.request
-    wire.output(r1)
-    wire.output(r2)
-    assert late.future.result()[0, 0] == 2.0
-
-
-def test_replay_that_fails_fails_the_stream():
-    wire = Wire()
-    _, late = restarted(wire, 1, durable=0)
-    queued = push()
-    wire.tick()
-    replayed, _ = wire.take()
-    wire.submit(queued)
-    wire.error(replayed, ErrorCode.INTERNAL)
-    for request in (late, queued):
-        with pytest.raises(StreamRNNError, match="replaying seq 0 after a worker restart"):
-            request.future.result()
-    assert wire.streams.stream("s").needs_sync
-
-
-def test_replay_buffer_keeps_the_newest_and_counts_the_dropped():
-    wire = Wire(replay_buffer=2)
-    started(wire, 4)
-    for send in wire.take():
-        wire.output(send, **{F_DURABLE_SEQ: 0})
-    assert [r.seq for r in wire.streams.stream("s").done] == [2, 3]
-    assert wire.counters["replay_dropped"] == 2
-    wire.submit(push())
-    wire.error(wire.take()[0], ErrorCode.SEQ_GAP, expected=0)  # 0 and 1 are gone
-    assert wire.counters["replayed"] == 0
-
-
-def test_open_ack_and_expiry_reset_what_is_kept():
-    wire = Wire()
-    requests = started(wire, 2)
-    for send in wire.take():
-        wire.output(send, **{F_DURABLE_SEQ: 0})
-    wire.submit(push())
-    (send,) = wire.take()
-    wire.answer(send, MessageType.EXPIRED, **{F_MESSAGE: "idle"})
-    with pytest.raises(StreamExpiredError, match="idle"):
-        send.request.future.result()
-    st = wire.streams.stream("s")
-    assert not st.done and st.durable == 0 and st.needs_sync
-    assert all(r.future.exception() is None for r in requests)
-    wire.submit(push())
-    wire.open("s", next_seq=0)
     assert kinds(wire.take()) == [("PUSH", 0)]
 
 

@@ -1,0 +1,283 @@
+"""The client's DEALER socket and the I/O thread that owns it.
+
+:class:`Transport` runs one background thread around one ZeroMQ DEALER socket. Any thread
+may :meth:`Transport.submit` requests (a queue plus a wake-up byte on a socket pair); the
+I/O thread feeds them, the replies it reads and the passing time to the pure state machine
+(:class:`~streamrnn.client.streams.Streams`) and carries out the actions it answers:
+sends (gathered per loop turn into BATCH envelopes when the worker takes them) and future
+completions. Requests submitted from a future's callback (which runs on the I/O thread)
+skip the queue and leave in the same turn as the reply that triggered them.
+
+Example::
+
+    streams = Streams(endpoint, timeout=30.0, retries=3, window=8, replay_buffer=4096)
+    transport = Transport(endpoint, streams, batch=True)
+    transport.submit([Request(MessageType.PING, None, {}, {}, future)])
+    future.result(); transport.close()
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import socket
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Iterable
+from typing import Any
+
+import zmq
+
+from streamrnn.client.requests import Action, Request, Send
+from streamrnn.client.streams import Streams
+from streamrnn.codec import (
+    Message,
+    Part,
+    batches_of,
+    decode_batch,
+    decode_reply,
+    encode,
+    encode_batch,
+    is_batch,
+)
+from streamrnn.errors import ProtocolError, StreamRNNError
+from streamrnn.protocol import BATCH_PART_TYPES, MessageType
+
+log = logging.getLogger("streamrnn.client")
+
+
+class Transport:
+    """One DEALER socket connected to ``endpoint``, driven by a daemon I/O thread.
+
+    Args:
+        endpoint: the worker's ZeroMQ endpoint.
+        streams: the state machine the I/O thread feeds (used only on that thread).
+        batch: send the requests of one loop turn in BATCH envelopes (once the worker
+            said it takes them); False: one message per request.
+        counters: incremented by name (``batches_sent``, ``bad_replies``, ...).
+        curve_server_key, curve_keypair: CURVE encryption, see :mod:`streamrnn.security`.
+        context: the ZeroMQ context (default: the process-wide one).
+    """
+
+    def __init__(self, endpoint: str, streams: Streams, *, batch: bool = True,
+                 counters: Counter[str] | None = None, curve_server_key: Any = None,
+                 curve_keypair: Any = None, context: zmq.Context | None = None):
+        self.batch = batch
+        self.counters: Counter[str] = Counter() if counters is None else counters
+        self._streams = streams
+        # requests encoded in this turn of the I/O thread, sent together by _flush
+        self._outgoing: list[tuple[Part, Request]] = []
+        self._ctx = context or zmq.Context.instance()
+        self._socket = self._ctx.socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.SNDHWM, 100_000)
+        self._socket.setsockopt(zmq.RCVHWM, 100_000)
+        if curve_server_key is not None:
+            from streamrnn.security import curve_client
+
+            if curve_keypair is None:
+                raise ValueError("curve_server_key needs curve_keypair (this client's keys)")
+            curve_client(self._socket, curve_server_key, curve_keypair)
+        self._socket.connect(endpoint)
+        self._submissions: queue.SimpleQueue[list[Request] | None] = queue.SimpleQueue()
+        # Requests submitted on the I/O thread itself (from a Future callback): no queue and
+        # no wake-up, sent in the same loop turn as the reply that triggered them.
+        self._io_ident: int | None = None
+        self._local: deque[Request] = deque()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self.thread = threading.Thread(target=self._io_loop, name="streamrnn-client",
+                                       daemon=True)
+        self.thread.start()
+
+    # ---- any thread --------------------------------------------------------------------
+
+    def submit(self, requests: list[Request]) -> None:
+        """Hand requests to the I/O thread (raises StreamRNNError once closed)."""
+        if self._closed:
+            raise StreamRNNError("client is shut down")
+        if threading.get_ident() == self._io_ident:
+            self._local.extend(requests)
+        else:
+            self._submissions.put(requests)
+            self._wake()
+
+    def close(self) -> None:
+        """Stop the I/O thread and close the socket; pending requests fail."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._submissions.put(None)
+        self._wake()
+        self.thread.join()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # already a wake-up byte pending (or closing)
+
+    # ---- I/O thread --------------------------------------------------------------------
+
+    def _io_loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._socket, zmq.POLLIN)
+        # pyzmq's poll reports a plain socket by its file descriptor, not by the object
+        wake_fd = self._wake_r.fileno()
+        poller.register(wake_fd, zmq.POLLIN)
+        next_check = 0.0
+        self._io_ident = threading.get_ident()
+        try:
+            while True:
+                events = dict(poller.poll(self._wait_ms()))
+                if wake_fd in events:
+                    self._drain_wake()
+                if self._socket in events:
+                    self._read_replies()  # callbacks may submit more: sent just below
+                if not self._take_submissions():
+                    break
+                now = time.monotonic()
+                if now >= next_check:
+                    self._execute(self._streams.tick(now))
+                    next_check = now + 0.005
+                self._flush()
+        except Exception as exc:  # pragma: no cover - a bug; do not leave callers hanging
+            log.exception("client I/O thread failed")
+            self._fail_everything(StreamRNNError(f"client I/O thread failed: {exc}"))
+        finally:
+            self._fail_everything(StreamRNNError("client is shut down"))
+            self._socket.close(linger=0)
+            self._wake_r.close()
+            self._wake_w.close()
+
+    def _wait_ms(self) -> int:
+        """How long the next poll may wait: until the next resend is due, at most 0.1 s,
+        not at all while requests submitted on this thread wait."""
+        if self._local:
+            return 0
+        now = time.monotonic()
+        soonest = min(now + 0.1, self._streams.resend_due)
+        return max(0, min(100, int((soonest - now) * 1000) + 1))
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _next_submission(self) -> list[Request] | None:
+        """The next submitted requests (I/O-thread ones first); None: shut down. Raises
+        queue.Empty."""
+        if self._local:
+            requests = list(self._local)
+            self._local.clear()
+            return requests
+        return self._submissions.get_nowait()
+
+    def _take_submissions(self) -> bool:
+        """Hand everything submitted so far to the state machine; False: shut down."""
+        requests: list[Request] = []
+        while True:
+            try:
+                submitted = self._next_submission()
+            except queue.Empty:
+                break
+            if submitted is None:
+                self._local.extend(requests)  # never started: failed with the rest
+                return False
+            requests.extend(submitted)
+        if requests:
+            self._execute(self._streams.submit(requests, time.monotonic()))
+        return True
+
+    def _execute(self, actions: Iterable[Action]) -> None:
+        for action in actions:
+            if not isinstance(action, Send):
+                action.apply()  # may run callbacks that submit more (to self._local)
+            elif not action.stale:
+                self._send(action.part, action.request)
+
+    def _send(self, part: Part, request: Request) -> None:
+        if self.batch and self._streams.peer_batches and request.kind in BATCH_PART_TYPES:
+            self._outgoing.append((part, request))  # sent at the end of this turn
+        else:
+            self._send_alone(part, request)
+
+    def _send_alone(self, part: Part, request: Request) -> None:
+        try:
+            frames = encode(*part)
+        except ProtocolError as exc:  # e.g. a dtype that cannot travel: fail just this one
+            self._execute(self._streams.on_unsendable(request, exc, time.monotonic()))
+            return
+        self._send_frames(frames)
+
+    def _send_frames(self, frames: list) -> None:
+        try:
+            self._socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            self.counters["send_would_block"] += 1  # retried on timeout
+
+    def _flush(self) -> None:
+        """Send the requests of this turn: together in BATCH envelopes when there are
+        several. (Failing one can release more of its stream: those go out too.)"""
+        while self._outgoing:
+            outgoing, self._outgoing = self._outgoing, []
+            start = 0  # batches_of keeps the order: group k holds the next len(group) parts
+            for group in batches_of([part for part, _ in outgoing]):
+                owners = [request for _, request in outgoing[start:start + len(group)]]
+                start += len(group)
+                if len(group) == 1:
+                    self._send_alone(group[0], owners[0])
+                    continue
+                try:
+                    frames = encode_batch(MessageType.BATCH, group)
+                except ProtocolError:  # an array that cannot travel: fail only that request
+                    for part, request in zip(group, owners, strict=True):
+                        self._send_alone(part, request)
+                    continue
+                self.counters["batches_sent"] += 1
+                self._send_frames(frames)
+
+    def _read_replies(self) -> None:
+        for _ in range(10_000):
+            try:
+                frames = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            for part in _decode(frames):
+                if isinstance(part, ProtocolError):
+                    self.counters["bad_replies"] += 1
+                    log.warning("undecodable reply from worker: %s", part)
+                else:
+                    self._execute(self._streams.on_reply(part, time.monotonic()))
+
+    def _fail_everything(self, exc: BaseException) -> None:
+        self._execute(self._streams.fail_all(exc))
+        while True:
+            try:
+                requests = self._next_submission()
+            except queue.Empty:
+                break
+            for request in requests or ():
+                if not request.future.done():
+                    request.future.set_exception(exc)
+
+
+def _decode(frames: list) -> list[Message | ProtocolError]:
+    """The replies in one message (a BATCH_REPLY holds several); an undecodable one is the
+    ProtocolError that says why."""
+    try:
+        if is_batch(frames):
+            return list(decode_batch(frames, replies=True)[1])
+        return [decode_reply(frames)]
+    except ProtocolError as exc:
+        return [exc]
+
+
+__all__ = ["Transport"]

@@ -84,18 +84,20 @@ def test_state_layout_matches_keras_and_snapshots_cross_executors() -> None:
                               lambda model, slots: OrtExecutor(model, slots, threads=1))
 
 
-@pytest.mark.parametrize(("layers", "words"), [
-    ([L.RNN(MinimalCell(4), return_sequences=True)], "custom cell MinimalCell"),
-    ([L.RNN(MyLSTMCell(4), return_sequences=True)], "custom cell MyLSTMCell"),
-    ([L.Masking(), L.LSTM(4, return_sequences=True)], "masking"),
-    ([L.LSTM(4, return_sequences=True), L.Dense(2, activation="sparsemax")], "'sparsemax'"),
-    ([L.LSTM(4, return_sequences=True, activation="selu")], "ONNX LSTM op"),
-    ([L.GRU(4, return_sequences=True, dtype="float64")], "float32 only"),
-    ([L.LSTM(4, return_sequences=True), L.ReLU(threshold=0.5)], "no ONNX equivalent"),
+@pytest.mark.parametrize(("layers", "kind", "words"), [
+    ([L.RNN(MinimalCell(4), return_sequences=True)], "custom cell", "custom cell MinimalCell"),
+    ([L.RNN(MyLSTMCell(4), return_sequences=True)], "custom cell", "custom cell MyLSTMCell"),
+    ([L.Masking(), L.LSTM(4, return_sequences=True)], "masking", "masking"),
+    ([L.LSTM(4, return_sequences=True), L.Dense(2, activation="sparsemax")], "activation",
+     "'sparsemax'"),
+    ([L.LSTM(4, return_sequences=True, activation="selu")], "activation", "ONNX LSTM op"),
+    ([L.GRU(4, return_sequences=True, dtype="float64")], "dtype", "float32 only"),
+    ([L.LSTM(4, return_sequences=True), L.ReLU(threshold=0.5)], "layer", "no ONNX equivalent"),
 ])
-def test_unsupported_parts_say_why(layers: list[L.Layer], words: str) -> None:
+def test_unsupported_parts_say_why(layers: list[L.Layer], kind: str, words: str) -> None:
     with pytest.raises(OnnxUnsupported) as info:
         build_onnx_graph(_seq(*layers))
+    assert info.value.kind == kind
     assert words in info.value.reason
     assert layers[-1].name in info.value.reason or layers[0].name in info.value.reason
 
@@ -103,8 +105,9 @@ def test_unsupported_parts_say_why(layers: list[L.Layer], words: str) -> None:
 def test_token_masking_says_why() -> None:
     model = _seq(L.Embedding(9, 4, mask_zero=True), L.GRU(4, return_sequences=True),
                  tokens=True)
-    with pytest.raises(OnnxUnsupported, match="masking"):
+    with pytest.raises(OnnxUnsupported, match="masking") as info:
         OrtExecutor(model, slots=2)
+    assert info.value.kind == "masking"
 
 
 def test_models_that_cannot_stream_are_refused_like_keras() -> None:

@@ -186,7 +186,7 @@ def _emit_layer(b: Builder, layer: keras.layers.Layer, h: str, lens: str,
     """Emit ``layer`` on the time-major tensor ``h``; returns the output tensor's name."""
     check_dtype(layer)
     if isinstance(layer, keras.layers.Masking) or getattr(layer, "mask_zero", False):
-        raise OnnxUnsupported(
+        raise OnnxUnsupported("masking",
             f"layer {layer.name!r} ({type(layer).__name__}) uses masking: masked steps inside "
             "a chunk carry the state, which sequence lengths (right padding) cannot express")
     if isinstance(layer, keras.layers.RNN):

@@ -42,11 +42,16 @@ Emit = Callable[["Builder", str], str]
 
 
 class OnnxUnsupported(Exception):
-    """The model streams, but part of it has no ONNX equivalent here; ``reason`` says which
-    part and why (the caller falls back to the Keras executor and reports it)."""
+    """The model streams, but part of it has no ONNX equivalent here.
 
-    def __init__(self, reason: str):
-        super().__init__(reason)
+    ``kind`` is a short category (``"masking"``, ``"custom cell"``, ``"dtype"``,
+    ``"activation"``, ``"layer"``, ``"weights"``); ``reason`` says which layer and why, for
+    the caller to show when it falls back to the Keras executor.
+    """
+
+    def __init__(self, kind: str, reason: str):
+        super().__init__(f"{kind}: {reason}")
+        self.kind = kind
         self.reason = reason
 
 
@@ -117,14 +122,14 @@ def check_dtype(layer: Any) -> None:
     """Raise OnnxUnsupported unless ``layer`` computes and stores float32."""
     policy = layer.dtype_policy
     if policy.compute_dtype != "float32" or policy.variable_dtype != "float32":
-        raise OnnxUnsupported(
+        raise OnnxUnsupported("dtype",
             f"layer {layer.name!r} ({type(layer).__name__}) has dtype policy "
             f"{policy.name!r}; the ONNX graph is float32 only")
 
 
 def _expect_weights(layer: Any, n: int, expected: int) -> None:
     if n != expected:
-        raise OnnxUnsupported(
+        raise OnnxUnsupported("weights",
             f"layer {layer.name!r} ({type(layer).__name__}) has {n} weight arrays, expected "
             f"{expected} (LoRA or quantized layers have no ONNX equivalent here)")
 
@@ -194,7 +199,7 @@ def emit_activation(b: Builder, fn: Any, h: str, layer: Any) -> str:
     emit = _ACTIVATIONS.get(name) if name is not None else None
     if emit is None:
         shown = name or getattr(fn, "__name__", repr(fn))
-        raise OnnxUnsupported(
+        raise OnnxUnsupported("activation",
             f"layer {layer.name!r} ({type(layer).__name__}) uses activation {shown!r}, which "
             "has no ONNX equivalent here")
     return emit(b, h)
@@ -215,7 +220,7 @@ def emit_activation_layer(b: Builder, layer: Any, h: str) -> str:
         h = b.node("Relu", [h])
         return h if layer.max_value is None else _clip(0.0, float(layer.max_value))(b, h)
     raise OnnxUnsupported(
-        f"layer {layer.name!r} ({kind.__name__}) has no ONNX equivalent here")
+        "layer", f"layer {layer.name!r} ({kind.__name__}) has no ONNX equivalent here")
 
 
 # ---- layers acting on each timestep ------------------------------------------------------
@@ -262,8 +267,8 @@ def _embedding(b: Builder, layer: Any, h: str, dim: int, n: int) -> str:
 
 def _layer_norm(b: Builder, layer: Any, h: str, dim: int, n: int) -> str:
     if layer.rms_scaling:
-        raise OnnxUnsupported(f"layer {layer.name!r} (LayerNormalization) uses rms_scaling, "
-                              "which has no ONNX equivalent here")
+        raise OnnxUnsupported("layer", f"layer {layer.name!r} (LayerNormalization) uses "
+                              "rms_scaling, which has no ONNX equivalent here")
     _expect_weights(layer, n, bool(layer.scale) + bool(layer.center))
 
     def convert(w: list[np.ndarray]) -> list[np.ndarray]:
@@ -323,7 +328,7 @@ def _rnn_activation_attrs(layer: Any, cell: Any, op: str) -> dict[str, Any]:
     for fn in fns:
         found = _RNN_ACTIVATIONS.get(activation_name(fn) or "")
         if found is None:
-            raise OnnxUnsupported(
+            raise OnnxUnsupported("activation",
                 f"layer {layer.name!r} ({type(layer).__name__}) uses activation "
                 f"{activation_name(fn) or fn!r}, which the ONNX {op} op does not offer")
         names.append(found[0])
@@ -367,7 +372,7 @@ def emit_cell(b: Builder, layer: Any, cell: Any, name: str, h: str, lens: str) -
     become graph inputs ``name/h`` (and ``name/c``) and outputs."""
     found = _CELLS.get(type(cell))  # exact type: a subclass may override call()
     if found is None:
-        raise OnnxUnsupported(
+        raise OnnxUnsupported("custom cell",
             f"layer {layer.name!r} ({type(layer).__name__} with custom cell "
             f"{type(cell).__name__}) has no ONNX equivalent")
     check_dtype(cell)

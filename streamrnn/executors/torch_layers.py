@@ -22,8 +22,12 @@ Example::
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
+
+# libgomp reads its wait policy once, when torch loads (streamrnn.executors.torch_rnn: Threads)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 import torch

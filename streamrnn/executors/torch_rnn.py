@@ -18,12 +18,14 @@ engine can measure both. TF32 stays off (``tf32=False``) to keep float32 results
 1e-5 of Keras.
 
 Threads (CPU): ``torch.set_num_threads(threads)`` is process-wide (default: all cores).
-torch's OpenMP runtime (GNU libgomp in the pip wheels) spins waiting threads; beside a busy
-I/O thread on few cores that costs a lot. libgomp reads its wait policy once, when torch is
-loaded, so it must be in the environment before the process's first ``import torch``:
-``OMP_WAIT_POLICY=PASSIVE`` (or ``GOMP_SPINCOUNT=0``) in the shell or the service file, or
-:func:`passive_openmp` called before anything imports torch. (``KMP_BLOCKTIME`` is Intel
-OpenMP's; libgomp ignores it.)
+torch's OpenMP runtime (GNU libgomp in the pip wheels) spins its waiting threads by default;
+beside other busy threads on few cores a spinning pool collapses (measured 10x slower).
+libgomp reads its wait policy once, when torch loads, so importing this module (or
+:mod:`~streamrnn.executors.torch_layers`) before anything else imports torch puts
+``OMP_WAIT_POLICY=PASSIVE`` in the environment unless it is set already. To keep spinning,
+start the process with ``OMP_WAIT_POLICY=ACTIVE``; if torch was imported first, set the
+policy in the shell or the service file. (``KMP_BLOCKTIME`` is Intel OpenMP's; libgomp
+ignores it; ``GOMP_SPINCOUNT=0`` is PASSIVE's spin count.)
 
 Example::
 
@@ -37,29 +39,24 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+# libgomp reads its wait policy once, when torch loads (module docstring: Threads)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 import torch
 
 from streamrnn.executors.buckets import bucket_sizes
+from streamrnn.executors.padding import pad_chunks
 from streamrnn.executors.torch_layers import TorchChain
 from streamrnn.executors.torch_spec import ModelSpec, TorchUnsupported, spec_from_keras
 
-__all__ = ["ModelSpec", "TorchExecutor", "TorchStateBank", "TorchUnsupported",
-           "passive_openmp"]
+__all__ = ["ModelSpec", "TorchExecutor", "TorchStateBank", "TorchUnsupported"]
 
 StateSnapshot = list[np.ndarray]
 _KIND_NAMES = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}
-
-
-def passive_openmp() -> bool:
-    """Put ``OMP_WAIT_POLICY=PASSIVE`` in the environment unless it is set; True if it
-    takes effect (torch not loaded yet in this process)."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    return "torch" not in sys.modules
 
 
 class TorchStateBank:
@@ -225,24 +222,15 @@ class TorchExecutor:
             slot -> outputs ``(t, output_dim)`` float32 (copies). A chunk of length 0 gets
             ``(0, output_dim)`` and its slot is not stepped.
         """
-        out = {s: np.zeros((0, self.output_dim), np.float32)
-               for s, c in chunks.items() if len(c) == 0}
-        busy = [(s, c) for s, c in chunks.items() if len(c)]
-        if not busy:
-            return out
-        lengths = np.array([len(c) for _, c in busy], np.int64)
-        steps = int(lengths.max())
-        if steps > bucket:
-            raise ValueError(f"a chunk of {steps} steps does not fit bucket {bucket}")
-        x = np.zeros((len(busy), steps, *self._feature_shape), self._dtype)
-        for i, (_, chunk) in enumerate(busy):
-            x[i, : len(chunk)] = chunk
-        ragged = None if lengths.min() == steps else torch.from_numpy(lengths)
-        y = self._step(x, ragged, self.state.index([s for s, _ in busy]))
+        batch = pad_chunks(chunks, bucket, self._feature_shape, self._dtype, np.int64)
+        if not batch.slots:
+            return batch.outputs(None, self.output_dim)
+        ragged = None if batch.lengths.min() == batch.x.shape[1] else torch.from_numpy(
+            batch.lengths)
+        y = self._step(batch.x, ragged, self.state.index(batch.slots))
         self.steps_run += 1
-        self.timesteps_run += int(lengths.sum())
-        out.update({s: y[i, : len(c)].copy() for i, (s, c) in enumerate(busy)})
-        return out
+        self.timesteps_run += batch.steps
+        return batch.outputs(y, self.output_dim)
 
     def _step(self, x: np.ndarray, lengths: torch.Tensor | None, index: torch.Tensor
               ) -> np.ndarray:

@@ -111,6 +111,8 @@ class LayerSpec:
             return [(dim, u)] + ([(u,)] if self.use_bias else [])
         if self.kind == "embedding":
             return [(self.vocab, u)]
+        if self.kind == "activation":
+            return []
         norms = int(self.scale) + int(self.center) + 2 * (self.kind == "batch_norm")
         return [(dim,)] * norms
 

@@ -51,9 +51,14 @@ import torch
 from streamrnn.executors.buckets import bucket_sizes
 from streamrnn.executors.padding import pad_chunks
 from streamrnn.executors.torch_layers import TorchChain
-from streamrnn.executors.torch_spec import ModelSpec, TorchUnsupported, spec_from_keras
+from streamrnn.executors.torch_spec import (
+    LayerSpec,
+    ModelSpec,
+    TorchUnsupported,
+    spec_from_keras,
+)
 
-__all__ = ["ModelSpec", "TorchExecutor", "TorchStateBank", "TorchUnsupported"]
+__all__ = ["LayerSpec", "ModelSpec", "TorchExecutor", "TorchStateBank", "TorchUnsupported"]
 
 StateSnapshot = list[np.ndarray]
 _KIND_NAMES = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}

@@ -8,14 +8,14 @@ offline; a RESET, a bad chunk or a sequence gap ends a run.
 from __future__ import annotations
 
 import time
-from types import SimpleNamespace
 
 import numpy as np
 
 import streamrnn
 from streamrnn.codec import Message, encode_batch
+from streamrnn.errors import InvalidInputError
 from streamrnn.protocol import ErrorCode, MessageType
-from streamrnn.serving.worker import StreamWorker, _Round, _Work
+from streamrnn.serving.batching import Round, Work, coalesce
 from tests.modelzoo import offline
 from tests.wire_helpers import collect_replies, data, push
 
@@ -36,24 +36,23 @@ def _close(dealer, next_seqs: dict[str, int]) -> None:
     assert {p.type for p in acks.values()} == {MessageType.ACK}, acks
 
 
-# ---- the choice of runs (pure logic, fake requests) -----------------------------------
+# ---- the choice of runs (the pure batching.coalesce, fake requests) --------------------
 
 
-def _work(stream: str, seq: int, steps: int | None, invalid: bool = False) -> _Work:
+def _work(stream: str, seq: int, steps: int | None, invalid: bool = False) -> Work:
     msg = Message(MessageType.PUSH, {"stream": stream, "seq": seq}, {})
     chunk = None if steps is None else np.zeros((steps, 2), np.float32)
-    return _Work(b"id", msg, time.monotonic(), chunk=chunk,
-                 invalid=ValueError("bad") if invalid else None)
+    return Work(b"id", msg, time.monotonic(), chunk=chunk,
+                invalid=InvalidInputError("bad", ErrorCode.BAD_VALUE) if invalid else None)
 
 
-def _runs(rounds: list[_Round], limit: int = 64) -> list[list[tuple[str, int]]]:
-    fake = SimpleNamespace(config=SimpleNamespace(coalesce_steps=limit))
-    return [[(w.stream, w.seq) for w in run] for run in StreamWorker._coalesce(fake, rounds)]
+def _runs(rounds: list[Round], limit: int = 64) -> list[list[tuple[str, int]]]:
+    return [[(w.stream, w.seq) for w in run] for run in coalesce(rounds, limit)]
 
 
-def _rounds(*per_round: list[_Work], before: dict[int, list[_Work]] | None = None
-            ) -> list[_Round]:
-    return [_Round(before=(before or {}).get(i, []), pushes=list(pushes))
+def _rounds(*per_round: list[Work], before: dict[int, list[Work]] | None = None
+            ) -> list[Round]:
+    return [Round(before=(before or {}).get(i, []), pushes=list(pushes))
             for i, pushes in enumerate(per_round)]
 
 

@@ -1,0 +1,273 @@
+"""A worker's I/O thread: the only owner of its ROUTER socket and of the outbox's PULL end.
+
+It receives and decodes requests (a BATCH envelope into its parts, each then treated as a
+request of its own), checks PUSH chunks (the engine's ``validate``, which reads only fixed
+facts of the model, so it may run here while the compiled step runs without the GIL),
+answers PING and malformed messages itself, and puts the rest on the bounded work queue
+(full -> BUSY). Woken by the outbox, it encodes and sends every reply of the compute thread;
+the replies to BATCH parts leave in one BATCH_REPLY per client.
+
+Once a request of a stream was answered BUSY, later ones of that stream are answered BUSY
+too until the client resends from the first (the *busy latch*), so nothing is applied out
+of order.
+
+Example::
+
+    io = IOThread(router, outbox, requests, engine.validate, describe, stats,
+                  stop_requested, reading_stopped, busy_retry_after_ms=5)
+    io.start()
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import zmq
+
+from streamrnn.codec import (
+    Message,
+    Part,
+    batches_of,
+    decode_batch,
+    decode_request,
+    encode,
+    encode_batch,
+    is_batch,
+)
+from streamrnn.errors import InvalidInputError, ProtocolError
+from streamrnn.protocol import (
+    A_CHUNK,
+    F_CODE,
+    F_MESSAGE,
+    F_RETRY_AFTER_MS,
+    F_SEQ,
+    F_STREAM,
+    F_VERSIONS,
+    SEQUENCED_TYPES,
+    SUPPORTED_VERSIONS,
+    ErrorCode,
+    MessageType,
+    negotiate_version,
+)
+from streamrnn.serving.batching import Work
+from streamrnn.serving.outbox import Outbox, echo
+from streamrnn.serving.stats import Count, WorkerStats
+
+__all__ = ["IOThread"]
+
+log = logging.getLogger("streamrnn.worker")
+
+_READ_BURST = 1000  # requests read per wake-up, so replies are not starved
+
+
+class IOThread(threading.Thread):
+    """Moves frames between the ROUTER socket, the work queue and the outbox."""
+
+    def __init__(self, router: zmq.Socket, outbox: Outbox, requests: queue.Queue[Work],
+                 validate: Callable[[Any], np.ndarray], describe: Callable[[], dict[str, Any]],
+                 stats: WorkerStats, stop_requested: threading.Event,
+                 reading_stopped: threading.Event, busy_retry_after_ms: int,
+                 auth: Any = None):
+        super().__init__(name="streamrnn-io", daemon=True)
+        self._router = router
+        self._outbox = outbox
+        self._requests = requests
+        self._validate = validate
+        self._describe = describe
+        self._stats = stats
+        self._stop_requested = stop_requested
+        self._reading_stopped = reading_stopped
+        self._retry_after_ms = busy_retry_after_ms
+        self._auth = auth  # the ZAP authenticator thread when CURVE is on
+        self._busy_latch: dict[str, int] = {}  # stream -> lowest seq answered BUSY
+
+    def run(self) -> None:
+        router, reader = self._router, self._outbox.reader
+        assert reader is not None, "Outbox.open() before the I/O thread starts"
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        poller.register(reader, zmq.POLLIN)
+        reading = True
+        try:
+            while True:
+                if reading and self._stop_requested.is_set():
+                    poller.unregister(router)
+                    reading = False
+                    self._reading_stopped.set()
+                events = dict(poller.poll(50))
+                if reader in events and self._forward_replies():
+                    break
+                if reading and router in events:
+                    self._read_requests()
+        except Exception:  # pragma: no cover - a bug; keep the process from hanging
+            log.exception("I/O thread failed")
+            self._reading_stopped.set()
+            raise
+        finally:
+            router.close()
+            self._outbox.close_reader()
+            if self._auth is not None:
+                self._auth.stop()
+
+    def _read_requests(self) -> None:
+        for _ in range(_READ_BURST):
+            try:
+                frames = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._on_request(frames)
+
+    # ---- replies -----------------------------------------------------------------------
+
+    def _forward_replies(self) -> bool:
+        """Encode and send every reply in the outbox; True when the compute thread is done."""
+        replies, done = self._outbox.drain()
+        # replies to requests that came in envelopes leave in one BATCH_REPLY per client
+        batched: dict[bytes, list[Part]] = {}
+        for reply in replies:
+            if reply.batched:
+                batched.setdefault(reply.identity, []).append(
+                    (reply.type, reply.header, reply.arrays))
+            else:
+                self._route([reply.identity, *encode(reply.type, reply.header, reply.arrays)])
+        for identity, parts in batched.items():
+            self._reply_batch(identity, parts)
+        return done
+
+    def _reply_batch(self, identity: bytes, parts: list[Part]) -> None:
+        for group in batches_of(parts):
+            if len(group) == 1:
+                self._route([identity, *encode(*group[0])])
+            else:
+                self._route([identity, *encode_batch(MessageType.BATCH_REPLY, group)])
+
+    def _route(self, frames: list) -> None:
+        try:
+            self._router.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as exc:
+            # ROUTER_MANDATORY: the peer is gone (EHOSTUNREACH) or its pipe is full
+            # (EAGAIN). The client retries and gets the reply from the cache.
+            unroutable = exc.errno == errno.EHOSTUNREACH
+            count = Count.REPLIES_UNROUTABLE if unroutable else Count.REPLIES_DROPPED
+            self._stats.add(count)
+            log.debug("reply not sent (%s): %s", count.value, exc)
+
+    def _reply_now(self, identity: bytes, msg_type: MessageType,
+                   header: dict[str, Any]) -> None:
+        self._route([identity, *encode(msg_type, header)])
+
+    # ---- requests ----------------------------------------------------------------------
+
+    def _on_request(self, frames: list) -> None:
+        received = time.monotonic()
+        identity = frames[0].bytes
+        body = frames[1:]
+        if is_batch(body):
+            self._on_batch(identity, body, received)
+            return
+        try:
+            msg = decode_request(body)
+        except ProtocolError as exc:
+            self._reply_now(identity, MessageType.ERROR, self._malformed(exc))
+            return
+        self._stats.request(msg.type)
+        if msg.type == MessageType.PING:
+            self._on_ping(identity, msg)
+            return
+        busy = self._enqueue(Work(identity, msg, received))
+        if busy is not None:
+            self._reply_now(identity, MessageType.BUSY, busy)
+
+    def _on_batch(self, identity: bytes, body: list, received: float) -> None:
+        """A BATCH envelope: each part is queued like a request of its own; the parts
+        answered here (malformed, BUSY) go back together in one BATCH_REPLY."""
+        try:
+            _, parts = decode_batch(body)
+        except ProtocolError as exc:
+            self._reply_now(identity, MessageType.ERROR, self._malformed(exc))
+            return
+        counts: dict[MessageType, int] = {MessageType.BATCH: 1}
+        replies: list[Part] = []
+        for part in parts:
+            if isinstance(part, ProtocolError):
+                replies.append((MessageType.ERROR, self._malformed(part), None))
+                continue
+            counts[part.type] = counts.get(part.type, 0) + 1
+            busy = self._enqueue(Work(identity, part, received, batched=True))
+            if busy is not None:
+                replies.append((MessageType.BUSY, busy, None))
+        for msg_type, n in counts.items():
+            self._stats.request(msg_type, n)
+        if replies:
+            self._reply_batch(identity, replies)
+
+    def _malformed(self, exc: ProtocolError) -> dict[str, Any]:
+        """Count a request that could not be decoded; the header of its ERROR reply."""
+        self._stats.add(Count.MALFORMED)
+        self._stats.error(exc.code)
+        log.debug("malformed request: %s", exc)
+        header = {**exc.context, F_CODE: int(exc.code), F_MESSAGE: str(exc)}
+        if exc.code == ErrorCode.UNSUPPORTED_VERSION:
+            header[F_VERSIONS] = list(SUPPORTED_VERSIONS)
+        return header
+
+    def _enqueue(self, work: Work) -> dict[str, Any] | None:
+        """Queue a decoded request for the compute thread; the header of a BUSY reply if the
+        queue is full (or the stream is latched busy), else None."""
+        msg = work.msg
+        sequenced = msg.type in SEQUENCED_TYPES
+        stream = msg.header.get(F_STREAM)
+        latched = self._busy_latch.get(stream) if sequenced else None
+        if latched is None or msg.header[F_SEQ] <= latched:
+            if msg.type == MessageType.PUSH:
+                # here, not on the compute thread: it overlaps with the running step
+                self._validate_chunk(work)
+            try:
+                self._requests.put_nowait(work)
+            except queue.Full:
+                pass
+            else:
+                if latched is not None:
+                    del self._busy_latch[stream]
+                return None
+            if sequenced:
+                self._busy_latch[stream] = msg.header[F_SEQ]
+        self._stats.add(Count.BUSY)
+        header = echo(msg)
+        header[F_RETRY_AFTER_MS] = self._retry_after_ms
+        return header
+
+    def _validate_chunk(self, work: Work) -> None:
+        """Check a PUSH's chunk: sets ``work.chunk`` or ``work.invalid``."""
+        try:
+            work.chunk = self._validate(work.msg.arrays[A_CHUNK])
+        except InvalidInputError as exc:
+            work.invalid = exc
+        except Exception as exc:  # a bug in a check: answer this request, keep serving
+            log.exception("checking the chunk of stream %r failed", work.stream)
+            work.invalid = InvalidInputError(f"chunk could not be checked: "
+                                             f"{type(exc).__name__}: {exc}", ErrorCode.INTERNAL)
+
+    def _on_ping(self, identity: bytes, msg: Message) -> None:
+        offered = msg.header.get(F_VERSIONS) or [msg.header["v"]]
+        chosen = negotiate_version(offered)
+        if chosen is None:
+            self._stats.error(ErrorCode.UNSUPPORTED_VERSION)
+            self._reply_now(identity, MessageType.ERROR, {
+                **echo(msg), F_CODE: int(ErrorCode.UNSUPPORTED_VERSION),
+                F_MESSAGE: f"no common protocol version: offered {offered}, supported "
+                           f"{list(SUPPORTED_VERSIONS)}",
+                F_VERSIONS: list(SUPPORTED_VERSIONS),
+            })
+            return
+        self._reply_now(identity, MessageType.PONG, {
+            **echo(msg), F_VERSIONS: list(SUPPORTED_VERSIONS), "version": chosen,
+            "worker": self._describe(),
+        })

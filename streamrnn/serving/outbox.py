@@ -1,0 +1,115 @@
+"""The one object a worker's two threads share for replies: a queue plus its wake-up pipe.
+
+The compute thread :meth:`~Outbox.put` s replies; the I/O thread, woken by a frame on an
+inproc PUSH/PULL pair, :meth:`~Outbox.drain` s them and encodes and sends them while the
+compute thread runs the next step. At most one wake-up frame is on the pipe per drain.
+Each end of the pipe has one owner (zmq sockets are not thread-safe): the PUSH end is the
+compute thread's (``put``, ``finish``), the PULL end the I/O thread's (``reader``,
+``drain``, ``close_reader``).
+
+Example::
+
+    outbox = Outbox()
+    outbox.open(zmq.Context.instance())      # before the threads start
+    # compute thread
+    outbox.put(Reply(identity, MessageType.ACK, {"stream": "a"}, None, batched=False))
+    outbox.finish()                          # after its last reply
+    # I/O thread (poll outbox.reader for POLLIN)
+    replies, done = outbox.drain()
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import numpy as np
+import zmq
+
+from streamrnn.codec import Message
+from streamrnn.protocol import F_REQUEST_ID, F_SEQ, F_STREAM, MessageType
+
+__all__ = ["Outbox", "Reply", "echo"]
+
+_ids = itertools.count()
+_STOP_FRAME = b""  # the compute thread is done (after its last replies)
+_WAKE_FRAME = b"r"  # replies are waiting
+
+
+class Reply(NamedTuple):
+    """One encoded-to-be reply: to whom, what, and whether it goes in a BATCH_REPLY."""
+
+    identity: bytes
+    type: MessageType
+    header: dict[str, Any]
+    arrays: Mapping[str, np.ndarray] | None
+    batched: bool
+
+
+def echo(msg: Message) -> dict[str, Any]:
+    """The matching fields of a request (rid, stream, seq), to copy into its reply."""
+    return {k: msg.header[k] for k in (F_REQUEST_ID, F_STREAM, F_SEQ) if k in msg.header}
+
+
+class Outbox:
+    """Replies from the compute thread to the I/O thread (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.reader: zmq.Socket | None = None  # PULL: the I/O thread polls it
+        self._writer: zmq.Socket | None = None  # PUSH: the compute thread's
+        self._replies: deque[Reply] = deque()
+        self._signalled = False
+
+    def open(self, ctx: zmq.Context) -> zmq.Socket:
+        """Bind the pipe's PULL end and connect its PUSH end (before either thread runs);
+        returns the PULL end."""
+        address = f"inproc://streamrnn-replies-{next(_ids)}"
+        self.reader = ctx.socket(zmq.PULL)
+        self.reader.bind(address)
+        self._writer = ctx.socket(zmq.PUSH)
+        self._writer.setsockopt(zmq.SNDHWM, 0)  # never block or drop between our own threads
+        self._writer.connect(address)
+        return self.reader
+
+    # ---- compute thread ----------------------------------------------------------------
+
+    def put(self, reply: Reply) -> None:
+        """Queue ``reply``; wake the I/O thread unless a wake-up is already pending."""
+        self._replies.append(reply)
+        if not self._signalled:
+            self._signalled = True
+            assert self._writer is not None, "Outbox.open() first"
+            self._writer.send(_WAKE_FRAME)
+
+    def finish(self) -> None:
+        """Tell the I/O thread that no reply follows, and close the PUSH end."""
+        assert self._writer is not None, "Outbox.open() first"
+        self._writer.send(_STOP_FRAME)
+        self._writer.close(linger=-1)
+
+    # ---- I/O thread --------------------------------------------------------------------
+
+    def drain(self) -> tuple[list[Reply], bool]:
+        """Every queued reply, and True once the compute thread has finished."""
+        assert self.reader is not None, "Outbox.open() first"
+        done = False
+        while True:
+            try:
+                frame = self.reader.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            done = done or frame == _STOP_FRAME
+        self._signalled = False  # before draining: a reply added later wakes us again
+        replies: list[Reply] = []
+        while True:
+            try:
+                replies.append(self._replies.popleft())
+            except IndexError:
+                return replies, done
+
+    def close_reader(self) -> None:
+        """Close the PULL end (the I/O thread, when it ends)."""
+        assert self.reader is not None, "Outbox.open() first"
+        self.reader.close()

@@ -10,11 +10,12 @@ here: both see the same load, so their ratio holds on a shared machine where abs
 rates drift. Variants:
 
 * ``ort``: the executor as served (intra-op threads = ``os.cpu_count()``, no spinning,
-  weights fed as graph inputs);
+  weights baked into the session as initializers);
 * ``ort-1thread``: one intra-op thread;
-* ``ort-baked``: the same graph with the weights baked in as initializers (what a weights
-  swap would cost a rebuild for): the price of weights-as-inputs;
-* ``busy``: only 16 of the 64 slots have a chunk (the executor gathers those rows only).
+* ``ort-inputs``: ``bake_weights=False``, the weights fed as graph inputs every step (one
+  session for every weight version): the price of that;
+* ``busy`` / ``ort-inputs-busy``: only 16 of the 64 slots have a chunk (the executor
+  gathers those rows only).
 
 Each case stores in ``extra_info``: ``suite="ort"``, ``variant``, ``slots``, ``busy``,
 ``chunk``, ``timesteps_per_s`` (median round), ``keras_timesteps_per_s`` (median of the
@@ -57,36 +58,15 @@ def keras_runner(model):
     return runner
 
 
-def _baked(executor) -> None:
-    """Swap ``executor``'s session for one with the current weights as initializers."""
-    import onnx
-    import onnxruntime as ort
-    from onnx import numpy_helper
-
-    from streamrnn.executors.ort import session_options
-
-    proto = onnx.ModelProto()
-    proto.CopyFrom(executor.graph.proto)
-    weights = executor._weights
-    inputs = [i for i in proto.graph.input if i.name not in weights]
-    del proto.graph.input[:]
-    proto.graph.input.extend(inputs)
-    proto.graph.initializer.extend(numpy_helper.from_array(a, n) for n, a in weights.items())
-    executor.session = ort.InferenceSession(proto.SerializeToString(),
-                                            session_options(executor.threads),
-                                            providers=["CPUExecutionProvider"])
-    executor._weights = {}
-
-
 @pytest.mark.parametrize(("variant", "busy"), [
-    ("ort", SLOTS), ("ort-1thread", SLOTS), ("ort-baked", SLOTS), ("busy", 16)])
+    ("ort", SLOTS), ("ort-1thread", SLOTS), ("ort-inputs", SLOTS), ("busy", 16),
+    ("ort-inputs-busy", 16)])
 def test_ort_vs_keras(benchmark, model, keras_runner, variant: str, busy: int) -> None:
     from streamrnn.executors.ort import OrtExecutor
 
     executor = OrtExecutor(model, SLOTS, max_bucket=CHUNK,
-                           threads=1 if variant == "ort-1thread" else None)
-    if variant == "ort-baked":
-        _baked(executor)
+                           threads=1 if variant == "ort-1thread" else None,
+                           bake_weights=not variant.startswith("ort-inputs"))
     executor.warmup()
     rng = np.random.default_rng(0)
     chunks = {s: rng.standard_normal((CHUNK, FEATURES)).astype(np.float32)

@@ -52,17 +52,24 @@ def test_twins_equal_their_model(name: str) -> None:
         assert np.abs(expected - every_step[t - 1]).max() <= TOL
 
 
-def test_weights_swap_equals_offline_with_new_weights() -> None:
+@pytest.mark.parametrize("bake", [True, False], ids=["baked", "inputs"])
+def test_weights_swap_equals_offline_with_new_weights(bake: bool) -> None:
     model = build("stacked_dropout_batchnorm", seed=1)
-    ex = OrtExecutor(model, slots=5, threads=1)
-    stream_and_check(ex, model, seed=1)
+    ex = OrtExecutor(model, slots=5, threads=1, bake_weights=bake)
+    first = ex.weights
     new = build("stacked_dropout_batchnorm", seed=2)
     ex.set_weights(new.get_weights())
-    ex.state.reset(range(5))
     stream_and_check(ex, new, seed=2)
-    ex.set_weights(ex.convert_weights(model.get_weights()))  # feeds: a pointer swap
+    ex.set_weights(first)  # a converted version: a pointer swap
     ex.state.reset(range(5))
     stream_and_check(ex, model, seed=3)
+    other = ex.convert_weights(new.get_weights())
+    assert (other.session is first.session) is not bake  # fed as inputs: one session
+
+
+def test_weights_as_inputs_stream_the_same() -> None:
+    model = build("tokens")
+    stream_and_check(OrtExecutor(model, slots=5, threads=1, bake_weights=False), model, seed=4)
 
 
 def test_per_step_weights_leave_the_current_ones() -> None:

@@ -1,7 +1,7 @@
 """The ONNX Runtime executor: the default CPU kernel (Keras stays reference and fallback).
 
 :class:`OrtExecutor` builds the model's ONNX graph (:mod:`streamrnn.executors.onnx_graph`:
-one ``LSTM`` / ``GRU`` / ``RNN`` node per recurrent cell, weights as graph inputs) and keeps
+one ``LSTM`` / ``GRU`` / ``RNN`` node per recurrent cell) and keeps
 every stream's recurrent state as host numpy rows (:class:`HostStateBank`, one
 ``(slots, units)`` array per state: h and c per LSTM cell, h per GRU / SimpleRNN cell, in
 the Keras serving clone's state variable order, so snapshots move between executors).
@@ -12,6 +12,13 @@ as ``sequence_lens`` (ONNX Runtime then returns each row's state at its last val
 and scatters the new states back to those rows; idle rows are never read or written (a row
 of length 0 would come back with a wrong state).
 
+Weights: each version is an :class:`OrtWeights` (a session and its feeds), made once by
+:meth:`OrtExecutor.convert_weights`; a swap or a per-step pin passes another one (a pointer
+change). By default each version's session has its weights baked in as initializers, which
+ONNX Runtime pre-packs once (fed as graph inputs, the recurrent weights are packed again
+for every GEMM: up to 2x slower at few rows); ``bake_weights=False`` keeps one session
+with the weights as inputs.
+
 Session: ``CPUExecutionProvider``, ``threads`` intra-op threads (default ``os.cpu_count()``)
 with spinning off (spinning threads starve the I/O thread on a small machine), one inter-op
 thread, all graph optimizations.
@@ -21,16 +28,19 @@ Example::
     ex = OrtExecutor(model, slots=64)
     out = ex.run({0: chunk_a, 5: chunk_b}, bucket=16)   # {slot: (t, output_dim)}
     ex.state.reset([5])
-    ex.set_weights(new_model.get_weights())              # a new feed, no rebuild
+    v2 = ex.convert_weights(new_model.get_weights())     # once per version
+    ex.set_weights(v2)                                   # a pointer swap
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import keras
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from streamrnn.executors.buckets import bucket_sizes
@@ -38,7 +48,7 @@ from streamrnn.executors.models import load_model
 from streamrnn.executors.onnx_graph import OnnxGraph, build_onnx_graph
 from streamrnn.executors.padding import pad_chunks
 
-__all__ = ["HostStateBank", "OrtExecutor", "session_options"]
+__all__ = ["HostStateBank", "OrtExecutor", "OrtWeights", "session_options"]
 
 StateSnapshot = list[np.ndarray]
 
@@ -124,6 +134,15 @@ def session_options(threads: int) -> ort.SessionOptions:
     return options
 
 
+@dataclass(frozen=True)
+class OrtWeights:
+    """One weight version, ready to run: the session and the weight feeds it takes (empty
+    when the weights are baked into the session). Switching versions swaps this object."""
+
+    session: ort.InferenceSession
+    feeds: Mapping[str, np.ndarray]
+
+
 class OrtExecutor:
     """Runs a Keras model's ONNX graph on ONNX Runtime (CPU) over ``slots`` state rows.
 
@@ -132,6 +151,10 @@ class OrtExecutor:
         slots: state rows (concurrent streams).
         max_bucket: longest chunk a step takes (buckets are powers of two up to it).
         threads: intra-op threads (default ``os.cpu_count()``).
+        bake_weights: give each weight version its own session with the weights as
+            initializers (ONNX Runtime pre-packs them once: measured 1.2x at 64 rows x 16
+            steps and about 2x at 1-16 rows, LSTM 256 on 2 cores; a version costs a
+            session build, about 20 ms there). False: one session, weights fed per step.
 
     Raises:
         UnsupportedModelError: the model cannot stream.
@@ -142,25 +165,28 @@ class OrtExecutor:
     device = "CPU"
 
     def __init__(self, model: keras.Model | str | os.PathLike, slots: int,
-                 max_bucket: int = 64, threads: int | None = None):
+                 max_bucket: int = 64, threads: int | None = None, bake_weights: bool = True):
         model = load_model(model)
         self.graph: OnnxGraph = build_onnx_graph(model)
         self.slots = slots
         self.max_bucket = max_bucket
         self.buckets = bucket_sizes(max_bucket)
         self.threads = threads or os.cpu_count() or 1
-        self.session = ort.InferenceSession(
-            self.graph.proto.SerializeToString(), session_options(self.threads),
-            providers=["CPUExecutionProvider"])
+        self.bake_weights = bake_weights
+        self._shared = None if bake_weights else self._session(self.graph.proto)
         self.state = HostStateBank(
             [np.zeros((slots, s.units), np.float32) for s in self.graph.states])
         self._outputs = ["y"] + [s.final for s in self.graph.states]
-        self._weights = self.graph.convert_weights(model.get_weights())
+        self.weights = self.convert_weights(model.get_weights())
         self._dtype = np.int32 if self.graph.input_kind == "tokens" else np.float32
         self._feature_shape = () if self.graph.input_kind == "tokens" else (
             self.graph.input_dim,)
         self.steps_run = 0
         self.timesteps_run = 0
+
+    def _session(self, proto: onnx.ModelProto) -> ort.InferenceSession:
+        return ort.InferenceSession(proto.SerializeToString(), session_options(self.threads),
+                                    providers=["CPUExecutionProvider"])
 
     @property
     def input_kind(self) -> str:
@@ -181,26 +207,30 @@ class OrtExecutor:
         threads = f"{self.threads} thread{'s' if self.threads != 1 else ''}"
         return f"{ops} onnxruntime on CPU ({threads})"
 
-    def convert_weights(self, weights: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
-        """Keras-order weights -> the graph's weight feeds (keep one per pinned version)."""
-        return self.graph.convert_weights(weights)
+    def convert_weights(self, weights: Sequence[np.ndarray]) -> OrtWeights:
+        """Keras-order weights (``model.get_weights()``, same shapes) -> a version ready to
+        run (with ``bake_weights``, this builds its session). Keep one per pinned version;
+        ValueError if a count or shape differs."""
+        feeds = self.graph.convert_weights(weights)
+        if self._shared is not None:
+            return OrtWeights(self._shared, feeds)
+        return OrtWeights(self._session(self.graph.baked(feeds)), {})
 
-    def set_weights(self, weights: Sequence[np.ndarray] | Mapping[str, np.ndarray]) -> None:
-        """Run later steps with ``weights``: a Keras ``get_weights()`` list (same shapes as
-        the model's) or feeds from :meth:`convert_weights`. States are kept."""
-        self._weights = (dict(weights) if isinstance(weights, Mapping)
-                         else self.convert_weights(weights))
+    def set_weights(self, weights: Sequence[np.ndarray] | OrtWeights) -> None:
+        """Run later steps with ``weights`` (Keras order, or from :meth:`convert_weights`:
+        then a pointer swap). States are kept."""
+        self.weights = (weights if isinstance(weights, OrtWeights)
+                        else self.convert_weights(weights))
 
     def run(self, chunks: Mapping[int, np.ndarray], bucket: int,
-            weights: Mapping[str, np.ndarray] | None = None) -> dict[int, np.ndarray]:
+            weights: OrtWeights | None = None) -> dict[int, np.ndarray]:
         """One step for the slots in ``chunks``.
 
         Args:
             chunks: slot -> validated chunk ``(t, D)`` float32 or ``(t,)`` int32,
                 ``t <= bucket``.
             bucket: upper bound of the chunk lengths.
-            weights: feeds from :meth:`convert_weights` for this step (default: the
-                current weights).
+            weights: the version to run this step with (default: :attr:`weights`).
 
         Returns:
             slot -> outputs ``(t, output_dim)`` float32 (copies). A chunk of length 0 gets
@@ -210,29 +240,28 @@ class OrtExecutor:
         if not batch.slots:
             return batch.outputs(None, self.output_dim)
         rows = self.state.index(batch.slots)
-        y = self._step(batch.x, batch.lengths, rows,
-                       self._weights if weights is None else weights)
+        y = self._step(batch.x, batch.lengths, rows, weights or self.weights)
         self.steps_run += 1
         self.timesteps_run += batch.steps
         return batch.outputs(y, self.output_dim)
 
     def _step(self, x: np.ndarray, lengths: np.ndarray, rows: np.ndarray,
-              weights: Mapping[str, np.ndarray]) -> np.ndarray:
+              weights: OrtWeights) -> np.ndarray:
         """Run the graph on the gathered ``rows`` and scatter their new states back."""
-        feed: dict[str, np.ndarray] = {"x": x, "sequence_lens": lengths, **weights}
+        feed: dict[str, np.ndarray] = {"x": x, "sequence_lens": lengths, **weights.feeds}
         for spec, array in zip(self.graph.states, self.state.arrays, strict=True):
             feed[spec.initial] = array[rows][None]
-        y, *finals = self.session.run(self._outputs, feed)
+        y, *finals = weights.session.run(self._outputs, feed)
         for array, final in zip(self.state.arrays, finals, strict=True):
             array[rows] = final[0]
         return y
 
     def warmup(self) -> None:
         """Run the graph once on every slot at the longest bucket (states untouched)."""
-        x = np.zeros((self.slots, self.buckets[-1], *self._feature_shape), self._dtype)
+        steps = self.buckets[-1]
         feed: dict[str, np.ndarray] = {
-            "x": x, "sequence_lens": np.full(self.slots, self.buckets[-1], np.int32),
-            **self._weights}
+            "x": np.zeros((self.slots, steps, *self._feature_shape), self._dtype),
+            "sequence_lens": np.full(self.slots, steps, np.int32), **self.weights.feeds}
         for spec in self.graph.states:
             feed[spec.initial] = np.zeros((1, self.slots, spec.units), np.float32)
-        self.session.run(self._outputs, feed)
+        self.weights.session.run(self._outputs, feed)

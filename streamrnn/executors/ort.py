@@ -15,9 +15,9 @@ of length 0 would come back with a wrong state).
 Weights: each version is an :class:`OrtWeights` (a session and its feeds), made once by
 :meth:`OrtExecutor.convert_weights`; a swap or a per-step pin passes another one (a pointer
 change). By default each version's session has its weights baked in as initializers, which
-ONNX Runtime pre-packs once (fed as graph inputs, the recurrent weights are packed again
-for every GEMM: up to 2x slower at few rows); ``bake_weights=False`` keeps one session
-with the weights as inputs.
+ONNX Runtime pre-packs once (fed as graph inputs they are not pre-packed: measured up to
+2x slower at few rows); ``bake_weights=False`` keeps one session with the weights as
+inputs.
 
 Session: ``CPUExecutionProvider``, ``threads`` intra-op threads (default ``os.cpu_count()``)
 with spinning off (spinning threads starve the I/O thread on a small machine), one inter-op

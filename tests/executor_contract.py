@@ -19,7 +19,10 @@ from typing import Any
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
+
+from streamrnn.errors import UnsupportedModelError
 
 L = keras.layers
 TOL = 1e-5
@@ -239,6 +242,21 @@ def check_snapshot_from_keras(model: keras.Model, make: Callable[[keras.Model, i
     rest = ex.run({0: seq[12:]}, 32)[0]
     got = np.concatenate([first, rest])
     assert np.abs(got - offline(model, seq)).max() <= TOL
+
+def check_refusals(convert: Callable[[keras.Model], Any], unsupported: type[Exception]
+                   ) -> None:
+    """``convert(model)`` refuses token masking with ``unsupported`` (kind ``"masking"``:
+    the caller falls back to Keras) and models that cannot stream at all with
+    UnsupportedModelError, like the Keras serving clone."""
+    model = seq_model(L.Embedding(9, 4, mask_zero=True), L.GRU(4, return_sequences=True),
+                      tokens=True)
+    with pytest.raises(unsupported, match="masking") as info:
+        convert(model)
+    assert info.value.kind == "masking"
+    with pytest.raises(UnsupportedModelError, match="Bidirectional"):
+        convert(seq_model(L.Bidirectional(L.LSTM(4, return_sequences=True))))
+    with pytest.raises(UnsupportedModelError, match="no recurrent layer"):
+        convert(seq_model(L.Dense(3)))
 
 # Custom cells (no ONNX / torch equivalent): one from scratch, one subclassing LSTMCell
 # (a subclass may override call(), so only the exact standard cell types map).

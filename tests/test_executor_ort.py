@@ -11,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from streamrnn.errors import UnsupportedModelError
 from streamrnn.executors.onnx_graph import OnnxUnsupported, build_onnx_graph
 from streamrnn.executors.ort import HostStateBank, OrtExecutor
 from tests.executor_contract import (
@@ -22,6 +21,7 @@ from tests.executor_contract import (
     MyLSTMCell,
     build,
     check_idle_rows_untouched,
+    check_refusals,
     check_snapshot_from_keras,
     offline,
     offline_model,
@@ -109,19 +109,8 @@ def test_unsupported_parts_say_why(layers: list[L.Layer], kind: str, words: str)
     assert layers[-1].name in info.value.reason or layers[0].name in info.value.reason
 
 
-def test_token_masking_says_why() -> None:
-    model = _seq(L.Embedding(9, 4, mask_zero=True), L.GRU(4, return_sequences=True),
-                 tokens=True)
-    with pytest.raises(OnnxUnsupported, match="masking") as info:
-        OrtExecutor(model, slots=2)
-    assert info.value.kind == "masking"
-
-
-def test_models_that_cannot_stream_are_refused_like_keras() -> None:
-    with pytest.raises(UnsupportedModelError, match="Bidirectional"):
-        build_onnx_graph(_seq(L.Bidirectional(L.LSTM(4, return_sequences=True))))
-    with pytest.raises(UnsupportedModelError, match="no recurrent layer"):
-        build_onnx_graph(_seq(L.Dense(3)))
+def test_masking_and_models_that_cannot_stream_are_refused() -> None:
+    check_refusals(lambda model: OrtExecutor(model, slots=2), OnnxUnsupported)
 
 
 def test_executor_facts_and_warmup() -> None:

@@ -182,7 +182,7 @@ def meta(torch_rnn: Any, variants: dict[str, Any], args: argparse.Namespace) -> 
 
     info: dict[str, Any] = {
         "torch": torch.__version__, "device": args.device, "threads": torch.get_num_threads(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+        "omp_wait_policy": args.omp_policy,
         "cpu_count": os.cpu_count(), "kernels": {n: ex.kernel for n, ex in variants.items()},
         "config": {k: v for k, v in vars(args).items() if k != "out"}}
     if args.device != "cpu":

@@ -22,6 +22,7 @@ torch = pytest.importorskip("torch")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
+from streamrnn.engine.interface import Executor, StateRows  # noqa: E402
 from streamrnn.errors import UnsupportedModelError  # noqa: E402
 from streamrnn.executors.torch_layers import ACTIVATION_FUNCTIONS  # noqa: E402
 from streamrnn.executors.torch_rnn import (  # noqa: E402
@@ -123,6 +124,19 @@ def test_weights_swap_equals_offline_with_new_weights() -> None:
         ex.set_weights(new.get_weights()[:-1])
     with pytest.raises(ValueError, match="shape"):
         ex.set_weights([w.T for w in new.get_weights()])
+
+
+def test_per_step_weights_leave_the_current_ones() -> None:
+    model, other = build("stacked_cells", seed=1), build("stacked_cells", seed=2)
+    ex = TorchExecutor.from_keras(model, slots=2, threads=1)
+    x = np.random.default_rng(0).standard_normal((6, 5)).astype(np.float32)
+    pinned = ex.run({0: x}, 8, weights=ex.convert_weights(other.get_weights()))[0]
+    current = ex.run({1: x}, 8)[1]
+    assert np.abs(pinned - offline(other, x)).max() <= TOL
+    assert np.abs(current - offline(model, x)).max() <= TOL
+    ex.set_weights(ex.convert_weights(other.get_weights()))  # converted once, copied in
+    ex.state.reset([1])
+    assert np.abs(ex.run({1: x}, 8)[1] - offline(other, x)).max() <= TOL
 
 
 def test_idle_rows_are_untouched() -> None:
@@ -227,6 +241,7 @@ def test_executor_facts_and_warmup() -> None:
                                   threads=1)
     assert (ex.name, ex.device, ex.buckets, ex.trace_count) == ("torch", "CPU", [1, 2, 4, 8], 0)
     assert ex.kernel == "GRU+LSTM torch on CPU (1 threads)"
+    assert isinstance(ex, Executor) and isinstance(ex.state, StateRows)
     assert torch.get_num_threads() == 1
     ex.warmup()
     assert all(not t.any() for t in ex.state.tensors)

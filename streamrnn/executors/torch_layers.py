@@ -83,9 +83,9 @@ class _Timewise(nn.Module):
         self.params = nn.ParameterList(
             [nn.Parameter(torch.zeros(s), requires_grad=False) for s in shapes])
 
-    def load(self, arrays: Sequence[np.ndarray]) -> None:
-        for p, a in zip(self.params, arrays, strict=True):
-            p.copy_(torch.from_numpy(np.asarray(a, np.float32)))
+    def convert(self, arrays: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+        """This layer's Keras arrays -> ``{parameter name: array}`` (the same layout)."""
+        return {f"params.{i}": a for i, a in enumerate(arrays)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s, w = self.spec, list(self.params)
@@ -124,8 +124,9 @@ class _Recurrent(nn.Module):
         self.rnn = cls(dim, spec.units, batch_first=True, bias=spec.use_bias, **extra)
         self.rnn.requires_grad_(False)
 
-    def load(self, arrays: Sequence[np.ndarray]) -> None:
-        w = [np.asarray(a, np.float32) for a in arrays]
+    def convert(self, arrays: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+        """Keras kernel, recurrent kernel (, bias) -> ``{parameter name: array}``."""
+        w = list(arrays)
         order = _swap_zr if self.spec.kind == "gru" else (lambda m: m)
         torch_arrays = [order(w[0]).T, order(w[1]).T]
         if self.spec.use_bias:
@@ -134,8 +135,7 @@ class _Recurrent(nn.Module):
             else:
                 torch_arrays += [w[2], np.zeros_like(w[2])]
         names = ["weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"]
-        for name, a in zip(names, torch_arrays, strict=False):
-            getattr(self.rnn, name).copy_(torch.from_numpy(np.ascontiguousarray(a)))
+        return {f"rnn.{n}": a for n, a in zip(names, torch_arrays, strict=False)}
 
     def forward(self, h: torch.Tensor | PackedSequence, states: list[torch.Tensor]
                 ) -> tuple[torch.Tensor | PackedSequence, list[torch.Tensor]]:
@@ -166,23 +166,32 @@ class TorchChain(nn.Module):
             _Recurrent(s, d) if s.kind in RECURRENT_KINDS else _Timewise(s, d)
             for s, d in zip(spec.layers, spec.widths(), strict=True))
 
-    @torch.no_grad()
-    def load(self, weights: Sequence[np.ndarray]) -> None:
-        """Copy Keras-order ``weights`` into the modules (in place, on their device).
+    def convert(self, weights: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+        """Keras-order ``weights`` -> ``{parameter name: float32 array}`` in torch layout.
 
         Raises ValueError if the count or a shape differs from the spec."""
         shapes = self.spec.weight_shapes()
-        weights = list(weights)
+        weights = [np.asarray(w, np.float32) for w in weights]
         if len(weights) != len(shapes):
             raise ValueError(f"expected {len(shapes)} weight arrays, got {len(weights)}")
         for i, (w, shape) in enumerate(zip(weights, shapes, strict=True)):
-            if np.shape(w) != shape:
-                raise ValueError(f"weight {i} has shape {np.shape(w)}, expected {shape}")
+            if w.shape != shape:
+                raise ValueError(f"weight {i} has shape {w.shape}, expected {shape}")
+        out: dict[str, np.ndarray] = {}
         offset = 0
-        for step, s, d in zip(self.steps, self.spec.layers, self.spec.widths(), strict=True):
+        for i, (step, s, d) in enumerate(zip(self.steps, self.spec.layers, self.spec.widths(),
+                                             strict=True)):
             n = len(s.weight_shapes(d))
-            step.load(weights[offset:offset + n])
+            out.update({f"steps.{i}.{name}": np.ascontiguousarray(a)
+                        for name, a in step.convert(weights[offset:offset + n]).items()})
             offset += n
+        return out
+
+    @torch.no_grad()
+    def load(self, weights: Sequence[np.ndarray]) -> None:
+        """Copy Keras-order ``weights`` into the parameters (in place, on their device)."""
+        for name, a in self.convert(weights).items():
+            self.get_parameter(name).copy_(torch.from_numpy(a))
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None,
                 states: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -33,6 +33,8 @@ Example::
     out = ex.run({0: chunk_a, 5: chunk_b}, bucket=16)    # {slot: (t, output_dim)}
     ex.state.reset([5])
     ex.set_weights(new_model.get_weights())               # copied in place, no rebuild
+    pinned = ex.convert_weights(old_weights)               # {parameter: tensor on the device}
+    out = ex.run({3: chunk_c}, bucket=16, weights=pinned)  # this step only (functional_call)
 """
 
 from __future__ import annotations
@@ -204,10 +206,22 @@ class TorchExecutor:
             return f"{kinds} torch on CUDA, {'cuDNN' if self.cudnn else 'no cuDNN'}"
         return f"{kinds} torch on CPU ({self.threads} threads)"
 
-    def set_weights(self, weights: Sequence[np.ndarray]) -> None:
-        """Run later steps with ``weights`` (Keras order and shapes), copied into the
-        existing modules; states are kept. ValueError if a count or shape differs."""
-        self.chain.load(weights)
+    def convert_weights(self, weights: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
+        """Keras-order weights -> parameters on the device, for :meth:`run`'s ``weights``
+        (keep one per pinned version). ValueError if a count or shape differs."""
+        return {name: torch.from_numpy(a).to(self.torch_device)
+                for name, a in self.chain.convert(weights).items()}
+
+    def set_weights(self, weights: Sequence[np.ndarray] | Mapping[str, torch.Tensor]) -> None:
+        """Run later steps with ``weights``: a Keras ``get_weights()`` list (same shapes as
+        the model's) or parameters from :meth:`convert_weights`, copied into the existing
+        modules (no rebuild); states are kept. ValueError if a count or shape differs."""
+        if not isinstance(weights, Mapping):
+            self.chain.load(weights)
+            return
+        with torch.no_grad():
+            for name, value in weights.items():
+                self.chain.get_parameter(name).copy_(value)
 
     def _flags(self) -> contextlib.AbstractContextManager[Any]:
         if self.torch_device.type != "cuda":
@@ -215,13 +229,16 @@ class TorchExecutor:
         return torch.backends.cudnn.flags(enabled=self.cudnn, benchmark=False,
                                           deterministic=False, allow_tf32=self.tf32)
 
-    def run(self, chunks: Mapping[int, np.ndarray], bucket: int) -> dict[int, np.ndarray]:
+    def run(self, chunks: Mapping[int, np.ndarray], bucket: int,
+            weights: Mapping[str, torch.Tensor] | None = None) -> dict[int, np.ndarray]:
         """One step for the slots in ``chunks``.
 
         Args:
             chunks: slot -> validated chunk ``(t, D)`` float32 or ``(t,)`` int ids,
                 ``t <= bucket``.
             bucket: upper bound of the chunk lengths (the batch is padded to the longest).
+            weights: parameters from :meth:`convert_weights` for this step only (default:
+                the current weights).
 
         Returns:
             slot -> outputs ``(t, output_dim)`` float32 (copies). A chunk of length 0 gets
@@ -232,17 +249,19 @@ class TorchExecutor:
             return batch.outputs(None, self.output_dim)
         ragged = None if batch.lengths.min() == batch.x.shape[1] else torch.from_numpy(
             batch.lengths)
-        y = self._step(batch.x, ragged, self.state.index(batch.slots))
+        y = self._step(batch.x, ragged, self.state.index(batch.slots), weights)
         self.steps_run += 1
         self.timesteps_run += batch.steps
         return batch.outputs(y, self.output_dim)
 
-    def _step(self, x: np.ndarray, lengths: torch.Tensor | None, index: torch.Tensor
-              ) -> np.ndarray:
+    def _step(self, x: np.ndarray, lengths: torch.Tensor | None, index: torch.Tensor,
+              weights: Mapping[str, torch.Tensor] | None) -> np.ndarray:
         """Run the chain on the gathered rows ``index`` and scatter their states back."""
         with torch.inference_mode(), self._flags():
-            xt = torch.from_numpy(x).to(self.torch_device)
-            y, states = self.chain(xt, lengths, self.state.gather(index))
+            args = (torch.from_numpy(x).to(self.torch_device), lengths,
+                    self.state.gather(index))
+            y, states = (self.chain(*args) if weights is None else
+                         torch.func.functional_call(self.chain, dict(weights), args))
             self.state.scatter(index, states)
             return y.cpu().numpy()
 

@@ -9,7 +9,9 @@ that follows ``LATEST`` always finds a whole file.
 push/generate) it checks ``LATEST`` at most every ``poll_s`` seconds and swaps in a newer
 version with :meth:`Engine.set_weights`, which touches no stream's state. A stream may pin
 a version: its steps run with that version's weights (the follower swaps weights around
-the pinned group's step and swaps the latest back).
+the pinned group's step and swaps the latest back). The follower is itself an
+:class:`~streamrnn.engine.interface.EngineLike` with every optional capability
+(generation, pins, snapshots), so a worker serves it exactly like an Engine.
 
 Example::
 
@@ -26,19 +28,37 @@ import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from streamrnn.atomic import atomic_write
+from streamrnn.engine.interface import StateSnapshot
 from streamrnn.errors import InvalidInputError
 from streamrnn.protocol import ErrorCode
+
+if TYPE_CHECKING:
+    from streamrnn.engine.engine import Engine
+    from streamrnn.engine.interface import StateRows
+    from streamrnn.engine.slots import SlotTable
+    from streamrnn.executors.models import ServingModel
+
+__all__ = [
+    "LATEST",
+    "WeightsFollower",
+    "latest_version",
+    "list_versions",
+    "load_weights",
+    "publish_weights",
+    "weights_filename",
+]
 
 LATEST = "LATEST"
 _NAME = re.compile(r"^weights-v(\d+)\.npz$")
 
 
 def weights_filename(version: int) -> str:
+    """The file name of weights ``version`` in a publish directory."""
     return f"weights-v{int(version)}.npz"
 
 
@@ -111,8 +131,11 @@ def load_weights(directory: str | os.PathLike, version: int | None = None
 class WeightsFollower:
     """An Engine that follows a publish directory between steps and honours version pins.
 
-    Every attribute not defined here is the wrapped engine's, so a StreamWorker can serve
-    a follower exactly like an Engine.
+    It implements :class:`~streamrnn.engine.interface.EngineLike`,
+    :class:`~streamrnn.engine.interface.SupportsGeneration`,
+    :class:`~streamrnn.engine.interface.SupportsPins` and
+    :class:`~streamrnn.engine.interface.SupportsSnapshots`, each member delegating to the
+    wrapped engine (the ones that run steps poll first and honour pins).
 
     Args:
         engine: the :class:`~streamrnn.Engine` to update.
@@ -120,7 +143,7 @@ class WeightsFollower:
         poll_s: check ``LATEST`` at most this often (0: before every step).
     """
 
-    def __init__(self, engine: Any, directory: str | os.PathLike, poll_s: float = 0.5):
+    def __init__(self, engine: Engine, directory: str | os.PathLike, poll_s: float = 0.5):
         self.engine = engine
         self.directory = Path(directory)
         self.poll_s = poll_s
@@ -137,15 +160,94 @@ class WeightsFollower:
             self._cache[0] = self._latest_weights
         self.poll(force=True)
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.engine, name)
+    # ---- EngineLike: facts, delegated ---------------------------------------------------
 
-    def __contains__(self, stream: object) -> bool:
-        return stream in self.engine
+    @property
+    def slots(self) -> int:
+        return self.engine.slots
+
+    @property
+    def max_streams(self) -> int:
+        return self.engine.max_streams
+
+    @property
+    def capacity_left(self) -> int:
+        return self.engine.capacity_left
+
+    @property
+    def streams(self) -> list[str]:
+        return self.engine.streams
+
+    @property
+    def input_kind(self) -> str:
+        return self.engine.input_kind
+
+    @property
+    def input_dim(self) -> int:
+        return self.engine.input_dim
+
+    @property
+    def output_dim(self) -> int:
+        return self.engine.output_dim
 
     @property
     def weights_version(self) -> int:
         return self.engine.weights_version
+
+    def __contains__(self, stream: object) -> bool:
+        return stream in self.engine
+
+    def is_resident(self, stream: str) -> bool:
+        return self.engine.is_resident(stream)
+
+    def validate(self, chunk: Any) -> np.ndarray:
+        return self.engine.validate(chunk)
+
+    def reset(self, stream: str) -> None:
+        self.engine.reset(stream)
+
+    # ---- the wrapped Engine's extras (kernel, serving clone, slot table, state rows) ---
+
+    @property
+    def kernel(self) -> str:
+        return self.engine.kernel
+
+    @property
+    def serving(self) -> ServingModel:
+        return self.engine.serving
+
+    @property
+    def table(self) -> SlotTable:
+        return self.engine.table
+
+    @property
+    def bank(self) -> StateRows:
+        return self.engine.bank
+
+    @property
+    def free_slots(self) -> int:
+        return self.engine.free_slots
+
+    def snapshot(self, stream: str) -> StateSnapshot:
+        return self.engine.snapshot(stream)
+
+    def restore(self, stream: str, snapshot: StateSnapshot) -> None:
+        self.engine.restore(stream, snapshot)
+
+    # ---- SupportsSnapshots, delegated ---------------------------------------------------
+
+    @property
+    def state_layout(self) -> list[tuple[str, tuple[int, ...]]]:
+        return self.engine.state_layout
+
+    def initial_state(self) -> StateSnapshot:
+        return self.engine.initial_state()
+
+    def export_states(self) -> dict[str, tuple[StateSnapshot, int]]:
+        return self.engine.export_states()
+
+    def import_states(self, states: Mapping[str, tuple[StateSnapshot, int]]) -> None:
+        self.engine.import_states(states)
 
     # ---- following ---------------------------------------------------------------------
 
@@ -210,36 +312,36 @@ class WeightsFollower:
     ) -> dict[str, np.ndarray]:
         """Poll, then run each version group of streams in its own batched step(s)."""
         self.poll()
-        groups: dict[int | None, dict[str, Any]] = {}
-        current = self.engine.weights_version
-        for stream, chunk in chunks.items():
-            version = self._pins.get(stream)
-            groups.setdefault(None if version in (None, current) else version, {})[stream] = chunk
-        out = self.engine.push_many(groups.pop(None, {}), validated=validated)
-        for version, group in groups.items():
-            out.update(self._with_version(version, self.engine.push_many, group,
-                                          validated=validated))
-        return out
+        return self._grouped(self.engine.push_many, chunks, validated=validated)
 
-    def generate(self, stream: str, prompt: Any, **kwargs: Any) -> np.ndarray:
+    def generate(self, stream: str, prompt: Any, steps: int = 100, **kwargs: Any
+                 ) -> np.ndarray:
         self.poll()
         version = self._pins.get(stream)
         if version is None or version == self.engine.weights_version:
-            return self.engine.generate(stream, prompt, **kwargs)
-        return self._with_version(version, self.engine.generate, stream, prompt, **kwargs)
+            return self.engine.generate(stream, prompt, steps=steps, **kwargs)
+        return self._with_version(version, self.engine.generate, stream, prompt, steps=steps,
+                                  **kwargs)
 
-    def generate_many(self, prompts: Mapping[str, Any], **kwargs: Any) -> dict[str, np.ndarray]:
+    def generate_many(self, prompts: Mapping[str, Any], steps: int = 100, **kwargs: Any
+                      ) -> dict[str, np.ndarray]:
         """Poll, then generate each version group of streams in its own batched call."""
         self.poll()
+        return self._grouped(self.engine.generate_many, prompts, steps=steps, **kwargs)
+
+    def _grouped(self, fn: Any, items: Mapping[str, Any], **kwargs: Any
+                 ) -> dict[str, np.ndarray]:
+        """``fn(group, **kwargs)`` per version group of ``items`` (stream -> chunk/prompt):
+        the unpinned streams (and those pinned to the latest version) first, then each
+        pinned version with its weights swapped in."""
         current = self.engine.weights_version
         groups: dict[int | None, dict[str, Any]] = {}
-        for stream, prompt in prompts.items():
+        for stream, item in items.items():
             version = self._pins.get(stream)
-            groups.setdefault(None if version in (None, current) else version, {})[stream] = \
-                prompt
-        out = self.engine.generate_many(groups.pop(None, {}), **kwargs)
+            groups.setdefault(None if version in (None, current) else version, {})[stream] = item
+        out = fn(groups.pop(None, {}), **kwargs)
         for version, group in groups.items():
-            out.update(self._with_version(version, self.engine.generate_many, group, **kwargs))
+            out.update(self._with_version(version, fn, group, **kwargs))
         return out
 
     def _with_version(self, version: int, fn: Any, *args: Any, **kwargs: Any) -> Any:

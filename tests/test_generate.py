@@ -8,7 +8,8 @@ import pytest
 import tensorflow as tf
 
 import streamrnn
-from streamrnn.engine.generate import hash_uniform, pick_tokens, plan_feedback
+from streamrnn.engine.generate import plan_feedback
+from streamrnn.engine.token_ops import hash_uniform, pick_tokens
 from streamrnn.errors import InvalidInputError, UnsupportedModelError
 from streamrnn.protocol import ErrorCode
 

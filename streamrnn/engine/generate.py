@@ -58,7 +58,7 @@ from streamrnn.engine.sampling import (
     seed_of,
     stream_key,
 )
-from streamrnn.engine.token_ops import hash_uniform, pick_tokens
+from streamrnn.engine.token_ops import pick_tokens
 from streamrnn.errors import EngineFullError, InvalidInputError
 from streamrnn.executors.buckets import bucket_for
 from streamrnn.executors.models import ServingModel
@@ -71,7 +71,6 @@ __all__ = [
     "LOOP_CHUNK",
     "MAX_CUSTOM_LOOPS",
     "SAMPLERS",  # re-exported: the trainer checks its sampler names against it
-    "hash_uniform",  # re-exported (streamrnn.engine.token_ops)
     "output_activation",
     "pick_tokens",  # re-exported: the trainer picks tokens with it
     "plan_feedback",

@@ -50,6 +50,7 @@ from streamrnn.executors.models import check_streamable, flatten_layers
 from streamrnn.executors.onnx_layers import (
     Builder,
     OnnxUnsupported,
+    StateSpec,
     check_dtype,
     emit_activation_layer,
     emit_cell,
@@ -59,17 +60,6 @@ from streamrnn.executors.onnx_layers import (
 __all__ = ["OPSET", "OnnxGraph", "OnnxUnsupported", "StateSpec", "build_onnx_graph"]
 
 OPSET = 17  # LayerNormalization needs 17; ONNX Runtime 1.16+ runs it
-
-
-@dataclass(frozen=True)
-class StateSpec:
-    """One recurrent state: its rows are ``(slots, units)``; ``initial`` / ``final`` name
-    the graph input and output ``(1, rows, units)``."""
-
-    name: str
-    units: int
-    initial: str
-    final: str
 
 
 @dataclass
@@ -179,7 +169,7 @@ def build_onnx_graph(model: keras.Model) -> OnnxGraph:
     onnx.checker.check_model(proto)
     return OnnxGraph(
         proto=proto, input_kind=input_kind, input_dim=input_dim, output_dim=output_dim,
-        states=[StateSpec(s.name, s.units, s.initial, s.final) for s in b.states],
+        states=list(b.states),
         weights=list(b.weights), recurrent_ops=list(b.recurrent_ops),
         _converters=list(b.converters))
 

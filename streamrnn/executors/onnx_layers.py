@@ -29,6 +29,7 @@ from onnx import TensorProto, helper, numpy_helper
 __all__ = [
     "Builder",
     "OnnxUnsupported",
+    "StateSpec",
     "activation_name",
     "check_dtype",
     "emit_activation",
@@ -55,9 +56,10 @@ class OnnxUnsupported(Exception):
         self.reason = reason
 
 
-@dataclass
-class StateIO:
-    """One recurrent state's graph input and output names."""
+@dataclass(frozen=True)
+class StateSpec:
+    """One recurrent state: its rows are ``(slots, units)``; ``initial`` / ``final`` name
+    the graph input and output ``(1, rows, units)``."""
 
     name: str
     units: int
@@ -74,7 +76,7 @@ class Builder:
     initializers: list[Any] = field(default_factory=list)
     weights: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)
     converters: list[tuple[int, Converter]] = field(default_factory=list)
-    states: list[StateIO] = field(default_factory=list)
+    states: list[StateSpec] = field(default_factory=list)
     recurrent_ops: list[str] = field(default_factory=list)
     _count: int = 0
 
@@ -111,8 +113,8 @@ class Builder:
         self.converters.append((n_keras, convert))
         return names
 
-    def state(self, name: str, units: int) -> StateIO:
-        io = StateIO(name, units, f"{name}:initial", f"{name}:final")
+    def state(self, name: str, units: int) -> StateSpec:
+        io = StateSpec(name, units, f"{name}:initial", f"{name}:final")
         self.graph_input(io.initial, TensorProto.FLOAT, [1, "rows", units])
         self.states.append(io)
         return io

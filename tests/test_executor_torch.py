@@ -253,20 +253,32 @@ def test_executor_facts_and_warmup() -> None:
     assert (ex.steps_run, ex.timesteps_run) == (1, 8)
 
 
-def test_state_bank_rows() -> None:
-    bank = TorchStateBank([3, 2], slots=4)
-    bank.write([1, 2], [np.ones((2, 3)), np.full((2, 2), 2.0)])
-    snap = bank.snapshot(2)
-    bank.reset([2])
-    assert not bank.read([2])[0].any()
-    bank.restore(3, snap)
-    np.testing.assert_array_equal(bank.read([3])[1], [[2.0, 2.0]])
-    np.testing.assert_array_equal(bank.read([1])[0], [[1.0, 1.0, 1.0]])
-    assert bank.nbytes_per_slot == 20
+def test_state_bank_rows_behave_like_the_host_bank() -> None:
+    from streamrnn.executors.ort import HostStateBank
+
+    rng = np.random.default_rng(0)
+    ours = TorchStateBank([3, 2], slots=5)
+    host = HostStateBank([np.zeros((5, 3), np.float32), np.zeros((5, 2), np.float32)])
+    for _ in range(20):  # the same random writes, resets, snapshots and restores on both
+        slots = rng.choice(5, size=int(rng.integers(1, 4)), replace=False).tolist()
+        op = rng.integers(3)
+        if op == 0:
+            rows = [rng.standard_normal((len(slots), n)) for n in (3, 2)]
+            ours.write(slots, rows)
+            host.write(slots, rows)
+        elif op == 1:
+            ours.reset(slots)
+            host.reset(slots)
+        else:
+            ours.restore(slots[-1], ours.snapshot(slots[0]))
+            host.restore(slots[-1], host.snapshot(slots[0]))
+        for a, b in zip(ours.read(range(5)), host.read(range(5)), strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert ours.nbytes_per_slot == host.nbytes_per_slot == 20
     with pytest.raises(IndexError):
-        bank.reset([4])
+        ours.reset([5])
     with pytest.raises(ValueError, match="shape"):
-        bank.write([0], [np.ones((2, 3)), np.ones((1, 2))])
+        ours.write([0], [np.ones((2, 3)), np.ones((1, 2))])
 
 
 def test_spec_checks_itself() -> None:

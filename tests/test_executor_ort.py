@@ -114,7 +114,10 @@ def test_masking_and_models_that_cannot_stream_are_refused() -> None:
 
 
 def test_executor_facts_and_warmup() -> None:
+    from streamrnn.engine.interface import Executor, StateRows
+
     ex = OrtExecutor(build("stacked_dropout_batchnorm"), slots=3, max_bucket=8)
+    assert isinstance(ex, Executor) and isinstance(ex.state, StateRows)
     assert (ex.name, ex.device, ex.buckets) == ("onnxruntime", "CPU", [1, 2, 4, 8])
     assert ex.kernel.startswith("GRU+LSTM onnxruntime on CPU (")
     ex.warmup()

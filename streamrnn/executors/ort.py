@@ -183,6 +183,7 @@ class OrtExecutor:
             self.graph.input_dim,)
         self.steps_run = 0
         self.timesteps_run = 0
+        self.trace_count = 0  # nothing is traced (Executor protocol counter)
 
     def _session(self, proto: onnx.ModelProto) -> ort.InferenceSession:
         return ort.InferenceSession(proto.SerializeToString(), session_options(self.threads),

@@ -26,10 +26,11 @@ import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
+from streamrnn.engine.interface import EngineLike, SupportsPins, SupportsSnapshots
 from streamrnn.errors import CheckpointError, EngineFullError, StreamRNNError
 from streamrnn.protocol import MessageType
 from streamrnn.serving.checkpoint import (
@@ -41,6 +42,11 @@ from streamrnn.serving.checkpoint import (
 from streamrnn.serving.sequencing import CachedReply, SequenceTable
 
 log = logging.getLogger("streamrnn.durable")
+
+
+class DurableEngine(EngineLike, SupportsSnapshots, Protocol):
+    """An engine whose stream states can be checkpointed (an Engine, or a WeightsFollower
+    around one; with :class:`~streamrnn.engine.interface.SupportsPins` the pins are kept)."""
 
 
 def checkpoint_path(directory: str | os.PathLike, name: str) -> Path:
@@ -108,7 +114,7 @@ class WorkerCheckpointer:
 
     # ---- save -------------------------------------------------------------------------
 
-    def save(self, engine: Any, table: SequenceTable) -> dict[str, int]:
+    def save(self, engine: DurableEngine, table: SequenceTable) -> dict[str, int]:
         """Write every stream of ``table`` (state, next seq, cached replies) atomically.
 
         Call it between steps (compute thread): the states and sequence numbers must be
@@ -116,7 +122,7 @@ class WorkerCheckpointer:
         """
         began = time.monotonic()
         states = engine.export_states()
-        initial = [np.array(r) for r in engine.bank.initial_rows]
+        initial = engine.initial_state()
         streams: dict[str, StreamRecord] = {}
         for stream, (next_seq, replies) in table.export().items():
             # a stream the engine does not hold (e.g. RESET before any PUSH) is initial
@@ -125,11 +131,10 @@ class WorkerCheckpointer:
                 [np.asarray(r) for r in state], next_seq, steps,
                 [_pack_reply(seq, reply) for seq, reply in replies])
         closed = {s: _pack_reply(seq, reply) for s, (seq, reply) in table.export_closed().items()}
-        pins = getattr(engine, "pins", None)  # a WeightsFollower's weights-version pins
-        ckpt = Checkpoint(self.model, engine.state_layout, streams,
-                          int(getattr(engine, "weights_version", 0) or 0),
-                          extra={"closed": closed, "worker": self.name,
-                                 "pins": dict(pins()) if pins else {}})
+        # a WeightsFollower's weights-version pins
+        pins = engine.pins() if isinstance(engine, SupportsPins) else {}
+        ckpt = Checkpoint(self.model, engine.state_layout, streams, int(engine.weights_version),
+                          extra={"closed": closed, "worker": self.name, "pins": dict(pins)})
         self.last_bytes = save_checkpoint(self.path, ckpt)
         self.durable = {s: r.next_seq for s, r in streams.items()}
         self.written += 1
@@ -140,7 +145,7 @@ class WorkerCheckpointer:
 
     # ---- restore ----------------------------------------------------------------------
 
-    def restore(self, engine: Any, table: SequenceTable) -> int:
+    def restore(self, engine: DurableEngine, table: SequenceTable) -> int:
         """Load this worker's own checkpoint, if there is one; returns the streams restored.
 
         Raises CheckpointError (and changes nothing) if the file is corrupt, truncated, of
@@ -154,14 +159,14 @@ class WorkerCheckpointer:
         for stream, item in ckpt.extra.get("closed", {}).items():
             seq, reply = _unpack_reply(item)
             table.restore_closed(stream, seq, reply)
-        version = int(getattr(engine, "weights_version", 0) or 0)
+        version = int(engine.weights_version)
         if ckpt.weights_version != version:
             log.warning("checkpoint %s was written with weights version %d; serving %d",
                         self.path, ckpt.weights_version, version)
         return len(ckpt.streams)
 
-    def adopt(self, path: str | os.PathLike, streams: Iterable[str] | None, engine: Any,
-              table: SequenceTable) -> list[str]:
+    def adopt(self, path: str | os.PathLike, streams: Iterable[str] | None,
+              engine: DurableEngine, table: SequenceTable) -> list[str]:
         """Take over ``streams`` (None: all) of another worker's checkpoint at ``path``.
 
         Streams this worker already holds are left alone. Returns the adopted stream ids;
@@ -176,7 +181,7 @@ class WorkerCheckpointer:
         self._restore_pins({s: v for s, v in pins.items() if s in chosen}, engine)
         return list(chosen)
 
-    def _restore_pins(self, pins: dict[str, int], engine: Any) -> None:
+    def _restore_pins(self, pins: dict[str, int], engine: DurableEngine) -> None:
         """Pin the restored streams to their weights versions again.
 
         A version that can no longer be loaded (pruned from the publish directory) or an
@@ -184,7 +189,7 @@ class WorkerCheckpointer:
         """
         if not pins:
             return
-        if not hasattr(engine, "pin"):
+        if not isinstance(engine, SupportsPins):
             log.warning("checkpoint %s pins %d streams to weights versions, but this worker "
                         "does not follow published weights (--weights-from): pins dropped",
                         self.path, len(pins))
@@ -197,8 +202,8 @@ class WorkerCheckpointer:
                             "loaded (%s): it follows the latest weights now", stream, version,
                             exc)
 
-    def _import(self, ckpt: Checkpoint, records: dict[str, StreamRecord], engine: Any,
-                table: SequenceTable) -> None:
+    def _import(self, ckpt: Checkpoint, records: dict[str, StreamRecord],
+                engine: DurableEngine, table: SequenceTable) -> None:
         try:
             unpacked = {s: [_unpack_reply(item) for item in r.replies]
                         for s, r in records.items()}
@@ -216,4 +221,4 @@ class WorkerCheckpointer:
             self.durable[stream] = record.next_seq
 
 
-__all__ = ["WorkerCheckpointer", "checkpoint_path"]
+__all__ = ["DurableEngine", "WorkerCheckpointer", "checkpoint_path"]

@@ -15,6 +15,8 @@ ragged random chunks.
     python bench/gpu_torch.py --device cpu --busy 64 --chunks 16 --neighbour \\
         --omp-policy default                                             # CPU threads study
 
+``--device cpu:0`` runs the GPU path (two executors, cudnn=True/False, compared with a
+third) on the CPU, where the cuDNN switch does nothing: a dry run of the script.
 ``--neighbour`` measures each case twice: quiet, and beside a one-thread busy loop (a
 ``while True: pass`` subprocess), as a worker's I/O thread would sit next to the kernel.
 ``--omp-policy`` is the OpenMP wait policy torch loads with (the executor's own default is
@@ -185,10 +187,16 @@ def meta(torch_rnn: Any, variants: dict[str, Any], args: argparse.Namespace) -> 
         "omp_wait_policy": args.omp_policy,
         "cpu_count": os.cpu_count(), "kernels": {n: ex.kernel for n, ex in variants.items()},
         "config": {k: v for k, v in vars(args).items() if k != "out"}}
-    if args.device != "cpu":
+    if torch.device(args.device).type == "cuda":
         info.update(gpu=torch.cuda.get_device_name(args.device),
                     cudnn_version=torch.backends.cudnn.version(),
                     matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32)
+        for name, ex in variants.items():  # what a step runs under
+            with ex.backend_flags():
+                info[f"{name}_flags"] = {
+                    "cudnn_enabled": torch.backends.cudnn.enabled,
+                    "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+                    "cudnn_rnn_fp32_precision": torch.backends.cudnn.rnn.fp32_precision}
     return info
 
 

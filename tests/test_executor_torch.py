@@ -9,11 +9,14 @@ reset (max abs difference <= 1e-5). Skipped when torch is not installed.
 
 from __future__ import annotations
 
+import json
 import os
+import runpy
 import subprocess
 import sys
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -301,3 +304,19 @@ def test_import_loads_no_tensorflow_and_makes_openmp_passive() -> None:
     out = subprocess.run([sys.executable, "-c", code], env=env, check=True,
                          capture_output=True, text=True, timeout=120).stdout.split()
     assert out == ["False", "False", "PASSIVE"]  # an OMP_WAIT_POLICY already set is kept
+
+
+def test_gpu_bench_script_dry_runs_on_the_cpu(tmp_path, monkeypatch) -> None:
+    """bench/gpu_torch.py's GPU path (cudnn on/off, compared with a third executor), on
+    the CPU with a tiny config, so the script cannot rot between GPU loans."""
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    script = runpy.run_path(str(Path(__file__).resolve().parents[1] / "bench" / "gpu_torch.py"))
+    out = tmp_path / "result.json"
+    script["main"](["--device", "cpu:0", "--slots", "4", "--chunks", "2", "4", "--busy", "1",
+                    "4", "--units", "8", "--features", "3", "--out-dim", "2", "--seconds",
+                    "0.01", "--rounds", "2", "--diff-steps", "3", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert len(result["summary"]) == 8 and len(result["records"]) == 16
+    assert result["max_abs_diff"]["cudnn_vs_no_cudnn"] == {"outputs": 0.0, "states": 0.0}
+    assert result["meta"]["kernels"]["cudnn"].startswith("LSTM torch on CPU (")
+

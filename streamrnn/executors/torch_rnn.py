@@ -223,7 +223,8 @@ class TorchExecutor:
             for name, value in weights.items():
                 self.chain.get_parameter(name).copy_(value)
 
-    def _flags(self) -> contextlib.AbstractContextManager[Any]:
+    def backend_flags(self) -> contextlib.AbstractContextManager[Any]:
+        """The cuDNN settings a step runs under (on CUDA: cuDNN on or off, no TF32)."""
         if self.torch_device.type != "cuda":
             return contextlib.nullcontext()
         return torch.backends.cudnn.flags(enabled=self.cudnn, benchmark=False,
@@ -257,7 +258,7 @@ class TorchExecutor:
     def _step(self, x: np.ndarray, lengths: torch.Tensor | None, index: torch.Tensor,
               weights: Mapping[str, torch.Tensor] | None) -> np.ndarray:
         """Run the chain on the gathered rows ``index`` and scatter their states back."""
-        with torch.inference_mode(), self._flags():
+        with torch.inference_mode(), self.backend_flags():
             args = (torch.from_numpy(x).to(self.torch_device), lengths,
                     self.state.gather(index))
             y, states = (self.chain(*args) if weights is None else
@@ -268,7 +269,7 @@ class TorchExecutor:
     def warmup(self) -> None:
         """Run every bucket once on all slots (states untouched): allocators and, on CUDA,
         the cuDNN plans warm up before serving."""
-        with torch.inference_mode(), self._flags():
+        with torch.inference_mode(), self.backend_flags():
             for b in self.buckets:
                 x = torch.from_numpy(np.zeros((self.slots, b, *self._feature_shape),
                                               self._dtype)).to(self.torch_device)

@@ -113,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
     trainer = online.trainer
     worker = StreamWorker(online, WorkerConfig(
         bind=args.bind, batch_window_us=args.batch_window_us,
+        coalesce_steps=0,  # one chunk per training step: every chunk trains on its own
         model_name=os.path.basename(args.model)))
     stop_on_signals(worker, log, "finishing queued chunks, then checkpointing")
     endpoint = worker.start()

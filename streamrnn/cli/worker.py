@@ -35,20 +35,21 @@ READY_MARKER = "streamrnn worker ready on "
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The worker's command-line options (shared with ``streamrnn worker``)."""
-    from streamrnn.protocol import MAX_FRAME_BYTES
+    from streamrnn.serving.config import WorkerConfig
 
+    defaults = WorkerConfig()
     parser.add_argument("--model", required=True, help="trained Keras model (.keras file)")
     parser.add_argument("--slots", type=int, default=64, help="concurrent streams (batch rows)")
-    parser.add_argument("--bind", default="tcp://127.0.0.1:5555",
+    parser.add_argument("--bind", default=defaults.bind,
                         help="ZeroMQ endpoint for the ROUTER socket; port 0 picks a free port "
                              "(the ready line shows the real one)")
-    parser.add_argument("--batch-window-us", type=int, default=500,
+    parser.add_argument("--batch-window-us", type=int, default=defaults.batch_window_us,
                         help="wait this long for more requests to batch into one step")
-    parser.add_argument("--max-queue", type=int, default=4096,
+    parser.add_argument("--max-queue", type=int, default=defaults.max_queue,
                         help="requests waiting for compute before the worker answers BUSY")
-    parser.add_argument("--idle-timeout-s", type=float, default=0.0,
+    parser.add_argument("--idle-timeout-s", type=float, default=defaults.idle_timeout_s,
                         help="expire streams idle this long, answering EXPIRED (0: never)")
-    parser.add_argument("--max-frame-bytes", type=int, default=MAX_FRAME_BYTES,
+    parser.add_argument("--max-frame-bytes", type=int, default=defaults.max_frame_bytes,
                         help="ZMQ_MAXMSGSIZE: peers sending a bigger frame are disconnected")
     parser.add_argument("--max-bucket", type=int, default=64,
                         help="longest padded step (power of two); longer chunks are split")
@@ -65,17 +66,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "XLA runs faster but takes longer to trace")
     parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                         help="trace every step bucket before announcing ready")
-    parser.add_argument("--checkpoint-dir", default=None,
+    parser.add_argument("--checkpoint-dir", default=defaults.checkpoint_dir,
                         help="keep stream states durable: write <dir>/<name>.ckpt between "
                              "steps and on shutdown, resume from it on start")
-    parser.add_argument("--checkpoint-every-steps", type=int, default=100,
+    parser.add_argument("--checkpoint-every-steps", type=int,
+                        default=defaults.checkpoint_every_steps,
                         help="write a checkpoint after this many batched steps (0: off)")
-    parser.add_argument("--checkpoint-every-s", type=float, default=1.0,
+    parser.add_argument("--checkpoint-every-s", type=float, default=defaults.checkpoint_every_s,
                         help="write a checkpoint when this many seconds passed (0: off)")
     parser.add_argument("--ignore-bad-checkpoint", action="store_true",
                         help="start empty if the checkpoint is corrupt (the bad file is moved "
                              "aside to <name>.ckpt.bad-<time>); default: refuse to start")
-    parser.add_argument("--name", default="worker",
+    parser.add_argument("--name", default=defaults.name,
                         help="this worker's name (checkpoint file name; unique per router)")
     parser.add_argument("--register", default=None, metavar="ENDPOINT",
                         help="register with a router's worker endpoint (streamrnn router "
@@ -84,10 +86,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="endpoint the router should connect to (default: the bound one)")
     parser.add_argument("--heartbeat-s", type=float, default=0.25,
                         help="heartbeat interval to the router")
-    parser.add_argument("--curve-secret-key", default=None, metavar="FILE",
+    parser.add_argument("--curve-secret-key", default=defaults.curve_secret_key, metavar="FILE",
                         help="CURVE: encrypt and authenticate clients with this server key "
                              "(.key_secret from zmq.auth.create_certificates)")
-    parser.add_argument("--curve-allow", default=None, metavar="DIR_OR_FILE",
+    parser.add_argument("--curve-allow", default=defaults.curve_allow, metavar="DIR_OR_FILE",
                         help="CURVE: client public keys (.key files) that may connect")
     parser.add_argument("--max-streams", type=int, default=None,
                         help="live streams in all; those beyond --slots are swapped to host "

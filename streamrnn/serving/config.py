@@ -1,5 +1,10 @@
 """The settings of one stream worker (:class:`WorkerConfig`).
 
+The defaults are the worker CLI's (``streamrnn worker``, docs/operations.md): its options
+take their ``default=`` from here, so an in-process worker and a worker process started
+without options behave alike. ``coalesce_steps`` defaults to 64, the default
+``--max-bucket`` (the CLI's ``--coalesce-steps`` follows ``--max-bucket``).
+
 Example::
 
     config = WorkerConfig(bind="tcp://127.0.0.1:0", checkpoint_dir="/var/lib/streamrnn")
@@ -20,7 +25,7 @@ class WorkerConfig:
 
     bind: str = "tcp://127.0.0.1:5555"
     batch_window_us: int = 500  # how long the compute loop waits to fill a batch
-    coalesce_steps: int = 0  # run a stream's queued consecutive PUSHes, up to this many
+    coalesce_steps: int = 64  # run a stream's queued consecutive PUSHes, up to this many
     # timesteps in all, in one step (0: one PUSH per stream per step; see batching.coalesce)
     max_queue: int = 4096  # requests waiting for the compute thread; beyond -> BUSY
     max_batch: int = 4096  # requests taken per compute iteration
@@ -29,8 +34,8 @@ class WorkerConfig:
     busy_retry_after_ms: int = 5
     metrics_port: int | None = None  # serve Prometheus /metrics here (0: any free port)
     checkpoint_dir: str | None = None  # write/restore checkpoints here (None: not durable)
-    checkpoint_every_steps: int = 0  # write after this many batched steps (0: not by count)
-    checkpoint_every_s: float = 0.0  # write when this much time passed (0: not by time)
+    checkpoint_every_steps: int = 100  # write after this many batched steps (0: not by count)
+    checkpoint_every_s: float = 1.0  # write when this much time passed (0: not by time)
     name: str = "worker"  # this worker's name: its checkpoint is <checkpoint_dir>/<name>.ckpt
     curve_secret_key: str | None = None  # CURVE server key file (.key_secret); None: plain
     curve_allow: str | None = None  # allowed client public keys: a .key file or a directory

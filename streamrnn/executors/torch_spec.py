@@ -36,9 +36,9 @@ from streamrnn.errors import UnsupportedModelError
 
 __all__ = [
     "ACTIVATIONS",
-    "RECURRENT_KINDS",
     "LayerSpec",
     "ModelSpec",
+    "RECURRENT_KINDS",
     "TorchUnsupported",
     "spec_from_keras",
 ]

@@ -35,9 +35,9 @@ class Wire:
     """Streams plus a clock; ``sent`` holds the sends not answered yet by the test."""
 
     def __init__(self, window: int = 4, timeout: float = 1.0, retries: int = 2,
-                 replay_buffer: int = 16, jitter: float = 0.5):
+                 replay_buffer: int = 16, jitter: float = 0.5, batch: bool = False):
         self.streams = Streams("tcp://worker:1", timeout=timeout, retries=retries,
-                               window=window, replay_buffer=replay_buffer,
+                               window=window, replay_buffer=replay_buffer, batch=batch,
                                jitter=lambda: jitter)
         self.counters = self.streams.counters
         self.now = 0.0
@@ -46,8 +46,7 @@ class Wire:
     def run(self, actions: list) -> None:
         for action in actions:
             if isinstance(action, Send):
-                if not action.stale:
-                    self.sent.append(action)
+                self.sent.append(action)
             else:
                 action.apply()
 

@@ -9,11 +9,14 @@ import subprocess
 import sys
 from concurrent.futures import Future
 
+import numpy as np
 import pytest
 
 from streamrnn.client.requests import Request, Resolve, StreamState
 from streamrnn.client.streams import busy_delay
+from streamrnn.codec import decode_request
 from streamrnn.errors import (
+    ProtocolError,
     RemoteError,
     RemoteInvalidInputError,
     RequestTimeoutError,
@@ -24,6 +27,7 @@ from streamrnn.protocol import (
     A_CHUNK,
     F_REQUEST_ID,
     F_RETRY_AFTER_MS,
+    F_SEQ,
     F_STATS,
     F_STREAM,
     ErrorCode,
@@ -31,7 +35,7 @@ from streamrnn.protocol import (
 )
 from tests.client_wire import Wire, kinds, push, started
 
-CLOSE = MessageType.CLOSE
+CLOSE, PUSH = MessageType.CLOSE, MessageType.PUSH
 
 
 # ---- window and order ------------------------------------------------------------------
@@ -69,6 +73,8 @@ def test_each_send_has_its_own_rid_and_header():
     assert a.part[1]["v"] == 1 and a.part[1][F_STREAM] == "s"
     assert a.part[2][A_CHUNK].shape == (1, 2)
     assert a.request.deadline == wire.now + 1.0
+    message = decode_request(a.frames)  # encoded here: it travels alone
+    assert message.type == PUSH and message.header[F_SEQ] == 0
 
 
 def test_streams_are_independent_and_sent_in_order_of_submission():
@@ -132,7 +138,8 @@ def test_failed_unapplied_request_is_skipped_and_later_ones_renumbered():
     with pytest.raises(RemoteInvalidInputError):
         requests[0].future.result()
     assert [r.seq for r in requests[1:]] == [0, 1]
-    assert first[1].stale and wire.counters["renumbered"] == 2
+    assert first[1].request.rid != first[1].part[1][F_REQUEST_ID]
+    assert wire.counters["renumbered"] == 2
     assert wire.take() == []  # resent on the next tick, in order
     wire.tick()
     resent = wire.take()
@@ -187,14 +194,34 @@ def test_gap_with_nothing_kept_to_replay_fails_the_request():
     assert wire.streams.stream("s").needs_sync
 
 
-def test_unsendable_request_fails_alone_and_the_next_takes_its_seq():
+def test_request_that_cannot_be_encoded_fails_at_once_and_the_next_takes_its_seq():
     wire = Wire()
+    bad = Request(PUSH, "s", {}, {A_CHUNK: np.zeros((1, 2), np.complex64)}, Future())
+    requests = [push(), bad, push()]
+    wire.submit(*requests)
+    wire.open("s")
+    assert kinds(wire.take()) == [("PUSH", 0), ("PUSH", 1)]
+    assert isinstance(bad.future.exception(), ProtocolError)
+    assert requests[2].seq == 1 and wire.counters["renumbered"] == 0
+
+
+def test_batch_part_that_cannot_be_encoded_fails_and_the_later_ones_renumber():
+    wire = Wire(batch=True)
+    ping = Request(MessageType.PING, None, {}, {}, Future())
+    wire.submit(ping)
+    (send,) = wire.take()
+    assert send.frames is not None  # PING never travels in a BATCH
+    wire.answer(send, MessageType.PONG, worker={"batch": True})
+    assert wire.streams.peer_batches
     requests = started(wire, 2)
     a, b = wire.take()
+    assert a.frames is None and b.frames is None  # left for the transport to gather
+    old_rid = b.request.rid
     exc = StreamRNNError("cannot travel")
     wire.run(wire.streams.on_unsendable(a.request, exc, wire.now))
     assert requests[0].future.exception() is exc
-    assert b.stale and requests[1].seq == 0
+    assert requests[1].seq == 0 and requests[1].rid != old_rid
+    assert wire.counters["renumbered"] == 1
     wire.tick()
     assert kinds(wire.take()) == [("PUSH", 0)]
 

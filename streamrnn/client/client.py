@@ -107,8 +107,9 @@ class Client:
         self.batch = batch
         self.counters: Counter[str] = Counter()  # retries, busy, unmatched replies, ... (I/O)
         # the per-stream state machine, used only on the transport's I/O thread
-        streams = Streams(endpoint, timeout, retries, window, replay_buffer, self.counters)
-        self._transport = Transport(endpoint, streams, batch=batch, counters=self.counters,
+        streams = Streams(endpoint, timeout, retries, window, replay_buffer, self.counters,
+                          batch=batch)
+        self._transport = Transport(endpoint, streams, counters=self.counters,
                                     curve_server_key=curve_server_key,
                                     curve_keypair=curve_keypair, context=context)
         self._thread = self._transport.thread

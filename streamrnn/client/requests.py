@@ -5,8 +5,9 @@ future is resolved; a :class:`StreamState` holds one stream's requests by stage 
 in flight, applied and kept for replay). :class:`~streamrnn.client.streams.Streams`
 answers every event with :data:`Action` objects, which the transport carries out in order:
 
-* ``Send(request, part)``: encode ``part = (type, header, arrays)`` and send it, unless
-  :attr:`Send.stale` (the request was renumbered since: the newer send supersedes it);
+* ``Send(request, part, frames)``: send the encoded ``frames`` alone, or (``frames`` None)
+  gather ``part = (type, header, arrays)`` with the others of this turn into BATCH
+  envelopes;
 * ``Resolve(future, result, error)``: set the future's result or exception, unless it is
   done already (cancelled, or resolved before a replay).
 
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from streamrnn.codec import Part
-from streamrnn.protocol import F_REQUEST_ID, MessageType
+from streamrnn.protocol import MessageType
 
 
 @dataclass(eq=False)
@@ -124,15 +125,12 @@ class StreamState:
 
 @dataclass(frozen=True, eq=False)
 class Send:
-    """Encode and send ``part`` (the wire form of ``request`` when this was made)."""
+    """Send ``request`` as it is numbered now: ``frames`` (the encoded ``part``) alone, or,
+    when ``frames`` is None, ``part`` in a BATCH envelope with others."""
 
     request: Request
     part: Part
-
-    @property
-    def stale(self) -> bool:
-        """The request got a new rid (renumbered, resent) after this send was made."""
-        return self.part[1][F_REQUEST_ID] != self.request.rid
+    frames: list | None = None
 
 
 @dataclass(frozen=True, eq=False)

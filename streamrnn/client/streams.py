@@ -4,9 +4,9 @@ Pure: no sockets, no threads, no clock. :class:`Streams` is fed what happened (r
 submitted, a decoded reply, a request that could not be encoded, the time passing) with
 the current time as a number, and answers with :data:`Action` objects for the transport
 to carry out, in order: :class:`~streamrnn.client.requests.Send` a request (its wire part
-``(type, header, arrays)`` is built here) or :class:`~streamrnn.client.requests.Resolve`
-a future. So the whole stream protocol of docs/protocol.md (sections 4 to 5a) is testable
-in milliseconds without a worker.
+``(type, header, arrays)`` is built here, and encoded unless it is to travel in a BATCH)
+or :class:`~streamrnn.client.requests.Resolve` a future. So the whole stream protocol of
+docs/protocol.md (sections 4 to 5a) is testable in milliseconds without a worker.
 
 Per stream, requests are numbered (``seq`` from 0, continuing the worker's numbering
 learned with an OPEN) and at most ``window`` are in flight; OPEN and CLOSE travel alone.
@@ -68,24 +68,25 @@ class Streams:
         window: requests per stream in flight at once.
         replay_buffer: applied requests kept per stream beyond ``durable_seq``.
         counters: incremented by name (``resent``, ``busy``, ``go_back``, ...).
+        batch: leave the requests that may travel in a BATCH unencoded for the transport
+            to gather (once the worker takes BATCH envelopes); False: each alone.
         jitter: a number in ``[0, 1)`` per BUSY (default :func:`random.random`).
 
     Attributes:
         resend_due: the earliest time a scheduled resend is due (``inf``: none), so
             that the caller knows when to :meth:`tick` next (read-only).
-        peer_batches: the worker said it takes BATCH envelopes (``"batch": true``).
+        peer_batches: the worker said it takes BATCH envelopes (read-only).
     """
 
     def __init__(self, endpoint: str, timeout: float, retries: int, window: int,
-                 replay_buffer: int, counters: Counter[str] | None = None,
-                 jitter: Callable[[], float] = random.random):
+                 replay_buffer: int, counters: Counter[str] | None = None, *,
+                 batch: bool = True, jitter: Callable[[], float] = random.random):
         self.endpoint = endpoint
         self.timeout = timeout
         self.retries = retries
         self.counters: Counter[str] = Counter() if counters is None else counters
-        self.peer_batches = False
         self._jitter = jitter
-        self._w = Windows(timeout, window, replay_buffer, self.counters)
+        self._w = Windows(timeout, window, replay_buffer, self.counters, batch)
         self._on_kind = {p.MessageType.BUSY: self._on_busy,
                          p.MessageType.OUTPUT: self._on_output,
                          p.MessageType.ACK: self._on_ack,
@@ -97,6 +98,11 @@ class Streams:
     def resend_due(self) -> float:
         """The earliest time a scheduled resend is due (``inf``: none)."""
         return self._w.resend_due
+
+    @property
+    def peer_batches(self) -> bool:
+        """The worker said it takes BATCH envelopes (``"batch": true`` in an ACK or PONG)."""
+        return self._w.peer_batches
 
     def stream(self, name: str) -> StreamState | None:
         """The state of one stream (None: never used)."""
@@ -120,15 +126,16 @@ class Streams:
             return []
         worker = msg.header.get("worker")  # OPEN's ACK and PONG describe the worker
         if type(worker) is dict and worker.get("batch") is True:
-            self.peer_batches = True
+            self._w.peer_batches = True
         handler = self._on_kind.get(msg.type)
         if handler is not None:
             handler(request, msg)
         return self._w.take()
 
     def on_unsendable(self, request: Request, exc: BaseException, now: float) -> list[Action]:
-        """``request`` could not be encoded (e.g. a dtype that cannot travel): it fails
-        unapplied, so the later requests of its stream move down by one."""
+        """``request``'s part (sent in a BATCH, so not encoded here) could not be encoded
+        (e.g. a dtype that cannot travel): it fails unapplied, so the later requests of its
+        stream move down by one."""
         self._w.now = now
         self._w.finish(request, exc=exc, not_applied=True)
         return self._w.take()

@@ -10,8 +10,9 @@ skip the queue and leave in the same turn as the reply that triggered them.
 
 Example::
 
-    streams = Streams(endpoint, timeout=30.0, retries=3, window=8, replay_buffer=4096)
-    transport = Transport(endpoint, streams, batch=True)
+    streams = Streams(endpoint, timeout=30.0, retries=3, window=8, replay_buffer=4096,
+                      batch=True)
+    transport = Transport(endpoint, streams)
     transport.submit([Request(MessageType.PING, None, {}, {}, future)])
     future.result(); transport.close()
 """
@@ -42,7 +43,7 @@ from streamrnn.codec import (
     is_batch,
 )
 from streamrnn.errors import ProtocolError, StreamRNNError
-from streamrnn.protocol import BATCH_PART_TYPES, MessageType
+from streamrnn.protocol import MessageType
 
 log = logging.getLogger("streamrnn.client")
 
@@ -52,18 +53,17 @@ class Transport:
 
     Args:
         endpoint: the worker's ZeroMQ endpoint.
-        streams: the state machine the I/O thread feeds (used only on that thread).
-        batch: send the requests of one loop turn in BATCH envelopes (once the worker
-            said it takes them); False: one message per request.
+        streams: the state machine the I/O thread feeds (used only on that thread); the
+            parts it leaves unencoded leave together in BATCH envelopes at the end of
+            each loop turn.
         counters: incremented by name (``batches_sent``, ``bad_replies``, ...).
         curve_server_key, curve_keypair: CURVE encryption, see :mod:`streamrnn.security`.
         context: the ZeroMQ context (default: the process-wide one).
     """
 
-    def __init__(self, endpoint: str, streams: Streams, *, batch: bool = True,
-                 counters: Counter[str] | None = None, curve_server_key: Any = None,
-                 curve_keypair: Any = None, context: zmq.Context | None = None):
-        self.batch = batch
+    def __init__(self, endpoint: str, streams: Streams, *, counters: Counter[str] | None = None,
+                 curve_server_key: Any = None, curve_keypair: Any = None,
+                 context: zmq.Context | None = None):
         self.counters: Counter[str] = Counter() if counters is None else counters
         self._streams = streams
         # requests encoded in this turn of the I/O thread, sent together by _flush
@@ -200,16 +200,14 @@ class Transport:
         for action in actions:
             if not isinstance(action, Send):
                 action.apply()  # may run callbacks that submit more (to self._local)
-            elif not action.stale:
-                self._send(action.part, action.request)
-
-    def _send(self, part: Part, request: Request) -> None:
-        if self.batch and self._streams.peer_batches and request.kind in BATCH_PART_TYPES:
-            self._outgoing.append((part, request))  # sent at the end of this turn
-        else:
-            self._send_alone(part, request)
+            elif action.frames is not None:
+                self._send_frames(action.frames)
+            else:
+                self._outgoing.append((action.part, action.request))  # sent by _flush
 
     def _send_alone(self, part: Part, request: Request) -> None:
+        """One part of a BATCH that could not go together (alone in its group, or the
+        envelope could not be encoded)."""
         try:
             frames = encode(*part)
         except ProtocolError as exc:  # e.g. a dtype that cannot travel: fail just this one

@@ -28,6 +28,8 @@ from typing import Any
 
 from streamrnn import protocol as p
 from streamrnn.client.requests import Action, Request, Resolve, Send, StreamState
+from streamrnn.codec import Part, encode
+from streamrnn.errors import ProtocolError
 
 log = logging.getLogger("streamrnn.client")
 
@@ -43,20 +45,25 @@ class Windows:
         window: requests per stream in flight at once.
         replay_buffer: applied requests kept per stream beyond ``durable_seq``.
         counters: incremented by name (``resent``, ``renumbered``, ``replayed``, ...).
+        batch: leave the requests that may travel in a BATCH envelope unencoded (once
+            :attr:`peer_batches`), for the transport to gather; False: encode every one.
 
     Attributes:
         now: the current time, set by the caller before each event.
+        peer_batches: the worker said it takes BATCH envelopes (``"batch": true``).
         resend_due: the earliest time a scheduled resend is due (``inf``: none).
         streams: each stream's :class:`~streamrnn.client.requests.StreamState` by name.
         control: PING / STATS requests in flight by rid.
     """
 
     def __init__(self, timeout: float, window: int, replay_buffer: int,
-                 counters: Counter[str]):
+                 counters: Counter[str], batch: bool = True):
         self.timeout = timeout
         self.window = window
         self.replay_buffer = replay_buffer
         self.counters = counters
+        self.batch = batch
+        self.peer_batches = False
         self.now = 0.0
         self.resend_due = math.inf
         self.streams: dict[str, StreamState] = {}
@@ -120,7 +127,9 @@ class Windows:
         self._by_rid[request.rid] = request
 
     def send(self, request: Request) -> None:
-        """Send ``request`` as numbered now; its deadline is ``timeout`` from now."""
+        """Send ``request`` as numbered now; its deadline is ``timeout`` from now. Alone, it
+        is encoded here: one that cannot be (e.g. a dtype that cannot travel) fails at once,
+        unapplied."""
         header: dict[str, Any] = {"v": p.PROTOCOL_VERSION, p.F_REQUEST_ID: request.rid,
                                   **request.fields}
         if request.stream is not None:
@@ -128,7 +137,16 @@ class Windows:
         if request.seq is not None:
             header[p.F_SEQ] = request.seq
         request.deadline = self.now + self.timeout
-        self._actions.append(Send(request, (request.kind, header, request.arrays)))
+        part: Part = (request.kind, header, request.arrays)
+        if self.batch and self.peer_batches and request.kind in p.BATCH_PART_TYPES:
+            self._actions.append(Send(request, part))  # sent in a BATCH at the end of the turn
+            return
+        try:
+            frames = encode(*part)
+        except ProtocolError as exc:
+            self.finish(request, exc=exc, not_applied=True)
+            return
+        self._actions.append(Send(request, part, frames))
 
     def finish(self, request: Request, result: Any = None, exc: BaseException | None = None,
                not_applied: bool = False) -> None:

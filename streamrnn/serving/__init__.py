@@ -1,2 +1,13 @@
 """The worker process's engine wrapper: :class:`~streamrnn.serving.worker.StreamWorker` and
-its rooms (sockets, sequencing, checkpoints)."""
+its rooms.
+
+* ``worker``: the facade (:class:`StreamWorker`), ``config``: :class:`WorkerConfig`;
+* ``io_thread``: the I/O thread (the ROUTER socket), ``compute``: the compute thread (the
+  engine), ``outbox``: what the two share (:class:`Channels`, :class:`Outbox`);
+* ``batching``: the pure round planner (a :class:`Plan` per batch), ``applying`` and
+  ``stepping``: applying a plan to the engine, ``replies``: the compute side of replying;
+* ``sequencing``: exactly-once sequence numbers, ``durability`` / ``checkpoint``: checkpoint
+  files, ``stats``: typed counters, ``sockets``: the hardened client-facing ROUTER.
+"""
+
+__all__: list[str] = []

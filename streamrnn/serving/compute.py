@@ -12,8 +12,8 @@ thread it is done.
 
 Example::
 
-    compute = ComputeThread(engine, capabilities_of(engine), config, requests, outbox,
-                            table, stats, None, reading_stopped, describe, report)
+    compute = ComputeThread(engine, capabilities_of(engine), config, channels, table,
+                            None, describe, report)
     compute.start()
     compute.call(lambda: engine.stats()).result()
 """
@@ -35,10 +35,10 @@ from streamrnn.serving.applying import Applier
 from streamrnn.serving.batching import Work, plan_batch
 from streamrnn.serving.config import WorkerConfig
 from streamrnn.serving.durability import WorkerCheckpointer
-from streamrnn.serving.outbox import Outbox
+from streamrnn.serving.outbox import Channels
 from streamrnn.serving.replies import Responder
 from streamrnn.serving.sequencing import SequenceTable
-from streamrnn.serving.stats import Count, WorkerStats
+from streamrnn.serving.stats import Count
 from streamrnn.serving.stepping import PushStep
 
 __all__ = ["ComputeThread"]
@@ -54,21 +54,19 @@ class ComputeThread(threading.Thread):
     """Takes work, plans each round, applies it to the engine and queues the replies."""
 
     def __init__(self, engine: EngineLike, caps: Capabilities, config: WorkerConfig,
-                 requests: queue.Queue[Work], outbox: Outbox, table: SequenceTable,
-                 stats: WorkerStats, checkpointer: WorkerCheckpointer | None,
-                 reading_stopped: threading.Event, describe: Callable[[], dict[str, Any]],
-                 report: Callable[[], dict[str, Any]]):
+                 channels: Channels, table: SequenceTable,
+                 checkpointer: WorkerCheckpointer | None,
+                 describe: Callable[[], dict[str, Any]], report: Callable[[], dict[str, Any]]):
         super().__init__(name="streamrnn-compute", daemon=True)
         self.engine = engine
         self.config = config
         self.table = table
         self.checkpointer = checkpointer
-        self._requests = requests
-        self._outbox = outbox
-        self._stats = stats
-        self._reading_stopped = reading_stopped
+        self._channels = channels
+        self._requests = channels.requests
+        self._stats = stats = channels.stats
         self._report = report  # the body of a STATS reply
-        self._reply = Responder(outbox, stats, checkpointer)
+        self._reply = Responder(channels.outbox, stats, checkpointer)
         self._applier = Applier(engine, caps, table, self._reply, stats, checkpointer, describe)
         self._push_step = PushStep(self._applier)
         self._group_generates = caps.generation
@@ -127,14 +125,14 @@ class ComputeThread(threading.Thread):
         except Exception:  # pragma: no cover - a bug; still let the I/O thread finish
             log.exception("compute thread failed")
         finally:
-            self._outbox.finish()
+            self._channels.outbox.finish()
 
     def _wait_and_process(self) -> bool:
         """Process the next batch once a request comes; False when stopped and drained."""
         try:
             first = self._requests.get(timeout=_IDLE_POLL_S)
         except queue.Empty:
-            if self._reading_stopped.is_set() and self._requests.empty():
+            if self._channels.reading_stopped.is_set() and self._requests.empty():
                 # graceful stop: everything applied is kept
                 if self.checkpointer is not None and self._checkpoint():
                     self._reply.release()

@@ -13,8 +13,7 @@ of order.
 
 Example::
 
-    io = IOThread(router, outbox, requests, engine.validate, describe, stats,
-                  stop_requested, reading_stopped, busy_retry_after_ms=5)
+    io = IOThread(router, channels, engine.validate, describe, busy_retry_after_ms=5)
     io.start()
 """
 
@@ -57,8 +56,8 @@ from streamrnn.protocol import (
     negotiate_version,
 )
 from streamrnn.serving.batching import Work
-from streamrnn.serving.outbox import Outbox, echo
-from streamrnn.serving.stats import Count, WorkerStats
+from streamrnn.serving.outbox import Channels, echo
+from streamrnn.serving.stats import Count
 
 __all__ = ["IOThread"]
 
@@ -70,20 +69,17 @@ _READ_BURST = 1000  # requests read per wake-up, so replies are not starved
 class IOThread(threading.Thread):
     """Moves frames between the ROUTER socket, the work queue and the outbox."""
 
-    def __init__(self, router: zmq.Socket, outbox: Outbox, requests: queue.Queue[Work],
+    def __init__(self, router: zmq.Socket, channels: Channels,
                  validate: Callable[[Any], np.ndarray], describe: Callable[[], dict[str, Any]],
-                 stats: WorkerStats, stop_requested: threading.Event,
-                 reading_stopped: threading.Event, busy_retry_after_ms: int,
-                 auth: Any = None):
+                 busy_retry_after_ms: int, auth: Any = None):
         super().__init__(name="streamrnn-io", daemon=True)
         self._router = router
-        self._outbox = outbox
-        self._requests = requests
+        self._channels = channels
+        self._outbox = channels.outbox
+        self._requests = channels.requests
+        self._stats = channels.stats
         self._validate = validate
         self._describe = describe
-        self._stats = stats
-        self._stop_requested = stop_requested
-        self._reading_stopped = reading_stopped
         self._retry_after_ms = busy_retry_after_ms
         self._auth = auth  # the ZAP authenticator thread when CURVE is on
         self._busy_latch: dict[str, int] = {}  # stream -> lowest seq answered BUSY
@@ -97,10 +93,10 @@ class IOThread(threading.Thread):
         reading = True
         try:
             while True:
-                if reading and self._stop_requested.is_set():
+                if reading and self._channels.stop_requested.is_set():
                     poller.unregister(router)
                     reading = False
-                    self._reading_stopped.set()
+                    self._channels.reading_stopped.set()
                 events = dict(poller.poll(50))
                 if reader in events and self._forward_replies():
                     break
@@ -108,7 +104,7 @@ class IOThread(threading.Thread):
                     self._read_requests()
         except Exception:  # pragma: no cover - a bug; keep the process from hanging
             log.exception("I/O thread failed")
-            self._reading_stopped.set()
+            self._channels.reading_stopped.set()
             raise
         finally:
             router.close()

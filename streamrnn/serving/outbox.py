@@ -1,4 +1,5 @@
-"""The one object a worker's two threads share for replies: a queue plus its wake-up pipe.
+"""What a worker's two threads share: the :class:`Outbox` (replies plus their wake-up pipe),
+gathered with the request queue, the counters and the stop signals in :class:`Channels`.
 
 The compute thread :meth:`~Outbox.put` s replies; the I/O thread, woken by a frame on an
 inproc PUSH/PULL pair, :meth:`~Outbox.drain` s them and encodes and sends them while the
@@ -6,6 +7,10 @@ compute thread runs the next step. At most one wake-up frame is on the pipe per 
 Each end of the pipe has one owner (zmq sockets are not thread-safe): the PUSH end is the
 compute thread's (``put``, ``finish``), the PULL end the I/O thread's (``reader``,
 ``drain``, ``close_reader``).
+
+Nothing else passes between the threads: the I/O thread never touches the engine (it only
+calls the engine's ``validate``, which reads fixed facts of the model), the compute thread
+never touches a socket but the outbox's PUSH end.
 
 Example::
 
@@ -21,8 +26,11 @@ Example::
 from __future__ import annotations
 
 import itertools
+import queue
+import threading
 from collections import deque
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -30,8 +38,10 @@ import zmq
 
 from streamrnn.codec import Message
 from streamrnn.protocol import F_REQUEST_ID, F_SEQ, F_STREAM, MessageType
+from streamrnn.serving.batching import Work
+from streamrnn.serving.stats import WorkerStats
 
-__all__ = ["Outbox", "Reply", "echo"]
+__all__ = ["Channels", "Outbox", "Reply", "echo"]
 
 _ids = itertools.count()
 _STOP_FRAME = b""  # the compute thread is done (after its last replies)
@@ -113,3 +123,17 @@ class Outbox:
         """Close the PULL end (the I/O thread, when it ends)."""
         assert self.reader is not None, "Outbox.open() first"
         self.reader.close()
+
+
+@dataclass(frozen=True)
+class Channels:
+    """Everything the I/O and compute threads share: requests in (bounded: full -> BUSY),
+    replies out, the (locked) counters, and the stop signals."""
+
+    requests: queue.Queue[Work]
+    outbox: Outbox
+    stats: WorkerStats
+    #: set by StreamWorker.stop(): the I/O thread stops reading requests
+    stop_requested: threading.Event = field(default_factory=threading.Event)
+    #: set by the I/O thread once it reads no more: the compute thread drains and ends
+    reading_stopped: threading.Event = field(default_factory=threading.Event)

@@ -1,8 +1,8 @@
 """StreamWorker: an engine behind a ZeroMQ ROUTER socket (the serving loop of a worker).
 
-The facade wires two threads. They share only the bounded work queue (requests in), the
-:class:`~streamrnn.serving.outbox.Outbox` (replies out), the locked
-:class:`~streamrnn.serving.stats.WorkerStats` and two stop events:
+The facade wires two threads, which share only their
+:class:`~streamrnn.serving.outbox.Channels` (the bounded request queue, the
+:class:`~streamrnn.serving.outbox.Outbox` of replies, the locked counters, two stop events):
 
 * the **I/O thread** (:class:`~streamrnn.serving.io_thread.IOThread`) owns the ROUTER
   socket: it decodes requests, splits BATCH envelopes, checks chunks, answers PING, BUSY and
@@ -42,12 +42,11 @@ import zmq
 from streamrnn.engine.interface import EngineLike, capabilities_of
 from streamrnn.metrics import Metrics
 from streamrnn.protocol import MAX_CHUNK_STEPS, MAX_MESSAGE_BYTES, REPLY_CACHE_SIZE
-from streamrnn.serving.batching import Work
 from streamrnn.serving.compute import ComputeThread
 from streamrnn.serving.config import WorkerConfig
 from streamrnn.serving.durability import WorkerCheckpointer
 from streamrnn.serving.io_thread import IOThread
-from streamrnn.serving.outbox import Outbox
+from streamrnn.serving.outbox import Channels, Outbox
 from streamrnn.serving.sequencing import SequenceTable
 from streamrnn.serving.sockets import bind_client_socket
 from streamrnn.serving.stats import WorkerStats
@@ -73,15 +72,11 @@ class StreamWorker:
                 config.checkpoint_dir, config.name, config.model_name,
                 config.checkpoint_every_steps, config.checkpoint_every_s)
         self._ctx = context or zmq.Context.instance()
-        self._stats = WorkerStats(self.metrics)
         self._table = SequenceTable()
-        self._requests: queue.Queue[Work] = queue.Queue(maxsize=config.max_queue)
-        self._stop_requested = threading.Event()
-        self._reading_stopped = threading.Event()
-        self._outbox = Outbox()
-        self._compute = ComputeThread(
-            engine, self.capabilities, config, self._requests, self._outbox, self._table,
-            self._stats, self.checkpointer, self._reading_stopped, self.describe, self.stats)
+        self._channels = Channels(queue.Queue(maxsize=config.max_queue), Outbox(),
+                                  WorkerStats(self.metrics))
+        self._compute = ComputeThread(engine, self.capabilities, config, self._channels,
+                                      self._table, self.checkpointer, self.describe, self.stats)
         self._threads: list[threading.Thread] = []
 
     # ---- durability --------------------------------------------------------------------
@@ -116,9 +111,8 @@ class StreamWorker:
         self.endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode()
         if config.metrics_port is not None:
             self.metrics_port = self.metrics.serve(config.metrics_port)
-        self._outbox.open(self._ctx)
-        io = IOThread(router, self._outbox, self._requests, self.engine.validate,
-                      self.describe, self._stats, self._stop_requested, self._reading_stopped,
+        self._channels.outbox.open(self._ctx)
+        io = IOThread(router, self._channels, self.engine.validate, self.describe,
                       config.busy_retry_after_ms, auth)
         self._threads = [io, self._compute]
         for thread in self._threads:
@@ -127,7 +121,7 @@ class StreamWorker:
 
     def stop(self) -> None:
         """Stop reading new requests; queued work is finished and answered, then threads end."""
-        self._stop_requested.set()
+        self._channels.stop_requested.set()
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait for both threads; True if they ended."""
@@ -145,11 +139,11 @@ class StreamWorker:
 
     def stats(self) -> dict[str, Any]:
         """Counters of the worker plus the engine's stats (the STATS reply's ``stats``)."""
-        counts, errors = self._stats.snapshot()
+        counts, errors = self._channels.stats.snapshot()
         ckpt = self.checkpointer
         return {
-            "uptime_s": round(time.monotonic() - self._stats.started, 3),
-            "queue_depth": self._requests.qsize(),
+            "uptime_s": round(time.monotonic() - self._channels.stats.started, 3),
+            "queue_depth": self._channels.requests.qsize(),
             "queue_capacity": self.config.max_queue,
             "batch_window_us": self.config.batch_window_us,
             "sequenced_streams": len(self._table),

@@ -42,32 +42,43 @@ def data(steps, seed):
         np.float32)
 
 
-def test_streaming_equals_offline_many_threads(worker):
-    """12 streams, 6 threads sharing one client + 6 with their own, random chunks, resets."""
-    rng = np.random.default_rng(1)
-    steps = 120
-    streams = {f"mt-{i}": data(steps, 100 + i) for i in range(12)}
-    results: dict[str, list[np.ndarray]] = {}
-    resets: dict[str, int] = {}
-    errors: list[BaseException] = []
-    plans = {}
-    for name in streams:
+def _plan_chunks(rng, names, steps):
+    """Random cut points per stream (chunks of 1..39 steps), and a mid-stream reset for
+    every third stream with more than two chunks: ``(cuts, resets)``."""
+    plans, resets = {}, {}
+    for name in names:
         cuts = [0]
         while cuts[-1] < steps:
             cuts.append(min(steps, cuts[-1] + int(rng.integers(1, 40))))
         plans[name] = cuts
         if len(cuts) > 3 and int(name.split("-")[1]) % 3 == 0:
             resets[name] = cuts[len(cuts) // 2]
+    return plans, resets
+
+
+def _drive(client, name, x, cuts, reset_at):
+    """Push ``x`` as stream ``name`` in the planned chunks, pipelined (with a RESET before
+    the chunk that starts at ``reset_at``); returns the outputs in order."""
+    futures = []
+    for a, b in zip(cuts, cuts[1:], strict=False):
+        if reset_at == a:
+            client.reset_async(name)
+        futures.append(client.push_async(name, x[a:b]))
+    return [f.result() for f in futures]
+
+
+def test_streaming_equals_offline_many_threads(worker):
+    """12 streams, 6 threads sharing one client + 6 with their own, random chunks, resets."""
+    rng = np.random.default_rng(1)
+    steps = 120
+    streams = {f"mt-{i}": data(steps, 100 + i) for i in range(12)}
+    plans, resets = _plan_chunks(rng, streams, steps)
+    results: dict[str, list[np.ndarray]] = {}
+    errors: list[BaseException] = []
 
     def drive(client, name):
         try:
-            x, cuts = streams[name], plans[name]
-            futures = []
-            for a, b in zip(cuts, cuts[1:], strict=False):
-                if resets.get(name) == a:
-                    client.reset_async(name)
-                futures.append(client.push_async(name, x[a:b]))
-            results[name] = [f.result() for f in futures]
+            results[name] = _drive(client, name, streams[name], plans[name], resets.get(name))
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 

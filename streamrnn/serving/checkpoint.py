@@ -35,6 +35,17 @@ import numpy as np
 from streamrnn.atomic import atomic_write
 from streamrnn.errors import CheckpointError
 
+__all__ = [
+    "Checkpoint",
+    "FORMAT_VERSION",
+    "MAGIC",
+    "StateLayout",
+    "StreamRecord",
+    "layout_of",
+    "load_checkpoint",
+    "save_checkpoint",
+]
+
 MAGIC = b"SRNNCKPT"
 FORMAT_VERSION = 1
 _HEADER = struct.Struct("<8sIQ32s")

@@ -33,6 +33,8 @@ from typing import Any
 
 from streamrnn.protocol import REPLY_CACHE_SIZE, ErrorCode, MessageType
 
+__all__ = ["CachedReply", "Decision", "SequenceTable", "Verdict"]
+
 #: A cached reply: (type, header without "rid", arrays).
 CachedReply = tuple[MessageType, dict[str, Any], dict[str, Any]]
 

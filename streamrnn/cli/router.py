@@ -26,18 +26,22 @@ READY_MARKER = "streamrnn router ready on "
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The router's command-line options (shared with ``streamrnn router``)."""
-    parser.add_argument("--bind", default="tcp://127.0.0.1:5555",
+    """The router's command-line options (shared with ``streamrnn router``); their defaults
+    are :class:`~streamrnn.cluster.router.RouterConfig`'s."""
+    from streamrnn.cluster.router import RouterConfig
+
+    defaults = RouterConfig()
+    parser.add_argument("--bind", default=defaults.bind,
                         help="client endpoint (same protocol as a worker); port 0: any")
-    parser.add_argument("--workers-bind", default="tcp://127.0.0.1:5556",
+    parser.add_argument("--workers-bind", default=defaults.workers_bind,
                         help="endpoint workers register and heartbeat to (--register)")
-    parser.add_argument("--dead-after-s", type=float, default=1.0,
+    parser.add_argument("--dead-after-s", type=float, default=defaults.dead_after_s,
                         help="declare a worker dead after this long without a heartbeat")
-    parser.add_argument("--busy-retry-after-ms", type=int, default=20,
+    parser.add_argument("--busy-retry-after-ms", type=int, default=defaults.busy_retry_after_ms,
                         help="retry hint in BUSY answers (streams moving to a survivor)")
-    parser.add_argument("--curve-secret-key", default=None, metavar="FILE",
+    parser.add_argument("--curve-secret-key", default=defaults.curve_secret_key, metavar="FILE",
                         help="CURVE on the client endpoint: this server key (.key_secret)")
-    parser.add_argument("--curve-allow", default=None, metavar="DIR_OR_FILE",
+    parser.add_argument("--curve-allow", default=defaults.curve_allow, metavar="DIR_OR_FILE",
                         help="CURVE: client public keys (.key files) that may connect")
     add_metrics_argument(parser)
     add_logging_arguments(parser)

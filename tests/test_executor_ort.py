@@ -25,8 +25,6 @@ from tests.executor_contract import (
     check_snapshot_from_keras,
     offline,
     offline_model,
-    random_seq,  # noqa: F401 (tests/test_executor_torch.py imports it from here, for now)
-    randomize,  # noqa: F401 (the same)
     stream_and_check,
 )
 from tests.executor_contract import seq_model as _seq

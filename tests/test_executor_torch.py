@@ -1,6 +1,6 @@
 """The torch executor's contract: streaming equals one offline Keras call.
 
-The same harness as the ONNX Runtime executor (tests/test_executor_ort.py): for each small
+The same harness as the ONNX Runtime executor (tests/executor_contract.py): for each small
 seeded model, several streams are fed random chunks (1..40 steps) in random groups, with a
 reset in the middle and a snapshot restored into another slot; every stream's concatenated
 outputs must equal the original model applied once to its whole sequence since its last
@@ -39,17 +39,17 @@ from streamrnn.executors.torch_spec import (  # noqa: E402
     ModelSpec,
     spec_from_keras,
 )
-from tests.test_executor_ort import (  # noqa: E402
+from tests.executor_contract import (  # noqa: E402
     MODELS,
     MinimalCell,
     MyLSTMCell,
-    _seq,
     offline,
     offline_model,
     random_seq,
     randomize,
     stream_and_check,
 )
+from tests.executor_contract import seq_model as _seq  # noqa: E402
 
 L = keras.layers
 TOL = 1e-5

@@ -46,7 +46,7 @@ def test_engine_executor_and_state_rows_meet_their_protocols(engine):
     assert engine.executor.device in ("CPU", "GPU")
     assert engine.executor.kernel == engine.kernel
     assert engine.runner is engine.executor  # the older name still works
-    assert isinstance(engine.bank, StateRows)
+    assert isinstance(engine.bank, StateRows) and engine.bank is engine.executor.state
     layout = engine.state_layout
     initial = engine.initial_state()
     assert [(str(r.dtype), r.shape) for r in initial] == layout
@@ -92,6 +92,7 @@ PURE = [
     "streamrnn.engine.slots",
     "streamrnn.engine.validation",
     "streamrnn.executors.buckets",
+    "streamrnn.executors.rows",
 ]
 
 

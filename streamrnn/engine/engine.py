@@ -31,7 +31,6 @@ from streamrnn.engine.generate import GenerationMixin, Generator
 from streamrnn.engine.interface import Executor, StateRows, StateSnapshot
 from streamrnn.engine.residency import Residency
 from streamrnn.engine.slots import SlotTable
-from streamrnn.engine.state import StateBank
 from streamrnn.engine.validation import validate_chunk
 from streamrnn.errors import EngineFullError, InvalidInputError
 from streamrnn.executors.buckets import plan_steps
@@ -68,7 +67,7 @@ class Engine(GenerationMixin):
         self.jit_compile = not gpu_available() if jit_compile is None else jit_compile
         self.executor: Executor = ModelRunner(
             serving, max_bucket=max_bucket, jit_compile=self.jit_compile)
-        self.bank: StateRows = StateBank(serving.state_variables())
+        self.bank: StateRows = self.executor.state
         self.table = SlotTable(serving.slots)
         # Streams beyond the slot count live in host memory (LRU swap); None: slots only.
         self.residency = Residency(self.table, self.bank, max_streams)

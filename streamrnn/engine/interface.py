@@ -13,6 +13,10 @@ some slots' rows and keeps those rows. Today it has one implementation, the Kera
 (:class:`~streamrnn.executors.keras_runner.ModelRunner`: fused XLA or the Keras layer); the
 ONNX Runtime and torch executors plug in beside it.
 
+:data:`StateSnapshot` (one slot's rows) is defined with the executors' shared row helpers
+(:mod:`streamrnn.executors.rows`, below this layer, so executors can name it too) and
+re-exported here.
+
 Shapes: a chunk is ``(T, D)`` float32 features or ``(T,)`` int32 token ids; outputs are
 ``(T, output_dim)`` float32; a state snapshot is one numpy row per state variable (for an
 LSTM of ``units``: ``[h (units,), c (units,)]``).
@@ -35,6 +39,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from streamrnn.executors.rows import StateSnapshot
+
 __all__ = [
     "Capabilities",
     "EngineLike",
@@ -48,8 +54,6 @@ __all__ = [
     "capabilities_of",
 ]
 
-StateSnapshot = list[np.ndarray]
-"""One slot's state: one numpy row per state variable (variable shape without the slot axis)."""
 
 
 @runtime_checkable
@@ -228,6 +232,8 @@ class Executor(Protocol):
     name: str
     #: padded step lengths it compiles for (powers of two up to the max bucket)
     buckets: list[int]
+    #: the state rows of every slot, kept where this executor computes
+    state: StateRows
     #: counters reported in STATS: ``run`` calls, chunk timesteps stepped, compiled traces
     #: (0 for an executor that does not trace)
     steps_run: int

@@ -20,9 +20,9 @@ the cell once per timestep, each call multiplying the input by the input kernel.
 
 The weights are read from the cloned layer's own ``cell`` variables at every call (so
 ``set_weights`` / weight-version swaps carry over) and the state lives in the layer's own
-``layer.states`` variables (so :class:`~streamrnn.engine.state.StateBank` rows, snapshots and
-resets keep working unchanged). Cells it does not know (custom cells, stacked cells,
-non-float32 dtype policies) are left to the Keras layer: :func:`fusable` says why.
+``layer.states`` variables (so :class:`~streamrnn.executors.keras_state.StateBank` rows,
+snapshots and resets keep working unchanged). Cells it does not know (custom cells, stacked
+cells, non-float32 dtype policies) are left to the Keras layer: :func:`fusable` says why.
 
 Example::
 

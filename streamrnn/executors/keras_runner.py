@@ -2,8 +2,9 @@
 the compiled stateful step of a serving clone.
 
 It meets :class:`~streamrnn.engine.interface.Executor` (``name == "keras"``): the reference
-executor and the fallback for any layer the others do not map. Its state rows are the
-serving clone's own state variables (``engine.state.StateBank`` reads and writes them).
+executor and the fallback for any layer the others do not map. Its state rows
+(``runner.state``, a :class:`~streamrnn.executors.keras_state.StateBank`) are the serving
+clone's own state variables.
 
 Each step takes, for some slots, a chunk of ``t <= bucket`` steps, right-pads it into
 ``x (slots, bucket, D)`` (or ``(slots, bucket)`` token ids) with ``mask (slots, bucket)``,
@@ -32,6 +33,7 @@ import numpy as np
 import tensorflow as tf
 
 from streamrnn.executors.buckets import bucket_sizes
+from streamrnn.executors.keras_state import StateBank
 from streamrnn.executors.models import ServingModel
 
 __all__ = ["ModelRunner", "gpu_available"]
@@ -63,6 +65,7 @@ class ModelRunner:
             jit_compile = not gpu_available()
         self.serving = serving
         self.slots = serving.slots
+        self.state = StateBank(serving.state_variables())
         self.max_bucket = max_bucket
         self.buckets = bucket_sizes(max_bucket)
         self.jit_compile = jit_compile

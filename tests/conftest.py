@@ -14,8 +14,8 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 @pytest.fixture(scope="module")
 def worker():
-    """The session's shared real worker process (tests/shared_worker.py)."""
-    from tests.shared_worker import shared_worker
+    """The session's shared real worker process (tests/helpers/shared_worker.py)."""
+    from tests.helpers.shared_worker import shared_worker
 
     return shared_worker()
 

@@ -17,7 +17,7 @@ from streamrnn.protocol import (
     ErrorCode,
     MessageType,
 )
-from tests.codec_strategies import STRUCTURED_HEADER, encoded
+from tests.helpers.codec_strategies import STRUCTURED_HEADER, encoded
 
 X = np.arange(12, dtype=np.float32).reshape(4, 3)
 

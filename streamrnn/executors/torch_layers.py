@@ -8,6 +8,14 @@ lengths differ it packs the batch (``pack_padded_sequence``, unsorted), so every
 layer returns each row's state at its own last valid step, and the timewise layers run on
 the packed rows (the valid steps only).
 
+Precision: ``TorchChain(spec, dtype=torch.bfloat16)`` keeps the weights of the recurrent
+cells, Dense and Embedding in bf16 and runs their GEMMs in bf16; normalization layers and
+activations keep float32 parameters and compute in float32 on upcast inputs (torch.autocast's
+policy: they are cheap, and LayerNormalization / softmax lose most to bf16 rounding). Every
+layer casts its input to its own dtype, so the chain takes float32 (or int ids) and states in
+float32 and returns float32 outputs and states, whatever runs inside. The default (float32)
+casts nothing.
+
 Weight mapping (Keras -> torch): LSTM gates i, f, c, o are torch's i, f, g, o (kernels
 transposed; Keras' one bias goes to ``bias_ih``, zeros to ``bias_hh``); GRU gates z, r, h
 become r, z, n, and the two biases of ``reset_after=True`` are ``bias_ih`` / ``bias_hh``;
@@ -15,8 +23,8 @@ SimpleRNN: ``bias_ih`` = bias, ``bias_hh`` = zeros.
 
 Example::
 
-    chain = TorchChain(spec)
-    chain.load(keras_weights)                   # copied in place
+    chain = TorchChain(spec)                    # or TorchChain(spec, dtype=torch.bfloat16)
+    chain.load(keras_weights)                   # copied in place (cast to each weight's dtype)
     y, states = chain(x, lengths, states)       # x (k, T, D); states [(k, units), ...]
 """
 
@@ -73,15 +81,23 @@ ACTIVATION_FUNCTIONS: dict[str, Callable[[torch.Tensor, Any], torch.Tensor]] = {
 }
 
 
-class _Timewise(nn.Module):
-    """One layer acting on each timestep, applied to rows ``(N, dim)`` (or ``(N,)`` ids)."""
+#: timewise kinds whose weights take the chain's dtype (the GEMMs); the others stay float32
+_GEMM_KINDS = ("dense", "embedding")
 
-    def __init__(self, spec: LayerSpec, dim: int):
+
+class _Timewise(nn.Module):
+    """One layer acting on each timestep, applied to rows ``(N, dim)`` (or ``(N,)`` ids).
+
+    Dense runs in its weights' dtype; norms and activations in float32 (a no-op cast when
+    everything is float32)."""
+
+    def __init__(self, spec: LayerSpec, dim: int, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.spec = spec
         shapes = spec.weight_shapes(dim)
+        dtype = dtype if spec.kind in _GEMM_KINDS else torch.float32
         self.params = nn.ParameterList(
-            [nn.Parameter(torch.zeros(s), requires_grad=False) for s in shapes])
+            [nn.Parameter(torch.zeros(s, dtype=dtype), requires_grad=False) for s in shapes])
 
     def convert(self, arrays: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
         """This layer's Keras arrays -> ``{parameter name: array}`` (the same layout)."""
@@ -89,11 +105,12 @@ class _Timewise(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s, w = self.spec, list(self.params)
-        if s.kind == "dense":
-            x = F.linear(x, w[0].T, w[1] if s.use_bias else None)
-        elif s.kind == "embedding":
+        if s.kind == "embedding":
             return F.embedding(x, w[0])
-        elif s.kind in ("layer_norm", "batch_norm"):
+        if s.kind == "dense":
+            x = F.linear(x.to(w[0].dtype), w[0].T, w[1] if s.use_bias else None)
+        x = x.float()
+        if s.kind in ("layer_norm", "batch_norm"):
             return self._norm(x, w)
         return ACTIVATION_FUNCTIONS[s.activation](x, s.alpha)
 
@@ -113,15 +130,18 @@ def _swap_zr(m: np.ndarray) -> np.ndarray:
 
 
 class _Recurrent(nn.Module):
-    """One recurrent cell as a one-layer ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``."""
+    """One recurrent cell as a one-layer ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` in ``dtype``
+    (inputs and float32 states are cast to it; the states come back in float32)."""
 
-    def __init__(self, spec: LayerSpec, dim: int):
+    def __init__(self, spec: LayerSpec, dim: int, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.spec = spec
+        self.dtype = dtype
         self.n_states = 2 if spec.kind == "lstm" else 1
         extra = {"nonlinearity": spec.activation} if spec.kind == "rnn" else {}
         cls = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[spec.kind]
-        self.rnn = cls(dim, spec.units, batch_first=True, bias=spec.use_bias, **extra)
+        self.rnn = cls(dim, spec.units, batch_first=True, bias=spec.use_bias, dtype=dtype,
+                       **extra)
         self.rnn.requires_grad_(False)
 
     def convert(self, arrays: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
@@ -139,11 +159,13 @@ class _Recurrent(nn.Module):
 
     def forward(self, h: torch.Tensor | PackedSequence, states: list[torch.Tensor]
                 ) -> tuple[torch.Tensor | PackedSequence, list[torch.Tensor]]:
+        h = h.to(self.dtype)
+        s = [t[None].to(self.dtype) for t in states]
         if self.n_states == 2:
-            y, (hn, cn) = self.rnn(h, (states[0][None], states[1][None]))
-            return y, [hn[0], cn[0]]
-        y, hn = self.rnn(h, states[0][None])
-        return y, [hn[0]]
+            y, (hn, cn) = self.rnn(h, (s[0], s[1]))
+            return y, [hn[0].float(), cn[0].float()]
+        y, hn = self.rnn(h, s[0])
+        return y, [hn[0].float()]
 
 
 def _rowwise(layer: nn.Module, h: torch.Tensor | PackedSequence
@@ -157,13 +179,15 @@ def _rowwise(layer: nn.Module, h: torch.Tensor | PackedSequence
 
 
 class TorchChain(nn.Module):
-    """The module chain of a :class:`ModelSpec` (weights from :meth:`load`)."""
+    """The module chain of a :class:`ModelSpec` (weights from :meth:`load`); ``dtype``
+    is the recurrent cells' and Dense / Embedding weights' (float32 or bfloat16)."""
 
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.spec = spec
+        self.dtype = dtype
         self.steps = nn.ModuleList(
-            _Recurrent(s, d) if s.kind in RECURRENT_KINDS else _Timewise(s, d)
+            (_Recurrent if s.kind in RECURRENT_KINDS else _Timewise)(s, d, dtype)
             for s, d in zip(spec.layers, spec.widths(), strict=True))
 
     def convert(self, weights: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
@@ -196,8 +220,8 @@ class TorchChain(nn.Module):
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None,
                 states: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``x (k, T, ...)`` right-padded, ``lengths (k,)`` on the CPU (None: all ``T``),
-        one ``(k, units)`` per state -> ``y (k, T, output_dim)`` and the states at each
-        row's last valid step."""
+        one float32 ``(k, units)`` per state -> float32 ``y (k, T, output_dim)`` and the
+        states at each row's last valid step."""
         h: torch.Tensor | PackedSequence = x
         if lengths is not None:
             h = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
@@ -210,4 +234,4 @@ class TorchChain(nn.Module):
                 h = _rowwise(step, h)
         if isinstance(h, PackedSequence):
             h = pad_packed_sequence(h, batch_first=True)[0]
-        return h, new
+        return h.float(), new

@@ -17,6 +17,27 @@ kernels), ``cudnn=False`` under ``enabled=False`` (torch's own per-step kernels)
 engine can measure both. TF32 stays off (``tf32=False``) to keep float32 results within
 1e-5 of Keras.
 
+Reduced precision (opt-in, never the default): ``precision="bf16"`` keeps the weights of the
+recurrent cells, Dense and Embedding in bf16 and runs their GEMMs in bf16 (norms and
+activations stay float32: :mod:`~streamrnn.executors.torch_layers`). It is accepted where bf16
+math is fast: a CPU with AMX (``amx_bf16``) or AVX512-BF16 (``avx512_bf16``), or a CUDA device
+with bf16 support (:func:`~streamrnn.executors.precision.bf16_missing` decides, from the
+facts :func:`host_bf16_facts` reads); anywhere else the constructor raises
+:class:`~streamrnn.executors.precision.PrecisionUnsupported` naming what is missing
+(on AVX2 torch computes bf16 too, by emulation: slower than float32, so it is refused).
+State between chunks: the state bank keeps float32 rows, as with ``precision="float32"`` (so
+snapshots move between executors and precisions unchanged); a step casts the gathered rows to
+bf16 and the new states back. torch's CPU kernel carries its states in bf16 from step to step
+inside a chunk anyway, so there the chunk boundary adds no rounding (bf16 -> float32 -> bf16 is
+exact) and a stream's results do not depend on its chunking (measured: a 2,000-step stream in
+random chunks of 1..64 equals one bf16 call on the whole stream bit for bit); a kernel that
+keeps the cell state in float32 inside a chunk (oneDNN, cuDNN may) rounds it once per chunk,
+the size of one step's rounding. A row restored from a float32 snapshot is rounded once.
+Accuracy: the contract is streamed == offline float32 Keras within ``BF16_TOLERANCE``
+(``|got - want| <= 2e-2 + 2e-2 * |want|``); the error comes from rounding the weights and each
+step's activations and does not grow with the stream's length (2,000 steps, LSTM/GRU(256):
+max abs 0.004-0.007 vs float32 in every 200-step window; tests/executors/test_precision.py).
+
 Threads (CPU): ``torch.set_num_threads(threads)`` is process-wide (default: all cores).
 torch's OpenMP runtime (GNU libgomp in the pip wheels) spins its waiting threads by default;
 beside other busy threads on few cores a spinning pool collapses (measured 10x slower).
@@ -35,13 +56,14 @@ Example::
     ex.set_weights(new_model.get_weights())               # copied in place, no rebuild
     pinned = ex.convert_weights(old_weights)               # {parameter: tensor on the device}
     out = ex.run({3: chunk_c}, bucket=16, weights=pinned)  # this step only (functional_call)
+    TorchExecutor.from_keras(model, slots=64, precision="bf16")  # AMX / AVX512-BF16 / CUDA
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 # libgomp reads its wait policy once, when torch loads (module docstring: Threads)
@@ -52,6 +74,7 @@ import torch
 
 from streamrnn.executors.buckets import bucket_sizes
 from streamrnn.executors.padding import pad_chunks
+from streamrnn.executors.precision import PrecisionUnsupported, bf16_missing, cpu_flags
 from streamrnn.executors.torch_layers import TorchChain
 from streamrnn.executors.torch_spec import (
     LayerSpec,
@@ -60,10 +83,56 @@ from streamrnn.executors.torch_spec import (
     spec_from_keras,
 )
 
-__all__ = ["LayerSpec", "ModelSpec", "TorchExecutor", "TorchStateBank", "TorchUnsupported"]
+__all__ = [
+    "LayerSpec",
+    "ModelSpec",
+    "PRECISIONS",
+    "PrecisionUnsupported",
+    "TorchExecutor",
+    "TorchStateBank",
+    "TorchUnsupported",
+    "host_bf16_facts",
+]
 
 StateSnapshot = list[np.ndarray]
 _KIND_NAMES = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}
+
+#: precision name -> the dtype of the GEMM weights and math
+PRECISIONS: dict[str, torch.dtype] = {"float32": torch.float32, "bf16": torch.bfloat16}
+
+
+def host_bf16_facts(device: torch.device) -> tuple[Collection[str], bool]:
+    """This machine's CPU flags and, on CUDA, the device's bf16 support (for
+    :func:`bf16_missing`): /proc/cpuinfo where there is one, plus torch's own probes."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(cpu_flags(f.read()))
+    except OSError:
+        flags = set()
+    # torch's cpuinfo probes (every AMX CPU has amx_bf16 with amx_tile)
+    probes = {"avx512_bf16": "_is_avx512_bf16_supported", "amx_bf16": "_is_amx_tile_supported"}
+    flags |= {flag for flag, probe in probes.items()
+              if getattr(torch.cpu, probe, lambda: False)()}
+    return flags, device.type == "cuda" and torch.cuda.is_available() and _cuda_bf16()
+
+
+def _cuda_bf16() -> bool:
+    """The current CUDA device computes bf16 natively (Ampere+; not torch's emulation)."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch < 2.4: no emulation, no argument
+        return torch.cuda.is_bf16_supported()
+
+
+def _check_precision(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype of ``precision`` on ``device``; ValueError / PrecisionUnsupported."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    if precision != "float32":
+        missing = bf16_missing(device.type, *host_bf16_facts(device))
+        if missing:
+            raise PrecisionUnsupported(precision, str(device), missing)
+    return PRECISIONS[precision]
 
 
 class TorchStateBank:
@@ -143,24 +212,31 @@ class TorchExecutor:
         cudnn: on CUDA, run the recurrent layers with cuDNN (False: torch's own kernels).
         threads: CPU intra-op threads (process-wide; default ``os.cpu_count()``).
         tf32: allow TF32 math in cuDNN (faster on Ampere+, but not within 1e-5 of Keras).
+        precision: ``"float32"`` (default: within 1e-5 of Keras) or ``"bf16"`` (GEMMs in
+            bf16 where the device does them fast; within :data:`BF16_TOLERANCE`).
+
+    Raises:
+        PrecisionUnsupported: ``precision="bf16"`` on a device without fast bf16 math.
     """
 
     name = "torch"
 
     def __init__(self, spec: ModelSpec, weights: Sequence[np.ndarray], slots: int, *,
                  max_bucket: int = 64, device: str = "cpu", cudnn: bool = True,
-                 threads: int | None = None, tf32: bool = False):
+                 threads: int | None = None, tf32: bool = False, precision: str = "float32"):
         self.spec = spec
         self.slots = slots
         self.max_bucket = max_bucket
         self.buckets = bucket_sizes(max_bucket)
         self.torch_device = torch.device(device)
+        self.dtype = _check_precision(precision, self.torch_device)
+        self.precision = precision
         self.cudnn = cudnn
         self.tf32 = tf32
         self.threads = threads or os.cpu_count() or 1
         if self.torch_device.type == "cpu":
             torch.set_num_threads(self.threads)
-        self.chain = TorchChain(spec).to(self.torch_device).eval()
+        self.chain = TorchChain(spec, self.dtype).to(self.torch_device).eval()
         self.chain.load(weights)
         self.state = TorchStateBank(spec.state_units(), slots, self.torch_device)
         self._dtype = np.int64 if spec.input_kind == "tokens" else np.float32
@@ -199,17 +275,21 @@ class TorchExecutor:
 
     @property
     def kernel(self) -> str:
-        """What runs, e.g. ``"LSTM torch on CUDA, cuDNN"``, ``"LSTM torch on CPU (2 threads)"``."""
+        """What runs, e.g. ``"LSTM torch on CUDA, cuDNN"``, ``"LSTM torch on CPU (2 threads)"``
+        (``", bf16"`` added in reduced precision)."""
         kinds = "+".join(sorted({_KIND_NAMES[s.kind] for s in self.spec.layers
                                  if s.kind in _KIND_NAMES}))
+        bf16 = "" if self.precision == "float32" else f", {self.precision}"
         if self.device == "GPU":
-            return f"{kinds} torch on CUDA, {'cuDNN' if self.cudnn else 'no cuDNN'}"
-        return f"{kinds} torch on CPU ({self.threads} threads)"
+            return f"{kinds} torch on CUDA, {'cuDNN' if self.cudnn else 'no cuDNN'}{bf16}"
+        return f"{kinds} torch on CPU ({self.threads} threads{bf16})"
 
     def convert_weights(self, weights: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
-        """Keras-order weights -> parameters on the device, for :meth:`run`'s ``weights``
-        (keep one per pinned version). ValueError if a count or shape differs."""
-        return {name: torch.from_numpy(a).to(self.torch_device)
+        """Keras-order weights -> parameters on the device (in each parameter's dtype), for
+        :meth:`run`'s ``weights`` (keep one per pinned version). ValueError if a count or
+        shape differs."""
+        return {name: torch.from_numpy(a).to(self.torch_device,
+                                             self.chain.get_parameter(name).dtype)
                 for name, a in self.chain.convert(weights).items()}
 
     def set_weights(self, weights: Sequence[np.ndarray] | Mapping[str, torch.Tensor]) -> None:

@@ -16,9 +16,10 @@ each with XLA on and off. Also: the classic per-step ``predict([x, h, c])`` reci
 float32 GEMM ceiling (2048^3 ``tf.matmul``), the headline step's recurrent GEMMs alone as
 XLA dots (``xla-dot-chain``: the bound of any XLA step at that shape, as a fraction of the
 ceiling), cuDNN on/off on a GPU, and the PyTorch
-``nn.LSTM`` peer (``/work/shared/bench/peer_torch_lstm.py`` run by ``$STREAMRNN_TORCH_PYTHON``,
-default ``/tmp/torchenv/bin/python``; skipped if missing), whose runs alternate with rounds
-of the fused step for an interleaved ratio.
+``nn.LSTM`` peer (``torch-lstm`` of ``bench/kernel_peers.py`` in its own process, run by
+``$STREAMRNN_TORCH_PYTHON``, default this interpreter; skipped if torch is missing there),
+whose runs alternate with rounds of the fused step for an interleaved ratio.
+``bench/test_bench_executors.py`` sets the executors against the peers.
 
 Every case stores in ``extra_info``: ``suite="kernel"``, ``variant``, ``xla``, ``slots``,
 ``chunk``, ``timesteps_per_s`` (from the median round), ``timesteps_per_s_best`` (from the
@@ -32,14 +33,13 @@ slots {1, 8, 64, 256} x chunk {1, 16, 128} x every variant.
 from __future__ import annotations
 
 import os
-import re
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
+from kernel_peers import KernelSpec, flops_per_timestep
+from peer_rounds import KernelSet
 
 FEATURES, UNITS = 64, 256
 FULL = os.environ.get("STREAMRNN_BENCH", "quick") == "full"
@@ -50,15 +50,9 @@ VARIANTS = [
     ("fused", True), ("fused", False),
 ]
 SLOTS, CHUNKS = (1, 8, 64, 256), (1, 16, 128)
-TORCH_PEER = Path(os.environ.get("STREAMRNN_TORCH_PEER", "/work/shared/bench/peer_torch_lstm.py"))
-TORCH_PYTHON = os.environ.get("STREAMRNN_TORCH_PYTHON", "/tmp/torchenv/bin/python")
+TORCH_PYTHON = os.environ.get("STREAMRNN_TORCH_PYTHON", sys.executable)
 TORCH_PAIRS = 3  # torch peer runs alternating with rounds of the fused step
 HEADLINE = (64, 16)  # slots, chunk: the shape of the issue's kernel targets
-
-
-def flops_per_timestep(features: int = FEATURES, units: int = UNITS) -> int:
-    """Multiply-adds x 2 of one LSTM step plus the Dense head (the peer's formula)."""
-    return 2 * 4 * units * (features + units) + 2 * units * features
 
 
 def _grid() -> list[tuple[str, bool, int, int]]:
@@ -169,7 +163,7 @@ def test_kernel_step(benchmark, variant, xla, slots, chunk):
     info = benchmark.extra_info
     info.update(
         variant=variant, xla=xla, slots=slots, chunk=chunk, kernel=runner.kernel,
-        compile_s=compile_s, traces=runner.trace_count,
+        compile_s=compile_s, traces=runner.trace_count, grid="full" if FULL else "quick",
     )
     if "keras-lstm-xla" in refs:
         info["ratio_vs_keras_lstm_xla"] = info["ref_seconds"]["keras-lstm-xla"] / info[
@@ -300,42 +294,37 @@ def test_cudnn_step(benchmark, use_cudnn):
 
 
 def test_torch_peer(benchmark):
-    """PyTorch ``nn.LSTM`` + Linear on the same shapes and threads, in its own venv.
+    """PyTorch ``nn.LSTM`` + Linear on the same shapes and threads, in its own process.
 
-    Peer runs alternate with rounds of the engine's default step (fused, XLA) at the same
-    shape, ``TORCH_PAIRS`` times; ``ratio_fused_vs_torch_interleaved`` is the median of the
-    per-pair ratios (this machine's speed drifts between minutes).
+    Peer runs (and a torch 2048^3 matmul, its GEMM) alternate with rounds of the engine's
+    Keras step (fused, XLA) at the same shape, ``TORCH_PAIRS`` times;
+    ``ratio_fused_vs_torch_interleaved`` is the median of the per-pair ratios (this
+    machine's speed drifts between minutes).
     """
-    if not (Path(TORCH_PYTHON).exists() and TORCH_PEER.exists()):
-        pytest.skip(
-            f"no torch peer: {TORCH_PYTHON} or {TORCH_PEER} missing (python -m venv "
-            "/tmp/torchenv && /tmp/torchenv/bin/pip install torch==2.13.0 numpy)"
-        )
-    slots, chunk = 64, 16
-    _, fused_step, _ = _runner("fused", True, slots, chunk)
-    outputs: list[str] = []
-    torch_rates: list[float] = []
-    torch_gemm: list[float] = []
-    fused_rates: list[float] = []
-    pattern = re.compile(r"([\d,]+) timesteps/s\s+([\d.]+) GFLOP/s\s+\(GEMM ceiling ([\d.]+)")
+    slots, chunk = HEADLINE
+    specs = {"torch": KernelSpec("torch-lstm", slots, chunk, FEATURES, UNITS),
+             "gemm": KernelSpec("gemm-torch")}
+    with KernelSet(specs, python=TORCH_PYTHON) as peers:
+        if "torch" not in peers.ready:
+            pytest.skip(f"no torch peer with {TORCH_PYTHON}: {peers.missing['torch']}")
+        _, fused_step, _ = _runner("fused", True, slots, chunk)
+        torch_rates: list[float] = []
+        torch_gemm: list[float] = []
+        fused_rates: list[float] = []
 
-    def pair():
-        cmd = [TORCH_PYTHON, str(TORCH_PEER), "--slots", str(slots), "--chunk", str(chunk),
-               "--features", str(FEATURES), "--units", str(UNITS), "--threads", "2",
-               "--seconds", str(SECONDS)]
-        text = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        m = pattern.search(text)
-        assert m, text
-        outputs.append(text)
-        torch_rates.append(float(m.group(1).replace(",", "")))
-        torch_gemm.append(float(m.group(3)))
-        calls, start = 0, time.perf_counter()
-        while time.perf_counter() - start < SECONDS:
-            fused_step()
-            calls += 1
-        fused_rates.append(calls * slots * chunk / (time.perf_counter() - start))
+        def pair():
+            t = peers.ready["torch"].process.time(SECONDS)
+            torch_rates.append(t["calls"] * slots * chunk / t["seconds"])
+            g = peers.ready["gemm"].process.time(SECONDS)
+            torch_gemm.append(g["calls"] * peers.ready["gemm"].work / g["seconds"] / 1e9)
+            calls, start = 0, time.perf_counter()
+            while time.perf_counter() - start < SECONDS:
+                fused_step()
+                calls += 1
+            fused_rates.append(calls * slots * chunk / (time.perf_counter() - start))
 
-    benchmark.pedantic(pair, rounds=TORCH_PAIRS, iterations=1)
+        benchmark.pedantic(pair, rounds=TORCH_PAIRS, iterations=1)
+        peer = peers.ready["torch"].info["kernel"]
     rate = float(np.median(torch_rates))
     ratios = [f / t for f, t in zip(fused_rates, torch_rates, strict=True)]
     benchmark.extra_info.update(
@@ -343,7 +332,7 @@ def test_torch_peer(benchmark):
         timesteps_per_s=rate, timesteps_per_s_best=max(torch_rates),
         gflops=rate * flops_per_timestep() / 1e9,
         torch_gemm_gflops=float(np.median(torch_gemm)), flops_per_timestep=flops_per_timestep(),
-        peer_output=outputs[0].strip(), python=sys.version.split()[0],
+        peer_output=peer, python=sys.version.split()[0],
         fused_timesteps_per_s_interleaved=float(np.median(fused_rates)),
         ratio_fused_vs_torch_interleaved=float(np.median(ratios)),
         ratios_fused_vs_torch=[round(r, 3) for r in ratios],

@@ -17,10 +17,19 @@ both measurements. For each chunk length in ``STREAMRNN_E2E_CHUNKS`` (default 16
   chunks of a stream (up to ``--max-bucket`` timesteps) share one step
   (``STREAMRNN_E2E_COALESCE=0``: one chunk per stream per step, as ``engine.push_many``
   does here). The CPU time per chunk of the worker process (compiled step included) and of
-  this client process are recorded too (Linux).
+  this client process are recorded too (Linux), and the CPU time per chunk of the
+  kernel-only loop; the worker's minus the kernel's is the worker's CPU outside the kernel
+  (an estimate: a coalesced step carries longer rows than ``push_many``'s).
 
-The two alternate, ``PAIRS`` times each, and the ratio e2e/kernel is the median of the
-per-pair ratios (the machine's speed drifts; a pair sees the same drift). The target is
+Executors: ``STREAMRNN_E2E_EXECUTORS`` (comma-separated, e.g. ``onnxruntime,keras,torch``)
+runs every case once per executor, the worker started with ``--executor NAME`` and the
+kernel-only engine built with ``Engine.from_keras(..., executor=NAME)``; unset (default),
+both use the engine's default executor. Each case records ``executor`` and ``kernel``.
+
+The two alternate, ``PAIRS`` times each (``STREAMRNN_E2E_PAIRS``, default 3; each e2e
+measurement moves ``STREAMRNN_E2E_TIMESTEPS``, default 400000), and the ratio e2e/kernel
+is the median of the per-pair ratios (the machine's speed drifts; a pair sees the same
+drift). The target is
 >= 0.9 at saturation. On a 2-core machine the client process and the worker's I/O thread
 compete with the compiled step for the same two cores, so the ratio grows with the chunk
 length: the per-chunk cost (decode, validate, sequence, reply: about 45 us of CPU per chunk
@@ -54,10 +63,11 @@ LATENCY_CHUNK = CHUNKS[0]
 WINDOW = int(os.environ.get("STREAMRNN_E2E_WINDOW", "3"))
 BATCH = os.environ.get("STREAMRNN_E2E_BATCH", "1") != "0"  # 0: one message per chunk
 COALESCE = os.environ.get("STREAMRNN_E2E_COALESCE", "1") != "0"  # 0: worker --coalesce-steps 0
-PAIRS = 3
+EXECUTORS = [e.strip() or None for e in os.environ.get("STREAMRNN_E2E_EXECUTORS", "").split(",")]
+PAIRS = int(os.environ.get("STREAMRNN_E2E_PAIRS", "3"))
 KERNEL_SECONDS = 2.0
-E2E_TIMESTEPS = 400_000  # per e2e measurement (a few seconds; the ramp-up and -down are a
-# small part of it)
+# per e2e measurement (a few seconds; the ramp-up and -down are a small part of it)
+E2E_TIMESTEPS = int(os.environ.get("STREAMRNN_E2E_TIMESTEPS", "400000"))
 RESULTS: dict[str, float] = {}
 
 
@@ -86,33 +96,42 @@ def _chunks(length: int) -> dict[str, np.ndarray]:
             for i in range(SLOTS)}
 
 
+@pytest.fixture(scope="module", params=EXECUTORS, ids=lambda e: e or "default")
+def executor(request) -> str | None:
+    """The executor of this run of the cases (None: the engine's default)."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def engine(model_path):
+def engine(model_path, executor):
     from streamrnn.engine.engine import Engine
 
-    engine = Engine.from_keras(model_path, slots=SLOTS)
+    options = {"executor": executor} if executor else {}
+    engine = Engine.from_keras(model_path, slots=SLOTS, **options)
     engine.runner.warmup()
     return engine
 
 
 @pytest.fixture(scope="module")
-def worker(model_path):
+def worker(model_path, executor):
     from streamrnn.cli.process import WorkerProcess
 
     coalesce = () if COALESCE else ("--coalesce-steps", "0")
+    chosen = ("--executor", executor) if executor else ()
     with WorkerProcess.start(model_path, SLOTS, "--batch-window-us", "500",
-                             *coalesce) as process:
+                             *coalesce, *chosen) as process:
         yield process
 
 
-def _kernel_rate(engine, chunks: dict[str, np.ndarray], seconds: float) -> float:
+def _kernel_rate(engine, chunks: dict[str, np.ndarray], seconds: float) -> tuple[float, int]:
+    """Timesteps/s of ``engine.push_many`` over about ``seconds``, and the chunks pushed."""
     steps = next(iter(chunks.values())).shape[0]
     engine.push_many(chunks)
     calls, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         engine.push_many(chunks)
         calls += 1
-    return calls * len(chunks) * steps / (time.perf_counter() - start)
+    return calls * len(chunks) * steps / (time.perf_counter() - start), calls * len(chunks)
 
 
 def _freeze_heap() -> None:
@@ -178,7 +197,7 @@ def _closed_loop(client, chunks: dict[str, np.ndarray], rounds: int) -> float:
 
 
 @pytest.mark.parametrize("chunk", CHUNKS)
-def test_e2e_vs_kernel_only(benchmark, engine, worker, chunk):
+def test_e2e_vs_kernel_only(benchmark, engine, worker, executor, chunk):
     from streamrnn.client.client import Client
 
     chunks = _chunks(chunk)
@@ -186,13 +205,18 @@ def test_e2e_vs_kernel_only(benchmark, engine, worker, chunk):
     kernel: list[float] = []
     e2e: list[float] = []
     _freeze_heap()
-    cpu = {"worker": 0.0, "client": 0.0}  # CPU seconds spent during the e2e loops
+    cpu = {"worker": 0.0, "client": 0.0, "kernel": 0.0}  # CPU seconds in the loops
+    kernel_chunks = [0]
     with Client(worker.endpoint, timeout=60, window=WINDOW, batch=BATCH) as client:
         _closed_loop(client, chunks, WINDOW)  # open the streams, warm the path
         counts_before = client.stats()["counts"]
 
         def pair() -> None:
-            kernel.append(_kernel_rate(engine, chunks, KERNEL_SECONDS))
+            own_before = _own_cpu_s()
+            rate, pushed = _kernel_rate(engine, chunks, KERNEL_SECONDS)
+            cpu["kernel"] += _own_cpu_s() - own_before
+            kernel.append(rate)
+            kernel_chunks[0] += pushed
             worker_before, own_before = _process_cpu_s(worker.proc.pid), _own_cpu_s()
             e2e.append(_closed_loop(client, chunks, rounds))
             worker_after = _process_cpu_s(worker.proc.pid)
@@ -206,31 +230,39 @@ def test_e2e_vs_kernel_only(benchmark, engine, worker, chunk):
     ratio = float(np.median(ratios))
     counts = {k: v - counts_before.get(k, 0) for k, v in counts_after.items()}  # this case
     fill = counts.get("applied_push", 0) / max(counts.get("batches", 1), 1)
+    e2e_chunks = PAIRS * SLOTS * rounds
+    kernel_us = cpu["kernel"] / max(kernel_chunks[0], 1) * 1e6
     benchmark.extra_info.update({
         "suite": "e2e", "chunk": chunk, "slots": SLOTS, "units": UNITS,
+        "executor": executor or engine.executor.name, "kernel": engine.kernel,
         "kernel_timesteps_per_s": float(np.median(kernel)),
         "timesteps_per_s": float(np.median(e2e)),
         "ratio_vs_kernel": ratio, "ratios": [round(r, 3) for r in ratios],
         "chunks_per_batch": fill, "window": WINDOW, "batch": BATCH, "coalesce": COALESCE,
         "coalesced_share": counts.get("coalesced_push", 0) / max(counts.get("applied_push", 1), 1),
         # CPU per chunk, us: the worker process (step included) and this client process
-        "worker_cpu_us_per_chunk": cpu["worker"] / (PAIRS * SLOTS * rounds) * 1e6,
-        "client_cpu_us_per_chunk": cpu["client"] / (PAIRS * SLOTS * rounds) * 1e6,
+        "worker_cpu_us_per_chunk": cpu["worker"] / e2e_chunks * 1e6,
+        "client_cpu_us_per_chunk": cpu["client"] / e2e_chunks * 1e6,
+        # the kernel-only loop's CPU per chunk, and the worker's CPU beyond it
+        "kernel_cpu_us_per_chunk": kernel_us,
+        "worker_outside_kernel_us_per_chunk": cpu["worker"] / e2e_chunks * 1e6 - kernel_us,
     })
-    RESULTS[f"e2e_{chunk}"] = float(np.median(e2e))
+    RESULTS[f"e2e_{executor}_{chunk}"] = float(np.median(e2e))
     print(f"\nchunk {chunk}: kernel-only {np.median(kernel):,.0f} timesteps/s, e2e through "
           f"ZeroMQ {np.median(e2e):,.0f}; e2e/kernel per pair {[f'{r:.2f}' for r in ratios]}, "
           f"median {ratio:.2f} (target >= 0.9); {fill:.1f} chunks per batched step "
           f"({100 * benchmark.extra_info['coalesced_share']:.0f}% coalesced); CPU per "
-          f"chunk: worker {benchmark.extra_info['worker_cpu_us_per_chunk']:.0f} us, client "
-          f"{benchmark.extra_info['client_cpu_us_per_chunk']:.0f} us")
+          f"chunk: worker {benchmark.extra_info['worker_cpu_us_per_chunk']:.0f} us "
+          f"({benchmark.extra_info['worker_outside_kernel_us_per_chunk']:.0f} outside the "
+          f"kernel), client {benchmark.extra_info['client_cpu_us_per_chunk']:.0f} us "
+          f"[{benchmark.extra_info['executor']}: {engine.kernel}]")
 
 
-def test_latency_at_half_load(benchmark, worker):
+def test_latency_at_half_load(benchmark, worker, executor):
     from streamrnn.client.client import Client
 
     chunks = _chunks(LATENCY_CHUNK)
-    full = RESULTS.get(f"e2e_{LATENCY_CHUNK}") or 50_000.0
+    full = RESULTS.get(f"e2e_{executor}_{LATENCY_CHUNK}") or 50_000.0
     chunk_rate = 0.5 * full / LATENCY_CHUNK  # chunks per second over all streams
     total = int(min(4000, max(400, chunk_rate * 4)))  # about 4 s of traffic
     latencies: list[float] = []
@@ -266,6 +298,7 @@ def test_latency_at_half_load(benchmark, worker):
     ms = np.array(latencies) * 1000
     p50, p99 = float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
     benchmark.extra_info.update({"suite": "e2e", "chunk": LATENCY_CHUNK,
+                                 "executor": executor or "default",
                                  "offered_timesteps_per_s": chunk_rate * LATENCY_CHUNK,
                                  "latency_p50_ms": p50, "latency_p99_ms": p99})
     print(f"\nlatency at half load ({chunk_rate * LATENCY_CHUNK:,.0f} timesteps/s offered, "

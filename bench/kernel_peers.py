@@ -17,8 +17,9 @@ an LSTM of ``units``, a Dense head back to ``features``) and carries its state a
   library each peer uses (work unit: FLOPs, not timesteps);
 * ``executor-onnxruntime`` / ``executor-keras`` / ``executor-torch``: streamrnn's executors
   (``OrtExecutor``; ``ModelRunner`` over the fused serving clone with XLA, as the engine runs
-  it on CPU; ``TorchExecutor``) over ``Input(T, features) -> LSTM(units) -> Dense(features)``
-  (seed 0), ``run({slot: chunk}, chunk)`` on every slot. ``precision`` other than
+  it on CPU, TensorFlow's intra-op pool on ``threads`` threads; ``TorchExecutor``) over
+  ``Input(T, features) -> LSTM(units) -> Dense(features)`` (seed 0),
+  ``run({slot: chunk}, chunk)`` on every slot. ``precision`` other than
   ``float32`` goes to ``TorchExecutor(precision=...)``, and the build reports the max abs
   difference of 4 steps' outputs and states from a float32 twin with the same weights.
 
@@ -237,8 +238,18 @@ def _difference(ex: Any, twin: Any, chunks: dict[int, np.ndarray], chunk: int) -
     return {"outputs": out, "states": states}
 
 
+def _tf_threads(threads: int) -> None:
+    """TensorFlow's intra-op pool (XLA:CPU's too) on ``threads`` threads, as the peers'
+    (settable once per process, before TensorFlow starts; the default is every core)."""
+    import tensorflow as tf
+
+    if tf.config.threading.get_intra_op_parallelism_threads() == 0:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+
+
 def _executor(spec: KernelSpec) -> Built:
     name = spec.kernel.removeprefix("executor-")
+    _tf_threads(spec.threads)
     model = _keras_model(spec.features, spec.units)
     ex = _make_executor(name, model, spec, spec.precision)
     rng = np.random.default_rng(0)

@@ -68,7 +68,7 @@ PAIRS = int(os.environ.get("STREAMRNN_E2E_PAIRS", "3"))
 KERNEL_SECONDS = 2.0
 # per e2e measurement (a few seconds; the ramp-up and -down are a small part of it)
 E2E_TIMESTEPS = int(os.environ.get("STREAMRNN_E2E_TIMESTEPS", "400000"))
-RESULTS: dict[str, float] = {}
+RESULTS: dict[str, float | str] = {}  # e2e rates and executor names, for the latency case
 
 
 def _model():
@@ -248,6 +248,7 @@ def test_e2e_vs_kernel_only(benchmark, engine, worker, executor, chunk):
         "worker_outside_kernel_us_per_chunk": cpu["worker"] / e2e_chunks * 1e6 - kernel_us,
     })
     RESULTS[f"e2e_{executor}_{chunk}"] = float(np.median(e2e))
+    RESULTS[f"name_{executor}"] = benchmark.extra_info["executor"]
     print(f"\nchunk {chunk}: kernel-only {np.median(kernel):,.0f} timesteps/s, e2e through "
           f"ZeroMQ {np.median(e2e):,.0f}; e2e/kernel per pair {[f'{r:.2f}' for r in ratios]}, "
           f"median {ratio:.2f} (target >= 0.9); {fill:.1f} chunks per batched step "
@@ -298,7 +299,7 @@ def test_latency_at_half_load(benchmark, worker, executor):
     ms = np.array(latencies) * 1000
     p50, p99 = float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
     benchmark.extra_info.update({"suite": "e2e", "chunk": LATENCY_CHUNK,
-                                 "executor": executor or "default",
+                                 "executor": RESULTS.get(f"name_{executor}", executor),
                                  "offered_timesteps_per_s": chunk_rate * LATENCY_CHUNK,
                                  "latency_p50_ms": p50, "latency_p99_ms": p99})
     print(f"\nlatency at half load ({chunk_rate * LATENCY_CHUNK:,.0f} timesteps/s offered, "

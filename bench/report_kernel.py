@@ -31,7 +31,7 @@ def _steps(rows: list[dict]) -> list[dict]:
 
 
 def label(row: dict) -> str:
-    variant = row.get("variant", row["name"])
+    variant = row.get("variant") or row["name"]
     if variant in ("keras-lstm", "keras-rnn-cell", "fused"):
         return f"{variant} ({'XLA' if row.get('xla') else 'no XLA'})"
     return variant
@@ -168,7 +168,7 @@ def _sweep(steps: list[dict], ceiling: float | None, gemm: dict | None, axis: st
         if len(pts) < 2:
             continue
         pts.sort()
-        style = "-" if "fused" in name else "--"
+        style = "-" if "fused" in name or "executor" in name else "--"
         ax.plot(*zip(*pts, strict=True), style, marker="o", label=name)
     if ceiling:
         ax.axhline(ceiling, color="black", lw=1, ls=":",
@@ -176,7 +176,7 @@ def _sweep(steps: list[dict], ceiling: float | None, gemm: dict | None, axis: st
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel(axis if axis != "chunk" else "chunk length (timesteps per step)")
-    ax.set_ylabel("timesteps/s (best round)")
+    ax.set_ylabel("timesteps/s (best round; executors: fastest call)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
@@ -218,6 +218,14 @@ def _headline_bars(at: list[dict], ceiling: float | None):
     return fig
 
 
+def _executor_points(rows: list[dict]) -> list[dict]:
+    """The executor grid's cases (``bench/test_bench_executors.py``, each executor in its
+    own process) as plot points: ``executor <name>`` at its fastest call."""
+    return [{"variant": f"executor {name}", "slots": r["slots"], "chunk": r["chunk"],
+             "timesteps_per_s_best": k["best"]}
+            for r in rows if r.get("suite") == "grid" for name, k in r["kernels"].items()]
+
+
 def plots(rows: list[dict], out_dir: Path) -> list[Path]:
     import matplotlib
 
@@ -226,15 +234,16 @@ def plots(rows: list[dict], out_dir: Path) -> list[Path]:
     steps = _steps(rows)
     if not steps:
         return []
+    sweeps = steps + _executor_points(rows)
     gemm = next((r for r in rows if r.get("variant") == "gemm"), None)
     flops = next((r["flops_per_timestep"] for r in steps if r.get("flops_per_timestep")), None)
     # Plots use each case's fastest round (least disturbed by other load on a shared box).
     ceiling = gemm["gflops_best"] * 1e9 / flops if gemm and flops else None
     written: list[Path] = []
-    _save(_sweep(steps, ceiling, gemm, "slots", "chunk", HEADLINE[1],
+    _save(_sweep(sweeps, ceiling, gemm, "slots", "chunk", HEADLINE[1],
                  f"Serving step, LSTM 256 units, chunk {HEADLINE[1]}: timesteps/s vs slots"),
           out_dir / "kernel_vs_slots.png", written)
-    _save(_sweep(steps, ceiling, gemm, "chunk", "slots", HEADLINE[0],
+    _save(_sweep(sweeps, ceiling, gemm, "chunk", "slots", HEADLINE[0],
                  f"Serving step, LSTM 256 units, {HEADLINE[0]} slots: timesteps/s vs chunk "
                  "length"),
           out_dir / "kernel_vs_chunk.png", written)

@@ -161,6 +161,9 @@ class ServingModel:
             ``"features"`` (float ``[T, D]``).
         input_dim: D for features, vocabulary size for tokens.
         output_dim: size of the last axis of the model output.
+        source: the user's model the clone was built from (the ONNX Runtime and torch
+            executors build their graphs from it; its weights may have changed since, the
+            clone's are the served ones). None for a clone made some other way.
     """
 
     slots: int
@@ -176,6 +179,7 @@ class ServingModel:
     # chain index -> fused fast path for that recurrent layer (streamrnn.executors.fused);
     # the others run as Keras layers.
     fused_layers: dict[int, FusedRNN] = field(default_factory=dict)
+    source: keras.Model | None = None
 
     def forward(self, x: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
         """One stateful step over every slot.
@@ -384,4 +388,5 @@ def build_serving_model(
         final_rnn_returned_sequences=final_rs,
         _mask_layers=mask_layers,
         fused_layers=fused_layers,
+        source=model,
     )

@@ -155,6 +155,8 @@ class OrtExecutor:
             initializers (ONNX Runtime pre-packs them once: measured 1.2x at 64 rows x 16
             steps and about 2x at 1-16 rows, LSTM 256 on 2 cores; a version costs a
             session build, about 20 ms there). False: one session, weights fed per step.
+        weights: the weights to start with, in ``model.get_weights()`` order (default: the
+            model's own; an engine passes its serving clone's).
 
     Raises:
         UnsupportedModelError: the model cannot stream.
@@ -165,7 +167,8 @@ class OrtExecutor:
     device = "CPU"
 
     def __init__(self, model: keras.Model | str | os.PathLike, slots: int,
-                 max_bucket: int = 64, threads: int | None = None, bake_weights: bool = True):
+                 max_bucket: int = 64, threads: int | None = None, bake_weights: bool = True,
+                 weights: Sequence[np.ndarray] | None = None):
         model = load_model(model)
         self.graph: OnnxGraph = build_onnx_graph(model)
         self.slots = slots
@@ -177,7 +180,8 @@ class OrtExecutor:
         self.state = HostStateBank(
             [np.zeros((slots, s.units), np.float32) for s in self.graph.states])
         self._outputs = ["y"] + [s.final for s in self.graph.states]
-        self.weights = self.convert_weights(model.get_weights())
+        self.weights = self.convert_weights(model.get_weights() if weights is None
+                                            else weights)
         self._dtype = np.int32 if self.graph.input_kind == "tokens" else np.float32
         self._feature_shape = () if self.graph.input_kind == "tokens" else (
             self.graph.input_dim,)

@@ -6,14 +6,19 @@ Example::
     y = engine.push("sensor-7", chunk)            # chunk (T, D) float -> (T, output_dim)
     ys = engine.push_many({"a": c1, "b": c2})      # one batched step for both streams
     engine.reset("sensor-7"); engine.close("sensor-7")
+    engine.stats()["executor"]                     # "onnxruntime" (the CPU default)
 
 An :class:`Engine` meets :class:`~streamrnn.engine.interface.EngineLike` and the optional
 :class:`~streamrnn.engine.interface.SupportsGeneration` and
 :class:`~streamrnn.engine.interface.SupportsSnapshots`. It runs its steps through an
-:class:`~streamrnn.engine.interface.Executor` (today the Keras one,
-:class:`~streamrnn.executors.keras_runner.ModelRunner`), keeps each stream's state in one
-row of :class:`~streamrnn.engine.interface.StateRows`, and swaps streams beyond its slots
-to host memory (:mod:`streamrnn.engine.residency`).
+:class:`~streamrnn.engine.interface.Executor` (ONNX Runtime, torch or Keras, chosen by
+:mod:`streamrnn.engine.backends`), keeps each stream's state in one row of the executor's
+:class:`~streamrnn.engine.interface.StateRows` (a step gathers the busy rows, runs and
+scatters them back; idle rows are never written), and swaps streams beyond its slots to
+host memory (:mod:`streamrnn.engine.residency`). Snapshots hold the rows in the Keras
+serving clone's state order whatever the executor, so one taken under one executor
+restores under another. Weights versions (swaps and pins) are kept converted per executor
+by :mod:`streamrnn.engine.versions`.
 
 The engine is not thread-safe: one thread (a worker's compute loop) drives it.
 """
@@ -21,22 +26,24 @@ The engine is not thread-safe: one thread (a worker's compute loop) drives it.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import keras
 import numpy as np
 
+from streamrnn.engine.backends import build_executor
 from streamrnn.engine.generate import GenerationMixin, Generator
 from streamrnn.engine.interface import Executor, StateRows, StateSnapshot
 from streamrnn.engine.residency import Residency
 from streamrnn.engine.slots import SlotTable
 from streamrnn.engine.validation import validate_chunk
-from streamrnn.errors import EngineFullError, InvalidInputError
+from streamrnn.engine.versions import CloneRows, WeightVersions
+from streamrnn.errors import EngineFullError
 from streamrnn.executors.buckets import plan_steps
-from streamrnn.executors.keras_runner import ModelRunner, gpu_available
+from streamrnn.executors.keras_runner import gpu_available
 from streamrnn.executors.models import ServingModel, build_serving_model, load_model
-from streamrnn.protocol import ErrorCode
 
 __all__ = ["DEFAULT_MAX_CHUNK_STEPS", "Engine"]
 
@@ -50,6 +57,8 @@ class Engine(GenerationMixin):
     (``generate`` / ``generate_many``, from :class:`~streamrnn.engine.generate.GenerationMixin`)
     and state snapshots (``state_layout``, ``initial_state``, ``export_states``,
     ``import_states``).
+    ``Engine(serving, executor=...)`` steps a serving clone through the executor named
+    (``"auto"``, ``"onnxruntime"``, ``"torch"``, ``"keras"``; see :meth:`from_keras`).
     """
 
     def __init__(
@@ -61,13 +70,22 @@ class Engine(GenerationMixin):
         allow_nonfinite: bool = False,
         max_chunk_steps: int = DEFAULT_MAX_CHUNK_STEPS,
         max_streams: int | None = None,
+        executor: str = "auto",
+        threads: int | None = None,
+        precision: str = "float32",
     ):
         self.serving = serving
         #: XLA for the compiled steps and generation loops (None -> on CPU only)
         self.jit_compile = not gpu_available() if jit_compile is None else jit_compile
-        self.executor: Executor = ModelRunner(
-            serving, max_bucket=max_bucket, jit_compile=self.jit_compile)
+        choice = build_executor(serving, executor, max_bucket=max_bucket,
+                                jit_compile=self.jit_compile, threads=threads,
+                                precision=precision)
+        self.executor: Executor = choice.executor
+        #: why ``executor="auto"`` did not run its first choice (None: it did, or named)
+        self.executor_fallback: str | None = choice.fallback
         self.bank: StateRows = self.executor.state
+        self.versions = WeightVersions(serving, self.executor)
+        self._clone_rows = CloneRows(serving, self.executor)
         self.table = SlotTable(serving.slots)
         # Streams beyond the slot count live in host memory (LRU swap); None: slots only.
         self.residency = Residency(self.table, self.bank, max_streams)
@@ -88,6 +106,9 @@ class Engine(GenerationMixin):
         fused: bool | None = None,
         max_chunk_steps: int = DEFAULT_MAX_CHUNK_STEPS,
         max_streams: int | None = None,
+        executor: str = "auto",
+        threads: int | None = None,
+        precision: str = "float32",
     ) -> Engine:
         """Build an engine from a trained ``keras.Model`` or a ``.keras`` path.
 
@@ -105,13 +126,24 @@ class Engine(GenerationMixin):
             use_cudnn: passed to LSTM/GRU clones (Keras does not save this setting).
             fused: run standard LSTM/GRU/SimpleRNN layers through the fused fast path
                 (:mod:`streamrnn.executors.fused`: input projection hoisted out of the time
-                loop, same
-                weights and state variables). None (default): on for CPU, where it measured
-                1.15x the Keras layer (interleaved, 64 slots x 16 steps x 256 units); off on
-                GPU, where the Keras layer can use cuDNN. Custom cells always use Keras.
+                loop, same weights and state variables). None (default): on for CPU, where it
+                measured 1.15x the Keras layer (interleaved, 64 slots x 16 steps x 256
+                units); off on GPU, where the Keras layer can use cuDNN. Custom cells: Keras.
             max_streams: live streams allowed in all; those beyond ``slots`` are swapped to
                 host memory (least recently used first) and back in on their next chunk,
                 with identical outputs. Default: ``slots`` (no swapping).
+            executor: what runs the steps. ``"auto"`` (default): ONNX Runtime on CPU when
+                its graph covers the model, else Keras; on a GPU torch (cuDNN) when
+                installed and covering the model, else Keras. ``stats()`` reports the
+                executor and, when auto fell back, why (``executor_fallback``).
+                ``"onnxruntime"``, ``"torch"`` or ``"keras"``: that one, or
+                UnsupportedModelError with the reason. ``jit_compile``, ``fused`` and
+                ``use_cudnn`` shape the Keras executor (and generation, which runs on the
+                Keras clone for every executor).
+            threads: ONNX Runtime intra-op threads / torch CPU threads (default: all
+                cores); the Keras executor ignores it.
+            precision: ``"float32"`` (default) or ``"bf16"`` (the torch executor only;
+                ``"auto"`` then means torch; other executors refuse it).
         """
         model = load_model(model_or_path)
         if fused is None:
@@ -124,6 +156,9 @@ class Engine(GenerationMixin):
             allow_nonfinite=allow_nonfinite,
             max_chunk_steps=max_chunk_steps,
             max_streams=max_streams,
+            executor=executor,
+            threads=threads,
+            precision=precision,
         )
 
     # ---- facts -------------------------------------------------------------------------
@@ -172,7 +207,7 @@ class Engine(GenerationMixin):
         return self.serving.output_dim
 
     @property
-    def kernel(self) -> str:
+    def kernel(self) -> str:  # what runs the steps, in words (the executor's description)
         return self.executor.kernel
 
     def stats(self) -> dict[str, Any]:
@@ -188,6 +223,9 @@ class Engine(GenerationMixin):
             "timesteps": self.executor.timesteps_run,
             "traces": self.executor.trace_count,
             "kernel": self.kernel,
+            "executor": self.executor.name,
+            "executor_fallback": self.executor_fallback,
+            "weight_conversions": self.versions.conversions,
         }
 
     # ---- streaming ---------------------------------------------------------------------
@@ -246,9 +284,11 @@ class Engine(GenerationMixin):
         slot_of = {s: self.table.slot_of(s) for s in ready}
         pieces: dict[str, list[np.ndarray]] = {s: [] for s in ready}
         max_bucket = self.executor.buckets[-1]
+        step_weights = self.versions.step_weights  # a pinned version's, or None: the latest
         for plan in plan_steps({s: len(c) for s, c in ready.items()}, max_bucket):
             batch = {slot_of[s]: ready[s][a:b] for s, (a, b) in plan.slices.items()}
-            out = self.executor.run(batch, plan.bucket)
+            out = (self.executor.run(batch, plan.bucket) if step_weights is None else
+                   self.executor.run(batch, plan.bucket, weights=step_weights))
             for s in plan.slices:
                 pieces[s].append(out[slot_of[s]])
         for s, c in ready.items():
@@ -327,22 +367,34 @@ class Engine(GenerationMixin):
 
         ``weights`` is a model of the same architecture or its ``get_weights()`` list;
         every shape is checked before anything is assigned (InvalidInputError, BAD_SHAPE).
-        ``version`` defaults to the current one + 1.
+        ``version`` defaults to the current one + 1. The executor gets them (ONNX Runtime:
+        a session with the weights baked in, kept for later pins of this version) and so
+        does the Keras serving clone (generation runs on it).
         """
-        if not isinstance(weights, keras.Model):
-            weights = _checked_weights(weights, self.serving.get_weights())
-        self.serving.set_weights_from(weights)
-        self.weights_version = self.weights_version + 1 if version is None else int(version)
+        version = self.weights_version + 1 if version is None else int(version)
+        self.versions.set_latest(weights, version)
+        self.weights_version = version
 
+    @contextmanager
+    def pinned_weights(self, version: int, weights: Sequence[np.ndarray]) -> Iterator[None]:
+        """Run the steps (and generation) inside with ``weights`` as ``version``; the
+        latest weights are back afterwards. Each version is converted for the executor
+        once and kept (a pointer change per step; see :mod:`streamrnn.engine.versions`),
+        until :meth:`retain_weights` drops it. Shapes are checked first (BAD_SHAPE)."""
+        with self.versions.pinned(int(version), weights):
+            yield
 
-def _checked_weights(weights: list[Any], current: list[Any]) -> list[np.ndarray]:
-    """``weights`` as arrays, if every shape matches ``current``'s (else BAD_SHAPE)."""
-    weights = [np.asarray(w) for w in weights]
-    if len(weights) != len(current) or any(
-        w.shape != c.shape for w, c in zip(weights, current, strict=False)
-    ):
-        raise InvalidInputError(
-            f"weights {[w.shape for w in weights]} do not match the served model's "
-            f"{[c.shape for c in current]}", ErrorCode.BAD_SHAPE,
-        )
-    return weights
+    def retain_weights(self, versions: Iterable[int]) -> None:
+        """Keep the converted weights of ``versions`` (and the latest) only."""
+        self.versions.retain(versions)
+
+    # ---- generation runs on the Keras clone: its rows follow the executor's -------------
+
+    @contextmanager
+    def generation_rows(self, slots: list[int]) -> Iterator[None]:
+        """Inside, the Keras serving clone holds the executor's weights and, for ``slots``,
+        its state rows; their new rows go back to the executor afterwards (every other row
+        is left alone). Generation runs there (see :mod:`streamrnn.engine.generate`)."""
+        self.versions.sync_clone()
+        with self._clone_rows.borrowed(slots):
+            yield

@@ -26,9 +26,17 @@ the second, and so on. Every generated value is fed in, including the last one, 
 therefore returns what one offline call on ``concat(history, prompt, generated, x)``
 returns, and ``generate`` can be called again to continue.
 
-**The loop** runs as compiled steps: a ``tf.function`` (XLA on CPU, like the runner) holds a
+**The loop** runs as compiled steps on the Keras serving clone, whatever the engine's
+executor: a ``tf.function`` (XLA on CPU, like the Keras executor) holds a
 ``tf.while_loop`` over ``serving.forward`` with ``T=1`` and a mask selecting the slots still
-generating; finished and idle slots are masked, so their state is untouched. Sampling uses
+generating; finished and idle slots are masked, so their state is untouched.
+
+**With every executor** the prompt goes through the engine's executor (``push_many``); then
+``engine.generation_rows(slots)`` copies the generating slots' state rows from the
+executor's state into the clone's state variables (and gives the clone the weights those
+streams run with, a pinned version too), the loop runs there, and their new rows are copied
+back; no other row moves. The first value is picked from the executor's output, the rest
+from the clone's, so one seed gives the same tokens under every executor. Sampling uses
 Gumbel-max with a counter-based hash (pure integer ops, no RNG state;
 :mod:`streamrnn.engine.token_ops`) keyed by ``(seed, stream id, step)``, so a stream's
 samples do not depend on its slot or on which other streams generate in the same batch.
@@ -64,16 +72,9 @@ from streamrnn.executors.buckets import bucket_for
 from streamrnn.executors.models import ServingModel
 from streamrnn.protocol import ErrorCode
 
-__all__ = [
-    "Feedback",
-    "GenerationMixin",
-    "Generator",
-    "LOOP_CHUNK",
-    "MAX_CUSTOM_LOOPS",
-    "SAMPLERS",  # re-exported: the trainer checks its sampler names against it
-    "output_activation",
-    "pick_tokens",  # re-exported: the trainer picks tokens with it
-    "plan_feedback",
+__all__ = [  # SAMPLERS and pick_tokens are re-exported for the trainer
+    "Feedback", "GenerationMixin", "Generator", "LOOP_CHUNK", "MAX_CUSTOM_LOOPS", "SAMPLERS",
+    "output_activation", "pick_tokens", "plan_feedback",
 ]
 
 Feedback = str | Callable[[tf.Tensor], tf.Tensor] | None
@@ -286,7 +287,7 @@ class GenerationMixin:
     """``generate`` / ``generate_many`` for an engine (:class:`~streamrnn.Engine` mixes it in).
 
     Uses the engine's ``serving``, ``jit_compile``, ``table``, ``slots``, ``capacity_left``,
-    ``validate``, ``push_many`` and ``in``; owns the compiled loops (:attr:`generator`).
+    ``validate``, ``push_many``, ``generation_rows``, ``in``; owns the loops (:attr:`generator`).
     """
 
     _generator: Generator | None = None
@@ -373,7 +374,8 @@ class GenerationMixin:
             slots = [self.table.slot_of(s) for s in wave]
             first = np.stack([primed[s][-1] for s in wave])
             keys = [stream_key(seed_of(seed, s), s) for s in wave]
-            values = self.generator.run(plan, params, slots, first, int(steps), keys)
+            with self.generation_rows(slots):  # the loop runs on the Keras clone
+                values = self.generator.run(plan, params, slots, first, int(steps), keys)
             for s, v in zip(wave, values, strict=True):
                 self.table.touch(s, len(v))
                 result[s] = v

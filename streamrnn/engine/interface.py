@@ -9,9 +9,12 @@ protocols of their own, checked once when a worker is built (:func:`capabilities
 per request.
 
 :class:`Executor` is the seam below the engine: the thing that runs one compiled step over
-some slots' rows and keeps those rows. Today it has one implementation, the Keras executor
-(:class:`~streamrnn.executors.keras_runner.ModelRunner`: fused XLA or the Keras layer); the
-ONNX Runtime and torch executors plug in beside it.
+some slots' rows and keeps those rows. It has three implementations: ONNX Runtime
+(:class:`~streamrnn.executors.ort.OrtExecutor`, the CPU default), torch
+(:class:`~streamrnn.executors.torch_rnn.TorchExecutor`, optional; cuDNN on a GPU) and Keras
+(:class:`~streamrnn.executors.keras_runner.ModelRunner`: fused XLA or the Keras layer, the
+reference and fallback); :mod:`streamrnn.engine.backends` picks one. The first two also meet
+:class:`TakesStepWeights`: a weights version is converted once and a step may name it.
 
 :data:`StateSnapshot` (one slot's rows) is defined with the executors' shared row helpers
 (:mod:`streamrnn.executors.rows`, below this layer, so executors can name it too) and
@@ -43,17 +46,24 @@ from streamrnn.executors.rows import StateSnapshot
 
 __all__ = [
     "Capabilities",
+    "EXECUTORS",
     "EngineLike",
     "Executor",
     "ModelDims",
+    "PRECISIONS",
     "StateRows",
     "StateSnapshot",
     "SupportsGeneration",
     "SupportsPins",
     "SupportsSnapshots",
+    "TakesStepWeights",
     "capabilities_of",
 ]
 
+#: what ``Engine(executor=...)`` and ``streamrnn worker --executor`` take
+EXECUTORS = ("auto", "onnxruntime", "torch", "keras")
+#: what ``Engine(precision=...)`` and ``streamrnn worker --precision`` take
+PRECISIONS = ("float32", "bf16")
 
 
 @runtime_checkable
@@ -253,3 +263,21 @@ class Executor(Protocol):
 
     def warmup(self) -> None:
         """Compile every bucket before serving."""
+
+
+@runtime_checkable
+class TakesStepWeights(Protocol):
+    """An executor whose weights travel with a step (ONNX Runtime, torch): each weights
+    version is converted once, and a swap or a per-stream pin passes the converted object
+    (a pointer change, no rebuild per step). The Keras executor is not one: its weights are
+    the serving clone's variables."""
+
+    def convert_weights(self, weights: Sequence[np.ndarray]) -> Any:
+        """Keras-order weights (``model.get_weights()``) -> this executor's ready form."""
+
+    def set_weights(self, weights: Any) -> None:
+        """Run later steps with ``weights`` (a list, or from :meth:`convert_weights`)."""
+
+    def run(self, chunks: Mapping[int, np.ndarray], bucket: int, weights: Any = None
+            ) -> dict[int, np.ndarray]:
+        """One step; ``weights`` (from :meth:`convert_weights`) for this step only."""

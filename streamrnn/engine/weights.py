@@ -8,10 +8,11 @@ that follows ``LATEST`` always finds a whole file.
 :class:`WeightsFollower` wraps an :class:`~streamrnn.Engine`: between steps (before each
 push/generate) it checks ``LATEST`` at most every ``poll_s`` seconds and swaps in a newer
 version with :meth:`Engine.set_weights`, which touches no stream's state. A stream may pin
-a version: its steps run with that version's weights (the follower swaps weights around
-the pinned group's step and swaps the latest back). The follower is itself an
-:class:`~streamrnn.engine.interface.EngineLike` with every optional capability
-(generation, pins, snapshots), so a worker serves it exactly like an Engine.
+a version: its steps run with that version's weights (the pinned group's steps run inside
+:meth:`Engine.pinned_weights`: each version is converted for the executor once and kept
+while some stream pins it, so a pinned step is a pointer change, not a rebuild). The
+follower is itself an :class:`~streamrnn.engine.interface.EngineLike` with every optional
+capability (generation, pins, snapshots), so a worker serves it exactly like an Engine.
 
 Example::
 
@@ -270,6 +271,7 @@ class WeightsFollower:
         self.engine.set_weights(weights, version)
         self._latest_weights = weights
         self.swaps += 1
+        self.engine.retain_weights(self._pins.values())
         return True
 
     # ---- pins --------------------------------------------------------------------------
@@ -286,7 +288,8 @@ class WeightsFollower:
         self._pins[stream] = version
 
     def unpin(self, stream: str) -> None:
-        self._pins.pop(stream, None)
+        if self._pins.pop(stream, None) is not None:
+            self.engine.retain_weights(self._pins.values())
 
     def pinned(self, stream: str) -> int | None:
         return self._pins.get(stream)
@@ -345,15 +348,11 @@ class WeightsFollower:
         return out
 
     def _with_version(self, version: int, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        latest = self.engine.weights_version
-        self.engine.set_weights(self._weights_of(version), latest)
-        try:
+        with self.engine.pinned_weights(version, self._weights_of(version)):
             return fn(*args, **kwargs)
-        finally:
-            self.engine.set_weights(self._latest_weights, latest)
 
     def close(self, stream: str) -> None:
-        self._pins.pop(stream, None)
+        self.unpin(stream)
         self.engine.close(stream)
 
     def stats(self) -> dict[str, Any]:

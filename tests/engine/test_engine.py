@@ -2,7 +2,9 @@
 
 For random models, chunkings, interleavings (more streams than slots over time), resets and
 closes, each stream's concatenated outputs equal one full-sequence call of the original
-model from the initial state (max abs difference <= 1e-5).
+model from the initial state (max abs difference <= 1e-5). The contract tests run under
+every executor (Keras, ONNX Runtime, torch where installed); the Keras executor's own
+mechanics (traces, compact steps, XLA) are checked with ``executor="keras"``.
 """
 
 from __future__ import annotations
@@ -14,9 +16,29 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from streamrnn import Engine, EngineFullError
-from tests.helpers.modelzoo import ModelSpec, build_model, offline, random_input
+from tests.helpers.engines import EXECUTORS, engine_on
+from tests.helpers.modelzoo import ModelSpec, build_model, random_input
+from tests.helpers.modelzoo import offline as offline_call
 
 TOL = 1e-5
+_MODELS: dict[tuple[ModelSpec, int], keras.Model] = {}
+_OFFLINE: dict[tuple[int, bytes, bool], tuple[keras.Model, np.ndarray]] = {}
+
+
+def model_of(spec: ModelSpec, seed: int = 0) -> keras.Model:
+    """``build_model(spec, seed)``, built once per module (the executors share it)."""
+    if (spec, seed) not in _MODELS:
+        _MODELS[(spec, seed)] = build_model(spec, seed=seed)
+    return _MODELS[(spec, seed)]
+
+
+def offline(model: keras.Model, seq: np.ndarray, return_sequences: bool = True) -> np.ndarray:
+    """The offline reference, computed once per model and sequence (the same schedules run
+    under every executor)."""
+    key = (id(model), seq.tobytes(), return_sequences)
+    if key not in _OFFLINE:  # holds the model, so its id stays unique
+        _OFFLINE[key] = (model, offline_call(model, seq, return_sequences))
+    return _OFFLINE[key][1]
 
 SPECS = [
     ModelSpec("lstm", layers=1),
@@ -84,11 +106,15 @@ def check_segment(model, spec, sequence, pieces, end):
     pieces.clear()
 
 
+@pytest.mark.parametrize("executor", EXECUTORS)
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: repr(s)[9:-1].replace(" ", ""))
-def test_streaming_equals_offline(spec):
-    model = build_model(spec, seed=1)
-    engine = Engine.from_keras(model, slots=4, max_bucket=8)
+def test_streaming_equals_offline(spec, executor):
+    model = model_of(spec, seed=1)
+    engine = engine_on(executor, model, slots=4, max_bucket=8)
     run_schedule(engine, model, spec, seed=2)
+    assert engine.stats()["executor"] == executor
+    if executor != "keras":
+        return
     runner = engine.runner
     # one trace per bucket, for the full step and for each compact (gathered-rows) step
     assert runner.trace_count <= len(runner.buckets) * (1 + len(runner.row_buckets))
@@ -110,7 +136,8 @@ def test_streaming_equals_offline_random_models(cell, layers, tokens, return_seq
     spec = ModelSpec(cell, layers=layers, tokens=tokens, features=9 if tokens else 4,
                      return_sequences=return_sequences)
     model = build_model(spec, seed=seed)
-    engine = Engine.from_keras(model, slots=slots, max_bucket=4, jit_compile=False)
+    engine = Engine.from_keras(model, slots=slots, max_bucket=4, jit_compile=False,
+                               executor="keras")
     run_schedule(engine, model, spec, seed=seed)
 
 
@@ -123,7 +150,8 @@ def test_compact_steps_equal_full_steps_under_xla_and_plain():
     rng = np.random.default_rng(4)
     xs = {f"c{i}": random_input(spec, 30, rng) for i in range(16)}
     for jit in (True, False):
-        engine = Engine.from_keras(model, slots=16, max_bucket=16, jit_compile=jit)
+        engine = Engine.from_keras(model, slots=16, max_bucket=16, jit_compile=jit,
+                                   executor="keras")
         assert engine.runner.row_buckets == [4, 8]
         outs = {s: [engine.push(s, x[:3])] for s, x in xs.items()}  # every slot holds a state
         before = engine.snapshot("c0")
@@ -151,16 +179,18 @@ def test_xla_and_plain_steps_agree():
     x = random_input(spec, 50, np.random.default_rng(0))
     outs = []
     for jit in (True, False):
-        engine = Engine.from_keras(model, slots=2, max_bucket=16, jit_compile=jit)
+        engine = Engine.from_keras(model, slots=2, max_bucket=16, jit_compile=jit,
+                                   executor="keras")
         outs.append(np.concatenate([engine.push("a", x[:13]), engine.push("a", x[13:])]))
     np.testing.assert_allclose(outs[0], outs[1], atol=TOL, rtol=0)
     np.testing.assert_allclose(outs[0], offline(model, x), atol=TOL, rtol=0)
 
 
-def test_long_chunk_is_split_across_steps_transparently():
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_long_chunk_is_split_across_steps_transparently(executor):
     spec = ModelSpec("gru", layers=1)
-    model = build_model(spec)
-    engine = Engine.from_keras(model, slots=2, max_bucket=8)
+    model = model_of(spec)
+    engine = engine_on(executor, model, slots=2, max_bucket=8)
     x = random_input(spec, 100, np.random.default_rng(1))  # 100 > 8: split into 13 steps
     np.testing.assert_allclose(engine.push("a", x), offline(model, x), atol=TOL, rtol=0)
     assert engine.stats()["steps"] == 13
@@ -168,7 +198,7 @@ def test_long_chunk_is_split_across_steps_transparently():
 
 def test_retracing_is_bounded_by_buckets():
     model = build_model(ModelSpec("lstm"))
-    engine = Engine.from_keras(model, slots=3, max_bucket=16)
+    engine = Engine.from_keras(model, slots=3, max_bucket=16, executor="keras")
     rng = np.random.default_rng(0)
     for _ in range(40):
         engine.push_many({f"s{k}": rng.standard_normal((int(rng.integers(1, 40)), 5))
@@ -177,10 +207,11 @@ def test_retracing_is_bounded_by_buckets():
     assert engine.runner.trace_count <= len(engine.runner.buckets) == 5
 
 
-def test_reset_and_close_leave_other_streams_untouched():
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_reset_and_close_leave_other_streams_untouched(executor):
     spec = ModelSpec("lstm", layers=2)
-    model = build_model(spec)
-    engine = Engine.from_keras(model, slots=3, max_bucket=8)
+    model = model_of(spec)
+    engine = engine_on(executor, model, slots=3, max_bucket=8)
     rng = np.random.default_rng(4)
     a, b = random_input(spec, 20, rng), random_input(spec, 20, rng)
     out_a = [engine.push("a", a[:10])]
@@ -197,10 +228,11 @@ def test_reset_and_close_leave_other_streams_untouched():
     np.testing.assert_allclose(engine.push("d", b[:4]), offline(model, b[:4]), atol=TOL, rtol=0)
 
 
-def test_snapshot_restore_moves_a_stream_between_slots():
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_snapshot_restore_moves_a_stream_between_slots(executor):
     spec = ModelSpec("gru", layers=2)
-    model = build_model(spec)
-    engine = Engine.from_keras(model, slots=4, max_bucket=8)
+    model = model_of(spec)
+    engine = engine_on(executor, model, slots=4, max_bucket=8)
     x = random_input(spec, 30, np.random.default_rng(5))
     first = engine.push("a", x[:12])
     snap = engine.snapshot("a")
@@ -212,7 +244,8 @@ def test_snapshot_restore_moves_a_stream_between_slots():
     np.testing.assert_allclose(np.concatenate([first, rest]), offline(model, x), atol=TOL, rtol=0)
 
 
-def test_from_keras_accepts_saved_file_and_stateful_models_of_any_batch(tmp_path):
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_from_keras_accepts_saved_file_and_stateful_models_of_any_batch(tmp_path, executor):
     keras.utils.set_random_seed(0)
     trained = keras.Sequential([
         keras.Input((None, 4), batch_size=7),
@@ -224,7 +257,7 @@ def test_from_keras_accepts_saved_file_and_stateful_models_of_any_batch(tmp_path
     ])
     path = tmp_path / "m.keras"
     trained.save(path)
-    engine = Engine.from_keras(str(path), slots=3)
+    engine = engine_on(executor, str(path), slots=3)
     x = np.random.default_rng(0).standard_normal((25, 4)).astype(np.float32)
     reference = keras.Sequential([
         keras.Input((None, 4)),
@@ -239,18 +272,21 @@ def test_from_keras_accepts_saved_file_and_stateful_models_of_any_batch(tmp_path
     np.testing.assert_allclose(got, offline(reference, x), atol=TOL, rtol=0)
 
 
-def test_functional_chain_with_stacked_cells_streams():
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_functional_chain_with_stacked_cells_streams(executor):
     keras.utils.set_random_seed(0)
     inp = keras.Input((None, 3))
     cells = [keras.layers.LSTMCell(6), keras.layers.GRUCell(5)]
     h = keras.layers.RNN(keras.layers.StackedRNNCells(cells), return_sequences=True)(inp)
     out = keras.layers.Dense(2)(h)
     model = keras.Model(inp, out)
-    engine = Engine.from_keras(model, slots=2, max_bucket=4)
+    engine = engine_on(executor, model, slots=2, max_bucket=4)
     x = np.random.default_rng(0).standard_normal((17, 3)).astype(np.float32)
     got = np.concatenate([engine.push("s", x[:5]), engine.push("s", x[5:])])
     np.testing.assert_allclose(got, offline(model, x), atol=TOL, rtol=0)
-    assert len(engine.bank.variables) == 3  # LSTM h, c and GRU h
+    assert len(engine.state_layout) == 3  # LSTM h, c and GRU h
+    if executor == "keras":
+        assert len(engine.bank.variables) == 3
 
 
 def test_mask_zero_embedding_streams_like_offline():
@@ -262,6 +298,7 @@ def test_mask_zero_embedding_streams_like_offline():
         keras.layers.Dense(3),
     ])
     engine = Engine.from_keras(model, slots=2, max_bucket=8)
+    assert engine.stats()["executor"] == "keras"  # auto: ONNX Runtime cannot mask
     ids = np.array([3, 1, 0, 0, 5, 9, 0, 2, 2, 7, 1, 0, 4], dtype=np.int32)
     # Chunks never start on a masked token (see README: outputs at masked steps carry).
     got = np.concatenate([engine.push("s", ids[:4]), engine.push("s", ids[4:7]),
@@ -269,10 +306,11 @@ def test_mask_zero_embedding_streams_like_offline():
     np.testing.assert_allclose(got, offline(model, ids), atol=TOL, rtol=0)
 
 
-def test_more_streams_than_slots_swap_to_host_and_back_with_identical_outputs():
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_more_streams_than_slots_swap_to_host_and_back_with_identical_outputs(executor):
     spec = ModelSpec("lstm", layers=2)
-    model = build_model(spec)
-    engine = Engine.from_keras(model, slots=3, max_bucket=8, max_streams=12)
+    model = model_of(spec)
+    engine = engine_on(executor, model, slots=3, max_bucket=8, max_streams=12)
     rng = np.random.default_rng(7)
     sequences = {f"s{i}": random_input(spec, 30, rng) for i in range(10)}
     position = dict.fromkeys(sequences, 0)

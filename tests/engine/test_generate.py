@@ -369,7 +369,7 @@ def test_xla_and_graph_loops_agree(kind: str) -> None:
     else:
         model = regression_model("gru", seed=14)
         prompt, kwargs = rng.standard_normal((4, 3)).astype(np.float32), {}
-    xla = streamrnn.Engine.from_keras(model, slots=2)
+    xla = streamrnn.Engine.from_keras(model, slots=2, executor="keras")
     assert xla.runner.jit_compile  # CPU default
     graph = make_engine(model, slots=2)
     a = xla.generate("s", prompt, steps=30, **kwargs)

@@ -19,9 +19,11 @@ from streamrnn.engine.interface import (
     SupportsGeneration,
     SupportsPins,
     SupportsSnapshots,
+    TakesStepWeights,
     capabilities_of,
 )
 from streamrnn.engine.weights import WeightsFollower, publish_weights
+from tests.helpers.engines import EXECUTORS, engine_on
 from tests.helpers.modelzoo import ModelSpec, build_model
 from tests.helpers.weights_helpers import D, model_with_seed
 
@@ -29,7 +31,7 @@ from tests.helpers.weights_helpers import D, model_with_seed
 @pytest.fixture(scope="module")
 def engine() -> Engine:
     return Engine.from_keras(build_model(ModelSpec("lstm", features=4)), slots=2,
-                             jit_compile=False)
+                             jit_compile=False, executor="keras")
 
 
 def test_engine_meets_enginelike_with_generation_and_snapshots(engine):
@@ -52,6 +54,18 @@ def test_engine_executor_and_state_rows_meet_their_protocols(engine):
     assert [(str(r.dtype), r.shape) for r in initial] == layout
     initial[0][...] = 7.0  # a copy: the engine's own initial rows are untouched
     assert not np.any(engine.initial_state()[0] == 7.0)
+
+
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_every_executor_meets_executor_with_its_rows_in_the_same_layout(executor):
+    model = build_model(ModelSpec("lstm", features=4))
+    engine = engine_on(executor, model, slots=2, jit_compile=False)
+    assert isinstance(engine.executor, Executor) and engine.executor.name == executor
+    assert isinstance(engine.bank, StateRows) and engine.bank is engine.executor.state
+    # weights travel with a step (converted once per version) everywhere but on Keras
+    assert isinstance(engine.executor, TakesStepWeights) == (executor != "keras")
+    assert engine.state_layout == [("float32", (8,)), ("float32", (8,))]  # LSTM h, c
+    assert isinstance(engine, EngineLike) and engine.kernel == engine.executor.kernel
 
 
 def test_weights_follower_meets_every_protocol_without_getattr(tmp_path):

@@ -1,4 +1,5 @@
-"""Weights versions: publishing, hot swaps that keep every stream's state, and pins."""
+"""Weights versions: publishing, hot swaps that keep every stream's state, and pins (swaps,
+refusals and pins under every executor)."""
 
 from __future__ import annotations
 
@@ -18,12 +19,14 @@ from streamrnn.protocol import ErrorCode, MessageType
 from streamrnn.serving.checkpoint import load_checkpoint, save_checkpoint
 from streamrnn.serving.durability import WorkerCheckpointer
 from streamrnn.serving.sequencing import SequenceTable
+from tests.helpers.engines import EXECUTORS, engine_on
 from tests.helpers.weights_helpers import D, model_with_seed, offline_with_swap
 
 
-def test_swap_mid_stream_keeps_every_state():
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_swap_mid_stream_keeps_every_state(executor):
     old, new = model_with_seed(0).get_weights(), model_with_seed(1).get_weights()
-    engine = streamrnn.Engine.from_keras(model_with_seed(0), slots=4, jit_compile=False)
+    engine = engine_on(executor, model_with_seed(0), slots=4, jit_compile=False)
     rng = np.random.default_rng(0)
     seqs = {s: rng.standard_normal((n, D)).astype(np.float32)
             for s, n in [("a", 30), ("b", 22), ("c", 40)]}
@@ -41,8 +44,9 @@ def test_swap_mid_stream_keeps_every_state():
         assert np.abs(got - np.asarray(model_with_seed(1)(seq[None]))[0]).max() > 1e-3
 
 
-def test_bad_weights_are_refused_before_anything_changes():
-    engine = streamrnn.Engine.from_keras(model_with_seed(0), slots=2, jit_compile=False)
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_bad_weights_are_refused_before_anything_changes(executor):
+    engine = engine_on(executor, model_with_seed(0), slots=2, jit_compile=False)
     x = np.ones((5, D), np.float32)
     engine.push("a", x)
     snap = engine.snapshot("a")
@@ -83,11 +87,12 @@ def test_follower_polls_at_most_every_poll_s(tmp_path):
     assert not follower.poll(force=True)  # nothing newer
 
 
-def test_pinned_stream_stays_on_its_version(tmp_path):
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_pinned_stream_stays_on_its_version(tmp_path, executor):
     w1, w2 = model_with_seed(1).get_weights(), model_with_seed(2).get_weights()
     publish_weights(tmp_path, w1, 1)
     follower = WeightsFollower(
-        streamrnn.Engine.from_keras(model_with_seed(0), slots=3, jit_compile=False), tmp_path,
+        engine_on(executor, model_with_seed(0), slots=3, jit_compile=False), tmp_path,
         poll_s=0.0)
     rng = np.random.default_rng(5)
     a, b = (rng.standard_normal((20, D)).astype(np.float32) for _ in range(2))

@@ -108,7 +108,7 @@ def test_fused_reads_weights_at_call_time():
 def test_engine_fused_streams_like_offline(cell):
     spec = ModelSpec(cell, layers=2, units=6, features=4)
     model = build_model(spec, seed=4)
-    engine = Engine.from_keras(model, slots=3, max_bucket=8, fused=True)
+    engine = Engine.from_keras(model, slots=3, max_bucket=8, fused=True, executor="keras")
     assert engine.serving.fused_layers
     assert "fused" in engine.kernel
     rng = np.random.default_rng(5)
@@ -127,7 +127,7 @@ def test_engine_fused_streams_like_offline(cell):
 def test_token_model_and_generic_cell_are_fused():
     spec = ModelSpec("lstm", layers=1, units=5, tokens=True, features=11, generic_cell=True)
     model = build_model(spec, seed=6)
-    engine = Engine.from_keras(model, slots=2, max_bucket=4, fused=True)
+    engine = Engine.from_keras(model, slots=2, max_bucket=4, fused=True, executor="keras")
     assert list(engine.serving.fused_layers) == [1]  # after the Embedding
     seq = random_input(spec, 9, np.random.default_rng(7))
     out = np.concatenate([engine.push("s", seq[:4]), engine.push("s", seq[4:])])

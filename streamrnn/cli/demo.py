@@ -35,7 +35,8 @@ class DemoConfig:
     verify: int = 6
     seed: int = 0
     window: int = 4  # chunks in flight per stream
-    xla: bool = False  # XLA steps run faster but take ~10 s longer to trace at start
+    xla: bool = False  # Keras executor: XLA steps run faster but take ~10 s longer to trace
+    executor: str = "auto"  # the worker's --executor (auto: ONNX Runtime on CPU)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -46,8 +47,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--max-chunk", type=int, default=64, help="longest random chunk")
     parser.add_argument("--verify", type=int, default=6, help="streams checked offline")
     parser.add_argument("--seed", type=int, default=0)
+    from streamrnn.engine.interface import EXECUTORS
+
+    parser.add_argument("--executor", choices=EXECUTORS, default="auto",
+                        help="the worker's --executor")
     parser.add_argument("--xla", action="store_true",
-                        help="compile the worker's step with XLA (faster steps, slower start)")
+                        help="compile the Keras executor's step with XLA (faster steps, slower "
+                             "start)")
     return parser
 
 
@@ -55,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     """``streamrnn demo``: :func:`run_demo` with the command-line options."""
     return run_demo(DemoConfig(streams=args.streams, steps=args.steps, slots=args.slots,
                                max_chunk=args.max_chunk, verify=args.verify, seed=args.seed,
-                               xla=args.xla))
+                               xla=args.xla, executor=args.executor))
 
 
 @dataclass
@@ -146,11 +152,12 @@ def run_demo(config: DemoConfig | None = None) -> int:
         with console.status("starting worker (loads TensorFlow, traces the step)..."):
             worker = WorkerProcess.start(model_path, config.slots,
                                          "--xla" if config.xla else "--no-xla",
+                                         "--executor", config.executor,
                                          log_path=Path(tmp) / "worker.log")
         console.print(f"worker ready on {worker.endpoint} (pid {worker.proc.pid})")
         try:
             with Client(worker.endpoint, timeout=30) as client:
-                client.ping()
+                console.print(f"kernel: {client.ping()['worker'].get('kernel')}")
                 done = [0]
                 threads = [threading.Thread(target=_drive, args=(client, run, config.window, done),
                                             daemon=True) for run in runs]

@@ -1,6 +1,7 @@
 """The stream worker process: ``python -m streamrnn.cli.worker --model M.keras --slots 64 ...``.
 
-Loads the model into an :class:`~streamrnn.Engine`, serves it with a
+Loads the model into an :class:`~streamrnn.Engine` (on the executor ``--executor`` names:
+ONNX Runtime on CPU by default, see :mod:`streamrnn.engine.backends`), serves it with a
 :class:`~streamrnn.serving.worker.StreamWorker`, logs a ready line with the bound endpoint
 (``--bind tcp://127.0.0.1:0`` picks a free port), and on SIGTERM/SIGINT finishes queued
 work, sends its replies and exits 0. The same entry point backs ``streamrnn worker``.
@@ -35,6 +36,7 @@ READY_MARKER = "streamrnn worker ready on "
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The worker's command-line options (shared with ``streamrnn worker``)."""
+    from streamrnn.engine.interface import EXECUTORS, PRECISIONS
     from streamrnn.serving.config import WorkerConfig
 
     defaults = WorkerConfig()
@@ -58,12 +60,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "this many timesteps in all, in one step (each chunk still gets "
                              "its own reply); 0: one chunk per stream per step (default: "
                              "--max-bucket)")
+    parser.add_argument("--executor", choices=EXECUTORS, default="auto",
+                        help="what runs the steps: auto (ONNX Runtime on CPU when it covers "
+                             "the model, else Keras; on a GPU torch when installed, else "
+                             "Keras), or the one named (refused if it cannot run the model); "
+                             "the ready line and STATS name it and why auto fell back")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="ONNX Runtime intra-op / torch CPU threads (default: all cores; "
+                             "the Keras executor ignores it)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="float32",
+                        help="bf16 runs on the torch executor only (where the CPU has AMX / "
+                             "AVX512-BF16, or on CUDA); outputs then differ from float32")
     parser.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
-                        help="fused LSTM/GRU/SimpleRNN fast path (default: on for CPU, off for "
-                             "GPU where Keras can use cuDNN)")
+                        help="fused LSTM/GRU/SimpleRNN fast path of the Keras executor and "
+                             "of generation, which runs on the Keras clone (default: on for "
+                             "CPU, off for GPU where Keras can use cuDNN)")
     parser.add_argument("--xla", action=argparse.BooleanOptionalAction, default=None,
-                        help="compile the step with XLA (default: on for CPU, off for GPU); "
-                             "XLA runs faster but takes longer to trace")
+                        help="compile the Keras executor's step and generation loops with "
+                             "XLA (default: on for CPU, off for GPU); XLA runs faster but "
+                             "takes longer to trace")
     parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                         help="trace every step bucket before announcing ready")
     parser.add_argument("--checkpoint-dir", default=defaults.checkpoint_dir,
@@ -111,13 +126,21 @@ def run(args: argparse.Namespace) -> int:
     if not _precheck(args):
         return 2
     from streamrnn.engine.engine import Engine
+    from streamrnn.errors import NotSupportedError, UnsupportedModelError
     from streamrnn.serving.worker import StreamWorker, WorkerConfig
 
-    engine = Engine.from_keras(args.model, slots=args.slots, max_bucket=args.max_bucket,
-                               jit_compile=args.xla, max_streams=args.max_streams,
-                               fused=args.fused)
+    try:
+        engine = Engine.from_keras(args.model, slots=args.slots, max_bucket=args.max_bucket,
+                                   jit_compile=args.xla, max_streams=args.max_streams,
+                                   fused=args.fused, executor=args.executor,
+                                   threads=args.threads, precision=args.precision)
+    except (UnsupportedModelError, NotSupportedError) as exc:
+        log.error("cannot serve %s: %s", args.model, exc)
+        return 2
+    executor = engine.executor.name + (
+        f" (auto fell back: {engine.executor_fallback})" if engine.executor_fallback else "")
     if args.warmup:
-        engine.runner.warmup()
+        engine.executor.warmup()
     if args.weights_from:
         from streamrnn.engine.weights import WeightsFollower
 
@@ -140,7 +163,8 @@ def run(args: argparse.Namespace) -> int:
     endpoint = worker.start()
     metrics = "" if worker.metrics_port is None else f", metrics={metrics_url(worker.metrics_port)}"
     log_ready(log, READY_MARKER, endpoint, f"(slots={engine.slots}, model={config.model_name}, "
-                                           f"kernel={engine.kernel}{metrics})")
+                                           f"executor={executor}, kernel={engine.kernel}"
+                                           f"{metrics})")
     link = _register(worker, args) if args.register else None
     wait(worker)
     if link is not None:

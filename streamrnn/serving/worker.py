@@ -29,7 +29,6 @@ Example::
 from __future__ import annotations
 
 import math
-import queue
 import threading
 import time
 from collections.abc import Callable
@@ -46,7 +45,7 @@ from streamrnn.serving.compute import ComputeThread
 from streamrnn.serving.config import WorkerConfig
 from streamrnn.serving.durability import WorkerCheckpointer
 from streamrnn.serving.io_thread import IOThread
-from streamrnn.serving.outbox import Channels, Outbox
+from streamrnn.serving.outbox import Channels, Outbox, WorkQueue
 from streamrnn.serving.sequencing import SequenceTable
 from streamrnn.serving.sockets import bind_client_socket
 from streamrnn.serving.stats import WorkerStats
@@ -73,7 +72,7 @@ class StreamWorker:
                 config.checkpoint_every_steps, config.checkpoint_every_s)
         self._ctx = context or zmq.Context.instance()
         self._table = SequenceTable()
-        self._channels = Channels(queue.Queue(maxsize=config.max_queue), Outbox(),
+        self._channels = Channels(WorkQueue(config.max_queue), Outbox(),
                                   WorkerStats(self.metrics))
         self._compute = ComputeThread(engine, self.capabilities, config, self._channels,
                                       self._table, self.checkpointer, self.describe, self.stats)
@@ -171,6 +170,7 @@ class StreamWorker:
             "max_message_bytes": MAX_MESSAGE_BYTES,
             "generate": self.capabilities.generation,
             "batch": True,  # takes BATCH envelopes (docs/protocol.md)
+            "kernel": getattr(engine, "kernel", None),  # what runs the steps (trainer: None)
         }
 
 

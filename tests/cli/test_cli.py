@@ -8,8 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import keras
 import numpy as np
 
+from streamrnn.cli.process import WorkerProcess
+from streamrnn.client import Client
 from tests.helpers.modelzoo import offline
 from tests.helpers.shared_worker import SPEC, shared_worker
 
@@ -29,7 +32,8 @@ def test_help_lists_subcommands():
     for name in ("worker", "publish", "demo", "trainer", "bench"):
         assert name in result.stdout
     worker_help = streamrnn("worker", "--help").stdout
-    for option in ("--checkpoint-dir", "--metrics-port", "--weights-from", "--max-streams"):
+    for option in ("--checkpoint-dir", "--metrics-port", "--weights-from", "--max-streams",
+                   "--executor", "--threads", "--precision"):
         assert option in worker_help
 
 
@@ -45,6 +49,34 @@ def test_publish_writes_outputs_equal_to_offline(tmp_path):
         assert "steps/s" in result.stdout
         out = np.load(tmp_path / "out.npy")
         np.testing.assert_allclose(out, offline(worker.model, x), atol=1e-5)
+
+
+def test_worker_names_its_executor_in_the_ready_line_stats_and_ping():
+    worker = shared_worker()  # started without --executor: auto, ONNX Runtime on this CPU
+    assert "executor=onnxruntime, kernel=" in worker.process.log()
+    with Client(worker.endpoint) as client:
+        assert "onnxruntime" in client.ping()["worker"]["kernel"]
+        engine = client.stats()["engine"]
+    assert (engine["executor"], engine["executor_fallback"]) == ("onnxruntime", None)
+
+
+def test_worker_executor_fallback_is_visible_and_a_named_one_is_refused(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((None, 3)), keras.layers.Masking(0.0),
+                              keras.layers.GRU(4, return_sequences=True)])
+    path = tmp_path / "masking.keras"
+    model.save(path)
+    with WorkerProcess.start(path, 2, "--no-xla", "--no-warmup") as worker:
+        assert "executor=keras (auto fell back: onnxruntime: masking" in worker.log()
+        with Client(worker.endpoint) as client:
+            engine = client.stats()["engine"]
+    assert engine["executor"] == "keras"
+    assert engine["executor_fallback"].startswith("onnxruntime: masking")
+    result = streamrnn("worker", "--model", str(path), "--slots", "2", "--executor",
+                       "onnxruntime", "--bind", "tcp://127.0.0.1:0")
+    assert result.returncode != 0
+    assert "executor='onnxruntime' cannot run model" in result.stderr + result.stdout
+    assert "masking" in result.stderr + result.stdout
 
 
 def test_demo_small_runs_and_reports_throughput(tmp_path):

@@ -129,33 +129,30 @@ class ComputeThread(threading.Thread):
 
     def _wait_and_process(self) -> bool:
         """Process the next batch once a request comes; False when stopped and drained."""
-        try:
-            first = self._requests.get(timeout=_IDLE_POLL_S)
-        except queue.Empty:
+        first = self._requests.take(self.config.max_batch, _IDLE_POLL_S)
+        if not first:
             if self._channels.reading_stopped.is_set() and self._requests.empty():
                 # graceful stop: everything applied is kept
                 if self.checkpointer is not None and self._checkpoint():
                     self._reply.release()
                 return False
             return True
-        self._process(self._take_batch([first], self.config.batch_window_us / 1e6))
+        self._process(self._take_batch(first, self.config.batch_window_us / 1e6))
         return True
 
     def _take_batch(self, batch: list[Work], window: float) -> list[Work]:
+        """``batch`` plus what arrives within ``window`` seconds (at most ``max_batch``)."""
         deadline = time.monotonic() + window
         while len(batch) < self.config.max_batch:
-            try:
-                batch.append(self._requests.get_nowait())
-                continue
-            except queue.Empty:
-                pass
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                batch.append(self._requests.get(timeout=remaining))
-            except queue.Empty:
-                break
+            more = self._requests.take(self.config.max_batch - len(batch))
+            if not more:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                more = self._requests.take(self.config.max_batch - len(batch), remaining)
+                if not more:
+                    break
+            batch += more
         return batch
 
     def _process(self, batch: list[Work]) -> None:

@@ -4,8 +4,9 @@ It receives and decodes requests (a BATCH envelope into its parts, each then tre
 request of its own), checks PUSH chunks (the engine's ``validate``, which reads only fixed
 facts of the model, so it may run here while the compiled step runs without the GIL),
 answers PING and malformed messages itself, and puts the rest on the bounded work queue
-(full -> BUSY). Woken by the outbox, it encodes and sends every reply of the compute thread;
-the replies to BATCH parts leave in one BATCH_REPLY per client.
+(full -> BUSY), all the requests of one message (a BATCH's parts) at once. Woken by the
+outbox, it encodes and sends every reply of the compute thread; the replies to BATCH parts
+leave in one BATCH_REPLY per client.
 
 Once a request of a stream was answered BUSY, later ones of that stream are answered BUSY
 too until the client resends from the first (the *busy latch*), so nothing is applied out
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable
@@ -177,7 +177,9 @@ class IOThread(threading.Thread):
         if msg.type == MessageType.PING:
             self._on_ping(identity, msg)
             return
-        busy = self._enqueue(Work(identity, msg, received))
+        accepted: list[Work] = []
+        busy = self._enqueue(Work(identity, msg, received), accepted, self._requests.room())
+        self._requests.put_many(accepted)
         if busy is not None:
             self._reply_now(identity, MessageType.BUSY, busy)
 
@@ -191,14 +193,17 @@ class IOThread(threading.Thread):
             return
         counts: dict[MessageType, int] = {MessageType.BATCH: 1}
         replies: list[Part] = []
+        accepted: list[Work] = []  # queued together: one lock and one wake-up
+        room = self._requests.room()
         for part in parts:
             if isinstance(part, ProtocolError):
                 replies.append((MessageType.ERROR, self._malformed(part), None))
                 continue
             counts[part.type] = counts.get(part.type, 0) + 1
-            busy = self._enqueue(Work(identity, part, received, batched=True))
+            busy = self._enqueue(Work(identity, part, received, batched=True), accepted, room)
             if busy is not None:
                 replies.append((MessageType.BUSY, busy, None))
+        self._requests.put_many(accepted)
         for msg_type, n in counts.items():
             self._stats.request(msg_type, n)
         if replies:
@@ -214,9 +219,11 @@ class IOThread(threading.Thread):
             header[F_VERSIONS] = list(SUPPORTED_VERSIONS)
         return header
 
-    def _enqueue(self, work: Work) -> dict[str, Any] | None:
-        """Queue a decoded request for the compute thread; the header of a BUSY reply if the
-        queue is full (or the stream is latched busy), else None."""
+    def _enqueue(self, work: Work, accepted: list[Work], room: int) -> dict[str, Any] | None:
+        """Accept a decoded request for the compute thread (into ``accepted``, which the
+        caller queues once its message is read; ``room``: what the queue took then); the
+        header of a BUSY reply if the queue is full (or the stream is latched busy), else
+        None."""
         msg = work.msg
         sequenced = msg.type in SEQUENCED_TYPES
         stream = msg.header.get(F_STREAM)
@@ -225,11 +232,8 @@ class IOThread(threading.Thread):
             if msg.type == MessageType.PUSH:
                 # here, not on the compute thread: it overlaps with the running step
                 self._validate_chunk(work)
-            try:
-                self._requests.put_nowait(work)
-            except queue.Full:
-                pass
-            else:
+            if len(accepted) < room:
+                accepted.append(work)
                 if latched is not None:
                     del self._busy_latch[stream]
                 return None

@@ -1,5 +1,10 @@
-"""What a worker's two threads share: the :class:`Outbox` (replies plus their wake-up pipe),
-gathered with the request queue, the counters and the stop signals in :class:`Channels`.
+"""What a worker's two threads share: the :class:`WorkQueue` of requests, the :class:`Outbox`
+(replies plus their wake-up pipe), gathered with the counters and the stop signals in
+:class:`Channels`.
+
+The I/O thread hands the compute thread the requests of a message (all the parts of a BATCH
+envelope) in one :meth:`WorkQueue.put_many`: one lock and one wake-up per message instead of
+one per request (``queue.Queue.put`` + ``get`` cost about 4 us of CPU per request).
 
 The compute thread :meth:`~Outbox.put` s replies; the I/O thread, woken by a frame on an
 inproc PUSH/PULL pair, :meth:`~Outbox.drain` s them and encodes and sends them while the
@@ -14,6 +19,11 @@ never touches a socket but the outbox's PUSH end.
 
 Example::
 
+    requests = WorkQueue(maxsize=4096)
+    room = requests.room()                   # I/O thread: how many it may add now
+    requests.put_many(works[:room])          # the rest are answered BUSY
+    batch = requests.take(limit=4096, timeout=0.05)   # compute thread: [] after the timeout
+
     outbox = Outbox()
     outbox.open(zmq.Context.instance())      # before the threads start
     # compute thread
@@ -26,7 +36,7 @@ Example::
 from __future__ import annotations
 
 import itertools
-import queue
+import sys
 import threading
 from collections import deque
 from collections.abc import Mapping
@@ -41,7 +51,7 @@ from streamrnn.protocol import F_REQUEST_ID, F_SEQ, F_STREAM, MessageType
 from streamrnn.serving.batching import Work
 from streamrnn.serving.stats import WorkerStats
 
-__all__ = ["Channels", "Outbox", "Reply", "echo"]
+__all__ = ["Channels", "Outbox", "Reply", "WorkQueue", "echo"]
 
 _ids = itertools.count()
 _STOP_FRAME = b""  # the compute thread is done (after its last replies)
@@ -61,6 +71,44 @@ class Reply(NamedTuple):
 def echo(msg: Message) -> dict[str, Any]:
     """The matching fields of a request (rid, stream, seq), to copy into its reply."""
     return {k: msg.header[k] for k in (F_REQUEST_ID, F_STREAM, F_SEQ) if k in msg.header}
+
+
+class WorkQueue:
+    """Requests from the I/O thread (the only producer) to the compute thread (the only
+    consumer), in order; bounded: ``maxsize`` waiting at most (``<= 0``: unbounded)."""
+
+    def __init__(self, maxsize: int = 0):
+        self.maxsize = maxsize
+        self._items: deque[Work] = deque()
+        self._ready = threading.Condition(threading.Lock())
+
+    def room(self) -> int:
+        """How many requests may be added now (only grows until the producer adds more)."""
+        if self.maxsize <= 0:
+            return sys.maxsize
+        return max(0, self.maxsize - len(self._items))
+
+    def put_many(self, works: list[Work]) -> None:
+        """Append ``works`` (at most :meth:`room` of them) and wake the consumer."""
+        if works:
+            with self._ready:
+                self._items.extend(works)
+                self._ready.notify()
+
+    def take(self, limit: int, timeout: float = 0.0) -> list[Work]:
+        """Up to ``limit`` requests, oldest first; waits up to ``timeout`` seconds for the
+        first one (``[]`` when none came)."""
+        with self._ready:
+            if not self._items and timeout > 0:
+                self._ready.wait(timeout)
+            items = self._items
+            return [items.popleft() for _ in range(min(limit, len(items)))]
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+    def empty(self) -> bool:
+        return not self._items
 
 
 class Outbox:
@@ -130,7 +178,7 @@ class Channels:
     """Everything the I/O and compute threads share: requests in (bounded: full -> BUSY),
     replies out, the (locked) counters, and the stop signals."""
 
-    requests: queue.Queue[Work]
+    requests: WorkQueue
     outbox: Outbox
     stats: WorkerStats
     #: set by StreamWorker.stop(): the I/O thread stops reading requests

@@ -95,6 +95,7 @@ __all__ = [
 
 # Replies may carry larger maps (STATS); requests are held to the tight limits.
 _REPLY_CONTAINER_LEN = 1 << 20
+_TYPES: dict[int, MessageType] = {int(t): t for t in MessageType}
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,16 +139,18 @@ def _with_arrays(header: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | N
     """``header`` with ``"v"`` (if absent) and the ``"arrays"`` descriptors, and the array
     buffers in frame order (descriptor ``"frame"`` k is the k-th buffer)."""
     out_header = dict(header)
-    out_header.setdefault(F_VERSION, PROTOCOL_VERSION)
+    if F_VERSION not in out_header:
+        out_header[F_VERSION] = PROTOCOL_VERSION
+    if not arrays:
+        return out_header, []
     buffers: list[np.ndarray] = []
-    if arrays:
-        descriptors = {}
-        for index, (name, array) in enumerate(arrays.items()):
-            wire = _wire_array(array)
-            descriptors[name] = {D_DTYPE: _WIRE_NAMES[wire.dtype], D_SHAPE: list(wire.shape),
-                                 D_FRAME: index}
-            buffers.append(wire)
-        out_header[F_ARRAYS] = descriptors
+    descriptors = {}
+    for index, (name, array) in enumerate(arrays.items()):
+        wire = _wire_array(array)
+        descriptors[name] = {D_DTYPE: _WIRE_NAMES[wire.dtype], D_SHAPE: list(wire.shape),
+                             D_FRAME: index}
+        buffers.append(wire)
+    out_header[F_ARRAYS] = descriptors
     return out_header, buffers
 
 
@@ -167,37 +170,39 @@ def encode(
 
 
 _ALIGN = 16  # byte alignment of each array in an envelope's payload
+_ZEROS = [bytes(n) for n in range(_ALIGN)]  # the gap after an array of nbytes: -nbytes % 16
 
 #: One message inside an envelope: (type, header, arrays or None).
 Part = tuple[MessageType, Mapping[str, Any], Mapping[str, np.ndarray] | None]
 
 
-def encode_batch(envelope: MessageType, parts: Sequence[Part]) -> list[bytes | np.ndarray]:
+def encode_batch(envelope: MessageType, parts: Sequence[Part]) -> list[bytes | bytearray]:
     """Frames of a BATCH (requests) or BATCH_REPLY (replies) envelope carrying ``parts``.
 
     Three frames: ``[type byte, msgpack {"v", "parts": [[type, header, regions], ...]},
     payload]``. Every part's arrays are copied into the one payload frame (one frame is
-    much cheaper to send and receive than one per array); ``regions`` lists each array's
-    ``[offset, nbytes]`` in it, and the part's descriptors number its arrays as usual.
-    Raises ProtocolError (BAD_DTYPE / BAD_SHAPE) for an array that cannot travel; encode
-    such a part alone to fail only it.
+    much cheaper to send and receive than one per array; the gaps that align each array to
+    16 bytes are zeros); ``regions`` lists each array's ``[offset, nbytes]`` in it, and the
+    part's descriptors number its arrays as usual. Raises ProtocolError (BAD_DTYPE /
+    BAD_SHAPE) for an array that cannot travel; encode such a part alone to fail only it.
     """
     entries = []
-    buffers: list[np.ndarray] = []
+    pieces: list[Any] = []  # the arrays and the zero gaps between them, in payload order
     size = 0
     for msg_type, part_header, arrays in parts:
         out_header, part_buffers = _with_arrays(part_header, arrays)
         regions = []
         for buffer in part_buffers:
-            regions.append([size, buffer.nbytes])
-            size += -(-buffer.nbytes // _ALIGN) * _ALIGN
+            nbytes = buffer.nbytes
+            regions.append([size, nbytes])
+            gap = -nbytes % _ALIGN
+            pieces.append(buffer)
+            if gap:
+                pieces.append(_ZEROS[gap])
+            size += nbytes + gap
         entries.append([int(msg_type), out_header, regions])
-        buffers.extend(part_buffers)
-    payload = np.empty(size, np.uint8)
-    for buffer, (offset, nbytes) in zip(
-            buffers, (r for e in entries for r in e[2]), strict=True):
-        payload[offset:offset + nbytes] = buffer.reshape(-1).view(np.uint8)
     out = {F_VERSION: PROTOCOL_VERSION, F_PARTS: entries}
+    payload = bytearray().join(pieces)  # writable, as the np.uint8 buffer it replaces
     return [bytes((int(envelope),)), msgpack.packb(out, use_bin_type=True), payload]
 
 
@@ -210,7 +215,8 @@ def batches_of(parts: Sequence[Part], max_parts: int = MAX_BATCH_PARTS,
     size = 0
     for part in parts:
         arrays = part[2]
-        nbytes = sum(np.asarray(a).nbytes for a in arrays.values()) if arrays else 0
+        nbytes = sum(a.nbytes if type(a) is np.ndarray else np.asarray(a).nbytes
+                     for a in arrays.values()) if arrays else 0
         if current and (len(current) >= max_parts or size + nbytes > max_bytes):
             groups.append(current)
             current, size = [], 0
@@ -235,11 +241,11 @@ def _check_message(
         # the checks raise without context; the matching fields are read only on failure
         if type_byte not in allowed_types:
             raise ProtocolError(f"unknown or unexpected message type 0x{type_byte:02x}")
-        msg_type = MessageType(type_byte)
+        msg_type = _TYPES[type_byte]  # MessageType(type_byte), without the enum call
         name = msg_type.name
         schema = schemas[msg_type]
         check_fields(header, schema, name, None)
-        if msg_type != MessageType.PING and not is_supported_version(header[F_VERSION]):
+        if msg_type is not MessageType.PING and not is_supported_version(header[F_VERSION]):
             raise ProtocolError(
                 f"protocol version {header[F_VERSION]} not supported (supported: "
                 f"{list(SUPPORTED_VERSIONS)}); send PING with 'versions' to negotiate",

@@ -64,6 +64,7 @@ FrameLike = Any
 
 #: wire dtype name -> little-endian numpy dtype (numpy's dtype.name is slow to rebuild)
 WIRE_DTYPES: dict[str, np.dtype] = {n: np.dtype(n).newbyteorder("<") for n in ALLOWED_DTYPES}
+_SURELY_SHORT = MAX_STREAM_ID_BYTES // 4  # stream ids of at most this many code points fit
 
 
 def as_view(frame: FrameLike) -> memoryview:
@@ -118,26 +119,23 @@ def check_ranges(msg_type: MessageType, header: dict[str, Any], schema: Schema) 
     """Value checks of the fields ``schema`` declares (their types are already checked);
     undeclared fields are ignored, whatever their type, as the protocol promises. Raises
     without context (the caller adds it)."""
-
-    def declared(key: str) -> Any:
-        return header.get(key) if key in schema else None
-
-    rid = declared(F_REQUEST_ID)
+    rid = header.get(F_REQUEST_ID) if F_REQUEST_ID in schema else None
     if rid is not None and not 0 <= rid <= MAX_REQUEST_ID:
         raise ProtocolError(f"'rid' must be in [0, 2**64), got {rid}", ErrorCode.BAD_VALUE)
-    stream = declared(F_STREAM)
-    if stream is not None:
+    stream = header.get(F_STREAM) if F_STREAM in schema else None
+    # a code point takes at most 4 UTF-8 bytes: short ids need no encoding to be measured
+    if stream is not None and not 0 < len(stream) <= _SURELY_SHORT:
         size = len(stream.encode("utf-8", "surrogatepass"))
         if not 0 < size <= MAX_STREAM_ID_BYTES:
             raise ProtocolError(
                 f"'stream' must be 1..{MAX_STREAM_ID_BYTES} UTF-8 bytes, got {size}",
                 ErrorCode.BAD_VALUE,
             )
-    seq = declared(F_SEQ)
+    seq = header.get(F_SEQ) if F_SEQ in schema else None
     if seq is not None and not 0 <= seq <= MAX_SEQ:
         raise ProtocolError(f"'seq' must be in [0, 2**63), got {seq}", ErrorCode.BAD_VALUE)
     if msg_type == MessageType.PING:
-        versions = declared(F_VERSIONS) or []
+        versions = (header.get(F_VERSIONS) if F_VERSIONS in schema else None) or []
         if len(versions) > 64 or not all(is_int(v) for v in versions):
             raise ProtocolError("'versions' must be a list of at most 64 ints",
                                 ErrorCode.BAD_VALUE)
@@ -214,7 +212,9 @@ def _decode_array(array_name: Any, desc: Any, array_frames: Sequence[FrameLike],
             f"array {array_name!r}: shape {shape} of {dtype} needs {expected} bytes, "
             f"frame has {buf.nbytes}", ErrorCode.BAD_SHAPE,
         )
-    array = np.frombuffer(buf, dtype=np_dtype).reshape(shape)
+    # a view over the frame (np.ndarray is one call; an empty array as frombuffer makes it)
+    array = (np.ndarray(shape, np_dtype, buf) if expected
+             else np.frombuffer(buf, dtype=np_dtype).reshape(shape))
     if not np_dtype.isnative:  # big-endian host
         array = array.astype(np_dtype.newbyteorder("="))
     return array

@@ -26,8 +26,7 @@ The engine is not thread-safe: one thread (a worker's compute loop) drives it.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping
 from typing import Any
 
 import keras
@@ -39,7 +38,7 @@ from streamrnn.engine.interface import Executor, StateRows, StateSnapshot
 from streamrnn.engine.residency import Residency
 from streamrnn.engine.slots import SlotTable
 from streamrnn.engine.validation import validate_chunk
-from streamrnn.engine.versions import CloneRows, WeightVersions
+from streamrnn.engine.versions import CloneRows, WeightsMixin, WeightVersions
 from streamrnn.errors import EngineFullError
 from streamrnn.executors.buckets import plan_steps
 from streamrnn.executors.keras_runner import gpu_available
@@ -50,13 +49,14 @@ __all__ = ["DEFAULT_MAX_CHUNK_STEPS", "Engine"]
 DEFAULT_MAX_CHUNK_STEPS = 1 << 20
 
 
-class Engine(GenerationMixin):
+class Engine(GenerationMixin, WeightsMixin):
     """Serves one Keras RNN model to many streams, one slot (batch row) per stream.
 
     An :class:`~streamrnn.engine.interface.EngineLike` with closed-loop generation
-    (``generate`` / ``generate_many``, from :class:`~streamrnn.engine.generate.GenerationMixin`)
-    and state snapshots (``state_layout``, ``initial_state``, ``export_states``,
-    ``import_states``).
+    (``generate`` / ``generate_many``, from :class:`~streamrnn.engine.generate.GenerationMixin`),
+    state snapshots (``state_layout``, ``initial_state``, ``export_states``,
+    ``import_states``) and weights versions (``set_weights``, ``pinned_weights``, from
+    :class:`~streamrnn.engine.versions.WeightsMixin`).
     ``Engine(serving, executor=...)`` steps a serving clone through the executor named
     (``"auto"``, ``"onnxruntime"``, ``"torch"``, ``"keras"``; see :meth:`from_keras`).
     """
@@ -85,7 +85,7 @@ class Engine(GenerationMixin):
         self.executor_fallback: str | None = choice.fallback
         self.bank: StateRows = self.executor.state
         self.versions = WeightVersions(serving, self.executor)
-        self._clone_rows = CloneRows(serving, self.executor)
+        self.clone_rows = CloneRows(serving, self.executor)
         self.table = SlotTable(serving.slots)
         # Streams beyond the slot count live in host memory (LRU swap); None: slots only.
         self.residency = Residency(self.table, self.bank, max_streams)
@@ -132,18 +132,14 @@ class Engine(GenerationMixin):
             max_streams: live streams allowed in all; those beyond ``slots`` are swapped to
                 host memory (least recently used first) and back in on their next chunk,
                 with identical outputs. Default: ``slots`` (no swapping).
-            executor: what runs the steps. ``"auto"`` (default): ONNX Runtime on CPU when
-                its graph covers the model, else Keras; on a GPU torch (cuDNN) when
-                installed and covering the model, else Keras. ``stats()`` reports the
-                executor and, when auto fell back, why (``executor_fallback``).
-                ``"onnxruntime"``, ``"torch"`` or ``"keras"``: that one, or
-                UnsupportedModelError with the reason. ``jit_compile``, ``fused`` and
-                ``use_cudnn`` shape the Keras executor (and generation, which runs on the
-                Keras clone for every executor).
-            threads: ONNX Runtime intra-op threads / torch CPU threads (default: all
-                cores); the Keras executor ignores it.
-            precision: ``"float32"`` (default) or ``"bf16"`` (the torch executor only;
-                ``"auto"`` then means torch; other executors refuse it).
+            executor: ``"auto"`` (default: ONNX Runtime on CPU when it covers the model, on a
+                GPU torch when installed, else Keras; ``stats()["executor_fallback"]`` says
+                why it fell back), or ``"onnxruntime"``, ``"torch"``, ``"keras"`` (else
+                UnsupportedModelError with the reason); :mod:`streamrnn.engine.backends`.
+                ``jit_compile``, ``fused``, ``use_cudnn`` shape the Keras executor and
+                generation (which runs on the Keras clone for every executor).
+            threads: ONNX Runtime / torch CPU threads (default: all cores; not Keras).
+            precision: ``"float32"`` (default) or ``"bf16"`` (torch only: auto means torch).
         """
         model = load_model(model_or_path)
         if fused is None:
@@ -164,9 +160,7 @@ class Engine(GenerationMixin):
     # ---- facts -------------------------------------------------------------------------
 
     @property
-    def runner(self) -> Any:
-        """The executor (its older name; the Keras executor's extras such as
-        ``row_buckets`` are reached through it)."""
+    def runner(self) -> Any:  # the executor's older name (Keras extras: ``row_buckets``)
         return self.executor
 
     @property
@@ -355,46 +349,3 @@ class Engine(GenerationMixin):
                 f"(slots={self.slots}, max_streams={self.max_streams})"
             )
         self.residency.import_states(states)
-
-    # ---- weights versions (hot swap between steps) -------------------------------------
-
-    weights_version: int = 0
-    """Version of the weights the engine serves (0: as loaded; set by :meth:`set_weights`)."""
-
-    def set_weights(self, weights: keras.Model | list[np.ndarray], version: int | None = None
-                    ) -> None:
-        """Serve new weights from the next step on; no stream's state is touched.
-
-        ``weights`` is a model of the same architecture or its ``get_weights()`` list;
-        every shape is checked before anything is assigned (InvalidInputError, BAD_SHAPE).
-        ``version`` defaults to the current one + 1. The executor gets them (ONNX Runtime:
-        a session with the weights baked in, kept for later pins of this version) and so
-        does the Keras serving clone (generation runs on it).
-        """
-        version = self.weights_version + 1 if version is None else int(version)
-        self.versions.set_latest(weights, version)
-        self.weights_version = version
-
-    @contextmanager
-    def pinned_weights(self, version: int, weights: Sequence[np.ndarray]) -> Iterator[None]:
-        """Run the steps (and generation) inside with ``weights`` as ``version``; the
-        latest weights are back afterwards. Each version is converted for the executor
-        once and kept (a pointer change per step; see :mod:`streamrnn.engine.versions`),
-        until :meth:`retain_weights` drops it. Shapes are checked first (BAD_SHAPE)."""
-        with self.versions.pinned(int(version), weights):
-            yield
-
-    def retain_weights(self, versions: Iterable[int]) -> None:
-        """Keep the converted weights of ``versions`` (and the latest) only."""
-        self.versions.retain(versions)
-
-    # ---- generation runs on the Keras clone: its rows follow the executor's -------------
-
-    @contextmanager
-    def generation_rows(self, slots: list[int]) -> Iterator[None]:
-        """Inside, the Keras serving clone holds the executor's weights and, for ``slots``,
-        its state rows; their new rows go back to the executor afterwards (every other row
-        is left alone). Generation runs there (see :mod:`streamrnn.engine.generate`)."""
-        self.versions.sync_clone()
-        with self._clone_rows.borrowed(slots):
-            yield

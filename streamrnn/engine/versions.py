@@ -22,6 +22,8 @@ weights on demand, and the latest come back when the pin ends.
 Generation runs on the clone for every executor (:mod:`streamrnn.engine.generate`):
 :meth:`CloneRows.borrowed` copies the generating slots' rows from the executor's state into
 the clone's state variables and, afterwards, their new rows back (no other row moves).
+:class:`WeightsMixin` gives :class:`~streamrnn.Engine` its ``set_weights``,
+``pinned_weights``, ``retain_weights`` and ``generation_rows`` over the two.
 
 Example::
 
@@ -47,7 +49,7 @@ from streamrnn.executors.keras_state import StateBank
 from streamrnn.executors.models import ServingModel
 from streamrnn.protocol import ErrorCode
 
-__all__ = ["CloneRows", "MAX_KEPT_VERSIONS", "WeightVersions", "checked_weights"]
+__all__ = ["CloneRows", "MAX_KEPT_VERSIONS", "WeightVersions", "WeightsMixin", "checked_weights"]
 
 #: converted weights versions kept at most (besides the latest)
 MAX_KEPT_VERSIONS = 16
@@ -196,3 +198,52 @@ class CloneRows:
         self._bank.write(slots, self.executor.state.read(slots))
         yield
         self.executor.state.write(slots, self._bank.read(slots))
+
+
+class WeightsMixin:
+    """``set_weights``, ``pinned_weights``, ``retain_weights`` and ``generation_rows`` for an
+    engine (:class:`~streamrnn.Engine` mixes it in): they act through the engine's
+    :attr:`versions` (a :class:`WeightVersions`) and :attr:`clone_rows` (a
+    :class:`CloneRows`)."""
+
+    versions: WeightVersions
+    clone_rows: CloneRows
+
+    weights_version: int = 0
+    """Version of the weights the engine serves (0: as loaded; set by :meth:`set_weights`)."""
+
+    def set_weights(self, weights: keras.Model | list[np.ndarray], version: int | None = None
+                    ) -> None:
+        """Serve new weights from the next step on; no stream's state is touched.
+
+        ``weights`` is a model of the same architecture or its ``get_weights()`` list;
+        every shape is checked before anything is assigned (InvalidInputError, BAD_SHAPE).
+        ``version`` defaults to the current one + 1. The executor gets them (ONNX Runtime:
+        a session with the weights baked in, kept for later pins of this version) and so
+        does the Keras serving clone (generation runs on it).
+        """
+        version = self.weights_version + 1 if version is None else int(version)
+        self.versions.set_latest(weights, version)
+        self.weights_version = version
+
+    @contextmanager
+    def pinned_weights(self, version: int, weights: Sequence[np.ndarray]) -> Iterator[None]:
+        """Run the steps (and generation) inside with ``weights`` as ``version``; the
+        latest weights are back afterwards. Each version is converted for the executor
+        once and kept (a pointer change per step; see :mod:`streamrnn.engine.versions`),
+        until :meth:`retain_weights` drops it. Shapes are checked first (BAD_SHAPE)."""
+        with self.versions.pinned(int(version), weights):
+            yield
+
+    def retain_weights(self, versions: Iterable[int]) -> None:
+        """Keep the converted weights of ``versions`` (and the latest) only."""
+        self.versions.retain(versions)
+
+    @contextmanager
+    def generation_rows(self, slots: list[int]) -> Iterator[None]:
+        """Inside, the Keras serving clone holds the executor's weights and, for ``slots``,
+        its state rows; their new rows go back to the executor afterwards (every other row
+        is left alone). Generation runs there (see :mod:`streamrnn.engine.generate`)."""
+        self.versions.sync_clone()
+        with self.clone_rows.borrowed(slots):
+            yield

@@ -83,6 +83,12 @@ def test_unknown_executors_and_precisions_are_refused():
     for executor in ("onnxruntime", "keras"):
         with pytest.raises(NotSupportedError, match="torch executor only"):
             Engine.from_keras(model, slots=2, executor=executor, precision="bf16")
+    try:  # auto with bf16 means torch: it runs there, or says why not (never float32 quietly)
+        engine = Engine.from_keras(model, slots=2, precision="bf16")
+    except NotSupportedError as exc:
+        assert "bf16" in str(exc) or "torch" in str(exc)
+    else:
+        assert engine.executor.name == "torch"
 
 
 def test_a_stream_moves_between_executors_by_snapshot_and_checkpoint():

@@ -92,6 +92,7 @@ class Metrics:
         self.train_loss = Gauge("streamrnn_train_loss", "Latest training loss", registry=r)
         self.train_steps = Counter("streamrnn_train_steps", "Optimizer steps", registry=r)
         self._window: deque[tuple[float, int]] = deque()
+        self._window_total = 0
         self._lock = threading.Lock()
 
     def record_timesteps(self, n: int) -> None:
@@ -100,10 +101,11 @@ class Metrics:
         now = time.monotonic()
         with self._lock:
             self._window.append((now, n))
+            self._window_total += n  # the window's sum, kept (summing it was O(window))
             while self._window and now - self._window[0][0] > 10.0:
-                self._window.popleft()
+                self._window_total -= self._window.popleft()[1]
             span = max(now - self._window[0][0], 1.0)
-            self.timesteps_per_second.set(sum(k for _, k in self._window) / span)
+            self.timesteps_per_second.set(self._window_total / span)
 
     def serve(self, port: int, addr: str | None = None) -> int:
         """Expose ``/metrics`` over HTTP on ``addr:port`` (0 = any free port); returns port.

@@ -27,6 +27,8 @@ Example::
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -254,12 +256,15 @@ def _extend_runs(valid: list[list[Work]], rounds: list[Round], limit: int) -> No
 def _best_length(valid: list[list[Work]], limit: int) -> int:
     """The padded length (a power of two up to ``limit``, at least every run's first
     chunk) that the runs' prefixes fill best; the longest among equals."""
-    longest_first = max(len(run[0].chunk) for run in valid)
+    ends = [list(itertools.accumulate(len(w.chunk) for w in run)) for run in valid]
+    longest_first = max(e[0] for e in ends)
     best_fill, best_length = 0.0, longest_first
     length = 1
     while length <= limit:
         if length >= longest_first:
-            used = sum(prefix(run, length)[1] for run in valid)
+            # a run's prefix within `length` (prefix()): up to its last chunk ending there
+            # (the ends never fall; the first always counts: it ends <= length)
+            used = sum(e[bisect.bisect_right(e, length) - 1] for e in ends)
             fill = used / (length * len(valid))
             if fill >= best_fill:
                 best_fill, best_length = fill, length

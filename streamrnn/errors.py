@@ -11,6 +11,7 @@ from streamrnn.protocol import ErrorCode
 __all__ = [
     "CheckpointError",
     "EngineFullError",
+    "ExecutorUnsupported",
     "InvalidInputError",
     "NotSupportedError",
     "ProtocolError",
@@ -114,6 +115,20 @@ class RemoteError(StreamRNNError):
         self.code = code
         self.remote_message = message
         self.expected_seq = expected_seq
+
+
+class ExecutorUnsupported(StreamRNNError):
+    """An executor cannot run part of a model that streams (Keras still can).
+
+    ``kind`` is a short category (``"masking"``, ``"custom cell"``, ``"dtype"``,
+    ``"activation"``, ``"layer"``, ``"weights"``, ...); ``reason`` says which layer and why,
+    for the engine to show when ``executor="auto"`` falls back to the Keras executor.
+    """
+
+    def __init__(self, kind: str, reason: str):
+        super().__init__(f"{kind}: {reason}")
+        self.kind = kind
+        self.reason = reason
 
 
 class CheckpointError(StreamRNNError):

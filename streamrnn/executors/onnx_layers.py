@@ -26,6 +26,8 @@ import keras
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
+from streamrnn.errors import ExecutorUnsupported
+
 __all__ = [
     "Builder",
     "OnnxUnsupported",
@@ -42,18 +44,13 @@ Converter = Callable[[list[np.ndarray]], list[np.ndarray]]
 Emit = Callable[["Builder", str], str]
 
 
-class OnnxUnsupported(Exception):
+class OnnxUnsupported(ExecutorUnsupported):
     """The model streams, but part of it has no ONNX equivalent here.
 
     ``kind`` is a short category (``"masking"``, ``"custom cell"``, ``"dtype"``,
     ``"activation"``, ``"layer"``, ``"weights"``); ``reason`` says which layer and why, for
     the caller to show when it falls back to the Keras executor.
     """
-
-    def __init__(self, kind: str, reason: str):
-        super().__init__(f"{kind}: {reason}")
-        self.kind = kind
-        self.reason = reason
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from streamrnn.errors import UnsupportedModelError
+from streamrnn.errors import ExecutorUnsupported, UnsupportedModelError
 
 __all__ = [
     "ACTIVATIONS",
@@ -57,18 +57,13 @@ Kind = Literal["lstm", "gru", "rnn", "dense", "embedding", "layer_norm", "batch_
                "activation"]
 
 
-class TorchUnsupported(Exception):
+class TorchUnsupported(ExecutorUnsupported):
     """The model streams, but part of it has no exact torch equivalent here.
 
     ``kind`` is a short category (``"masking"``, ``"custom cell"``, ``"dtype"``,
     ``"activation"``, ``"gru reset_after=False"``, ``"layer"``, ``"weights"``); ``reason``
     says which layer and why, for the caller to show when it falls back to Keras.
     """
-
-    def __init__(self, kind: str, reason: str):
-        super().__init__(f"{kind}: {reason}")
-        self.kind = kind
-        self.reason = reason
 
 
 @dataclass(frozen=True)

@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from streamrnn.engine.engine import Engine
     from streamrnn.errors import NotSupportedError, UnsupportedModelError
-    from streamrnn.serving.worker import StreamWorker, WorkerConfig
+    from streamrnn.serving.worker import StreamWorker, WorkerConfig, freeze_heap
 
     try:
         engine = Engine.from_keras(args.model, slots=args.slots, max_bucket=args.max_bucket,
@@ -160,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     stop_on_signals(worker, log, "finishing queued work, then exiting")
+    freeze_heap()  # the model and its libraries stay out of every later full collection
     endpoint = worker.start()
     metrics = "" if worker.metrics_port is None else f", metrics={metrics_url(worker.metrics_port)}"
     log_ready(log, READY_MARKER, endpoint, f"(slots={engine.slots}, model={config.model_name}, "

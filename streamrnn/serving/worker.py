@@ -28,6 +28,7 @@ Example::
 
 from __future__ import annotations
 
+import gc
 import math
 import threading
 import time
@@ -50,7 +51,7 @@ from streamrnn.serving.sequencing import SequenceTable
 from streamrnn.serving.sockets import bind_client_socket
 from streamrnn.serving.stats import WorkerStats
 
-__all__ = ["StreamWorker", "WorkerConfig"]
+__all__ = ["StreamWorker", "WorkerConfig", "freeze_heap"]
 
 
 class StreamWorker:
@@ -172,6 +173,21 @@ class StreamWorker:
             "batch": True,  # takes BATCH envelopes (docs/protocol.md)
             "kernel": getattr(engine, "kernel", None),  # what runs the steps (trainer: None)
         }
+
+
+def freeze_heap() -> None:
+    """Collect, then move every object alive now out of the cycle collector's view
+    (``gc.freeze``): for a process that serves one model, after loading it.
+
+    A worker holds TensorFlow, Keras and the model: hundreds of thousands of long-lived
+    objects that every full collection walks (0.3-0.6 s each, measured with 2 cores), and
+    the reply caches make full collections come every few ten thousand chunks, on the
+    serving threads (measured: 19 us of worker CPU per 16-step chunk on average, and a
+    0.3 s pause each time). Frozen objects are still freed when their count drops to zero;
+    only cycles among them are never collected.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def _plain(value: Any) -> Any:

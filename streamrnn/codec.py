@@ -95,7 +95,11 @@ __all__ = [
 
 # Replies may carry larger maps (STATS); requests are held to the tight limits.
 _REPLY_CONTAINER_LEN = 1 << 20
+# enum lookups are slow on the per-part path: plain dicts and constants instead
 _TYPES: dict[int, MessageType] = {int(t): t for t in MessageType}
+_NAMES: dict[MessageType, str] = {t: t.name for t in MessageType}
+_PING = MessageType.PING
+_NONE: Mapping[str, tuple[int, ...]] = {}  # no arrays required (never written to)
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,17 +246,17 @@ def _check_message(
         if type_byte not in allowed_types:
             raise ProtocolError(f"unknown or unexpected message type 0x{type_byte:02x}")
         msg_type = _TYPES[type_byte]  # MessageType(type_byte), without the enum call
-        name = msg_type.name
+        name = _NAMES[msg_type]
         schema = schemas[msg_type]
         check_fields(header, schema, name, None)
-        if msg_type is not MessageType.PING and not is_supported_version(header[F_VERSION]):
+        if msg_type is not _PING and not is_supported_version(header[F_VERSION]):
             raise ProtocolError(
                 f"protocol version {header[F_VERSION]} not supported (supported: "
                 f"{list(SUPPORTED_VERSIONS)}); send PING with 'versions' to negotiate",
                 ErrorCode.UNSUPPORTED_VERSION,
             )
         check_ranges(msg_type, header, schema)
-        arrays = decode_arrays(header, array_frames, array_specs.get(msg_type, {}), name)
+        arrays = decode_arrays(header, array_frames, array_specs.get(msg_type, _NONE), name)
     except ProtocolError as exc:
         exc.context = echo_context(header)
         raise

@@ -65,6 +65,8 @@ FrameLike = Any
 #: wire dtype name -> little-endian numpy dtype (numpy's dtype.name is slow to rebuild)
 WIRE_DTYPES: dict[str, np.dtype] = {n: np.dtype(n).newbyteorder("<") for n in ALLOWED_DTYPES}
 _SURELY_SHORT = MAX_STREAM_ID_BYTES // 4  # stream ids of at most this many code points fit
+_PING, _GENERATE = MessageType.PING, MessageType.GENERATE  # (enum attribute lookups are slow)
+_ABSENT = object()  # a header without an "arrays" map
 
 
 def as_view(frame: FrameLike) -> memoryview:
@@ -134,12 +136,12 @@ def check_ranges(msg_type: MessageType, header: dict[str, Any], schema: Schema) 
     seq = header.get(F_SEQ) if F_SEQ in schema else None
     if seq is not None and not 0 <= seq <= MAX_SEQ:
         raise ProtocolError(f"'seq' must be in [0, 2**63), got {seq}", ErrorCode.BAD_VALUE)
-    if msg_type == MessageType.PING:
+    if msg_type == _PING:
         versions = (header.get(F_VERSIONS) if F_VERSIONS in schema else None) or []
         if len(versions) > 64 or not all(is_int(v) for v in versions):
             raise ProtocolError("'versions' must be a list of at most 64 ints",
                                 ErrorCode.BAD_VALUE)
-    if msg_type == MessageType.GENERATE:
+    elif msg_type == _GENERATE:
         check_generate(header)
 
 
@@ -166,8 +168,12 @@ def decode_arrays(
 ) -> dict[str, np.ndarray]:
     """The arrays ``header`` describes, as views over ``array_frames``. Raises without
     context (the caller adds it)."""
-    descriptors = header.get(F_ARRAYS, {})
-    if type(descriptors) is not dict:
+    descriptors = header.get(F_ARRAYS, _ABSENT)
+    if descriptors is _ABSENT:
+        if not array_frames and not required:
+            return {}  # the common case of a message without arrays
+        descriptors = {}
+    elif type(descriptors) is not dict:
         raise ProtocolError(f"'{F_ARRAYS}' must be a map")
     if len(descriptors) != len(array_frames):
         raise ProtocolError(
@@ -205,7 +211,9 @@ def _decode_array(array_name: Any, desc: Any, array_frames: Sequence[FrameLike],
             f"array {array_name!r}: 'frame' must be a distinct int in "
             f"[0, {len(array_frames)})")
     used_frames.add(index)
-    buf = as_view(array_frames[index])
+    buf = array_frames[index]
+    if type(buf) is not memoryview or buf.ndim != 1 or buf.format != "B":
+        buf = as_view(buf)  # (an envelope's regions are such views already)
     expected = math.prod(shape) * np_dtype.itemsize
     if buf.nbytes != expected:
         raise ProtocolError(

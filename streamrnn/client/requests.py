@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +31,7 @@ from streamrnn.codec import Part
 from streamrnn.protocol import MessageType
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Request:
     """One request of a client: its content, numbering, deadline and retry state."""
 
@@ -143,12 +143,13 @@ class Resolve:
 
     def apply(self) -> None:
         """Set the result or exception, unless the future is done already."""
-        if self.future.done():
-            return
-        if self.error is None:
-            self.future.set_result(self.result)
-        else:
-            self.future.set_exception(self.error)
+        try:  # (one lock round instead of done() and then set_result())
+            if self.error is None:
+                self.future.set_result(self.result)
+            else:
+                self.future.set_exception(self.error)
+        except InvalidStateError:
+            pass  # done already: cancelled, or resolved before a replay
 
 
 Action = Send | Resolve

@@ -248,12 +248,13 @@ class Transport:
                 frames = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
+            now = time.monotonic()  # one reading for all the replies of one message
             for part in _decode(frames):
                 if isinstance(part, ProtocolError):
                     self.counters["bad_replies"] += 1
                     log.warning("undecodable reply from worker: %s", part)
                 else:
-                    self._execute(self._streams.on_reply(part, time.monotonic()))
+                    self._execute(self._streams.on_reply(part, now))
 
     def _fail_everything(self, exc: BaseException) -> None:
         self._execute(self._streams.fail_all(exc))

@@ -82,7 +82,10 @@ class Windows:
                 self.control[request.rid] = request
                 self.send(request)
             else:
-                self.streams.setdefault(request.stream, StreamState()).waiting.append(request)
+                st = self.streams.get(request.stream)
+                if st is None:  # (setdefault would build a StreamState per request)
+                    st = self.streams[request.stream] = StreamState()
+                st.waiting.append(request)
                 touched[request.stream] = None
         for stream in touched:
             self.pump(self.streams[stream])

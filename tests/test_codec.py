@@ -208,3 +208,20 @@ def test_undeclared_fields_are_ignored_whatever_their_type():
     header = msgpack.packb({"v": 1, "stream": 5, "seq": -3}, use_bin_type=True)
     msg = decode_request([bytes([MessageType.STATS]), header])
     assert msg.type == MessageType.STATS
+
+
+def test_envelope_payload_is_aligned_and_its_gaps_are_zeros():
+    from streamrnn.codec import encode_batch
+
+    arrays = [np.full((3,), 7, np.int8), np.full((5, 3), -1.0, np.float32), np.ones(2, bool)]
+    frames = encode_batch(MessageType.BATCH, [
+        (MessageType.PUSH, {"stream": f"s{i}", "seq": 0}, {"chunk": a})
+        for i, a in enumerate(arrays)])
+    payload = bytes(frames[2])
+    regions = [r for part in msgpack.unpackb(frames[1])["parts"] for r in part[2]]
+    assert [offset % 16 for offset, _ in regions] == [0, 0, 0]
+    used = bytearray(len(payload))
+    for (offset, nbytes), array in zip(regions, arrays, strict=True):
+        assert payload[offset:offset + nbytes] == array.tobytes()
+        used[offset:offset + nbytes] = b"\1" * nbytes
+    assert all(b == 0 for b, u in zip(payload, used, strict=True) if not u)  # no stale memory

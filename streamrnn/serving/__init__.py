@@ -3,7 +3,8 @@ its rooms.
 
 * ``worker``: the facade (:class:`StreamWorker`), ``config``: :class:`WorkerConfig`;
 * ``io_thread``: the I/O thread (the ROUTER socket), ``compute``: the compute thread (the
-  engine), ``outbox``: what the two share (:class:`Channels`, :class:`Outbox`);
+  engine), ``outbox``: what the two share (:class:`Channels`: the :class:`WorkQueue` of
+  requests, the :class:`Outbox` of replies);
 * ``batching``: the pure round planner (a :class:`Plan` per batch), ``applying`` and
   ``stepping``: applying a plan to the engine, ``replies``: the compute side of replying;
 * ``sequencing``: exactly-once sequence numbers, ``durability`` / ``checkpoint``: checkpoint

@@ -47,10 +47,10 @@ from streamrnn.executors.buckets import bucket_sizes
 from streamrnn.executors.models import load_model
 from streamrnn.executors.onnx_graph import OnnxGraph, build_onnx_graph
 from streamrnn.executors.padding import pad_chunks
+from streamrnn.executors.rows import StateSnapshot, slot_indices
 
 __all__ = ["HostStateBank", "OrtExecutor", "OrtWeights", "session_options"]
 
-StateSnapshot = list[np.ndarray]
 
 
 class HostStateBank:
@@ -82,10 +82,7 @@ class HostStateBank:
 
     def index(self, slots: Sequence[int]) -> np.ndarray:
         """``slots`` as an int64 index array (IndexError when out of range)."""
-        idx = np.asarray(slots, dtype=np.int64).reshape(-1)
-        if idx.size and (idx.min() < 0 or idx.max() >= self.slots):
-            raise IndexError(f"slot index out of range 0..{self.slots - 1}: {slots}")
-        return idx
+        return slot_indices(slots, self.slots, np.int64)
 
     def reset(self, slots: Sequence[int]) -> None:
         """Put ``slots`` back to the initial state; every other row is untouched."""

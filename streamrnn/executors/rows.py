@@ -8,7 +8,7 @@ slot's rows, one numpy array per state variable (for an LSTM of ``units``:
 
 Example::
 
-    idx = slot_indices([3, 5], slots=8)        # int32 array([3, 5]); IndexError if out of range
+    idx = slot_indices([3, 5], count=8)        # int32 array([3, 5]); IndexError if out of range
 """
 
 from __future__ import annotations

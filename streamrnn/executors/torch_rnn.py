@@ -75,6 +75,7 @@ import torch
 from streamrnn.executors.buckets import bucket_sizes
 from streamrnn.executors.padding import pad_chunks
 from streamrnn.executors.precision import PrecisionUnsupported, bf16_missing, cpu_flags
+from streamrnn.executors.rows import StateSnapshot, slot_indices
 from streamrnn.executors.torch_layers import TorchChain
 from streamrnn.executors.torch_spec import (
     LayerSpec,
@@ -94,7 +95,6 @@ __all__ = [
     "host_bf16_facts",
 ]
 
-StateSnapshot = list[np.ndarray]
 _KIND_NAMES = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}
 
 #: precision name -> the dtype of the GEMM weights and math
@@ -157,10 +157,7 @@ class TorchStateBank:
 
     def index(self, slots: Sequence[int]) -> torch.Tensor:
         """``slots`` as an int64 index tensor on the device (IndexError when out of range)."""
-        idx = np.asarray(slots, dtype=np.int64).reshape(-1)
-        if idx.size and (idx.min() < 0 or idx.max() >= self.slots):
-            raise IndexError(f"slot index out of range 0..{self.slots - 1}: {slots}")
-        return torch.from_numpy(idx).to(self.device)
+        return torch.from_numpy(slot_indices(slots, self.slots, np.int64)).to(self.device)
 
     def gather(self, index: torch.Tensor) -> list[torch.Tensor]:
         return [t.index_select(0, index) for t in self.tensors]

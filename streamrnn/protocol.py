@@ -42,6 +42,7 @@ __all__ = [
     "F_STATS",
     "F_STEPS",
     "F_STREAM",
+    "F_TOKEN",
     "F_VERSION",
     "F_VERSIONS",
     "FieldSpec",
@@ -139,6 +140,14 @@ class ErrorCode(enum.IntEnum):
     INTERNAL = 15
     TIMEOUT = 16
     UNAVAILABLE = 17  # a router has no live worker that can take the stream
+    #: this worker does not hold the stream's lease (another worker holds it, or this
+    #: worker's own lease lapsed); a router re-resolves the holder and forwards again
+    NOT_HOLDER = 18
+    #: the stream belongs to another client identity (its owner: the CURVE key or the
+    #: stream token that opened it)
+    FORBIDDEN = 19
+    #: a per-identity limit was reached (open streams of one client identity)
+    QUOTA_EXCEEDED = 20
 
 
 # ---------------------------------------------------------------------------------------
@@ -172,6 +181,9 @@ D_FRAME = "frame"
 # array names
 A_CHUNK = "chunk"  # PUSH input: float [T, D] or int token ids [T]
 F_PIN = "pin_version"  # OPEN: pin the stream to a weights version (None: unpin)
+#: str: a stream's owner token (when CURVE is off): set by the request that creates the
+#: stream, required on every later request of it (compared in constant time)
+F_TOKEN = "token"
 A_PROMPT = "prompt"  # GENERATE input
 A_OUTPUT = "output"  # OUTPUT payload: float32 [T, output_dim] (or generated sequence)
 

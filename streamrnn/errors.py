@@ -13,6 +13,7 @@ __all__ = [
     "EngineFullError",
     "ExecutorUnsupported",
     "InvalidInputError",
+    "NameTakenError",
     "NotSupportedError",
     "ProtocolError",
     "RemoteEngineFullError",
@@ -22,6 +23,7 @@ __all__ = [
     "RemoteUnknownStreamError",
     "RequestTimeoutError",
     "SequenceError",
+    "StoreError",
     "StreamExpiredError",
     "StreamRNNError",
     "UnknownStreamError",
@@ -133,6 +135,16 @@ class ExecutorUnsupported(StreamRNNError):
 
 class CheckpointError(StreamRNNError):
     """A checkpoint file is missing, truncated, corrupted, or of another model."""
+
+
+class StoreError(StreamRNNError):
+    """The stream store (Redis) is unreachable, refused a call, or its URL is unusable."""
+
+    code = ErrorCode.UNAVAILABLE
+
+
+class NameTakenError(StoreError):
+    """A live worker lease of another incarnation holds the worker name."""
 
 
 class WorkerBusyError(StreamRNNError):

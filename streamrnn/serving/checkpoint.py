@@ -14,6 +14,11 @@ File layout (little-endian)::
 A truncated or corrupted file fails the length or checksum test and raises
 :class:`CheckpointError`; a checkpoint of a different model (other state layout) is refused.
 
+The pieces are public for other containers of the same records (a per-stream blob in a
+store): :func:`seal` / :func:`unseal` put and check the header (magic, version, length,
+SHA-256) around a body, :func:`pack_record` / :func:`unpack_record` turn one
+:class:`StreamRecord` into its msgpack-able map and back.
+
 Example::
 
     save_checkpoint(path, Checkpoint(model="m", layout=layout, streams={"a": record}))
@@ -43,7 +48,11 @@ __all__ = [
     "StreamRecord",
     "layout_of",
     "load_checkpoint",
+    "pack_record",
     "save_checkpoint",
+    "seal",
+    "unpack_record",
+    "unseal",
 ]
 
 MAGIC = b"SRNNCKPT"
@@ -81,18 +90,56 @@ def layout_of(rows: list[np.ndarray]) -> StateLayout:
     return [(str(r.dtype), tuple(int(d) for d in r.shape)) for r in rows]
 
 
+def pack_record(name: str, rec: StreamRecord, layout: StateLayout) -> dict:
+    """``rec`` as a msgpack-able map (state rows as little-endian bytes); CheckpointError if
+    its rows do not match ``layout``."""
+    if layout_of(rec.state) != layout:
+        raise CheckpointError(f"stream {name!r} state does not match the checkpoint layout")
+    return {
+        "next_seq": int(rec.next_seq),
+        "steps": int(rec.steps),
+        "replies": rec.replies,
+        "state": [np.ascontiguousarray(r).astype(r.dtype.newbyteorder("<")).tobytes()
+                  for r in rec.state],
+    }
+
+
+def unpack_record(rec: dict, layout: StateLayout) -> StreamRecord:
+    """The inverse of :func:`pack_record` (KeyError, TypeError or ValueError if malformed)."""
+    state = [np.frombuffer(buf, dtype=np.dtype(d).newbyteorder("<")).reshape(s).astype(d)
+             for buf, (d, s) in zip(rec["state"], layout, strict=True)]
+    return StreamRecord(state, int(rec["next_seq"]), int(rec["steps"]),
+                        list(rec.get("replies", [])))
+
+
+def seal(body: bytes, magic: bytes = MAGIC, version: int = FORMAT_VERSION) -> bytes:
+    """``body`` behind the header: 8-byte magic, u32 version, u64 length, SHA-256."""
+    return _HEADER.pack(magic, version, len(body), hashlib.sha256(body).digest()) + body
+
+
+def unseal(blob: bytes, what: str, magic: bytes = MAGIC, version: int = FORMAT_VERSION
+           ) -> bytes:
+    """The body of a :func:`seal` ed ``blob``; CheckpointError (naming ``what``) unless its
+    magic, version, length and checksum are right."""
+    if len(blob) < _HEADER.size:
+        raise CheckpointError(f"checkpoint {what} is truncated ({len(blob)} bytes)")
+    got_magic, got_version, length, digest = _HEADER.unpack_from(blob)
+    if got_magic != magic:
+        raise CheckpointError(f"{what} is not a streamrnn checkpoint (bad magic {got_magic!r})")
+    if got_version != version:
+        raise CheckpointError(f"checkpoint {what} has format version {got_version}, "
+                              f"this streamrnn reads {version}")
+    body = blob[_HEADER.size:]
+    if len(body) != length:
+        raise CheckpointError(f"checkpoint {what} is truncated: body has {len(body)} of "
+                              f"{length} bytes")
+    if hashlib.sha256(body).digest() != digest:
+        raise CheckpointError(f"checkpoint {what} is corrupted (SHA-256 mismatch)")
+    return bytes(body)
+
+
 def _encode(ckpt: Checkpoint) -> bytes:
-    streams = {}
-    for name, rec in ckpt.streams.items():
-        if layout_of(rec.state) != ckpt.layout:
-            raise CheckpointError(f"stream {name!r} state does not match the checkpoint layout")
-        streams[name] = {
-            "next_seq": int(rec.next_seq),
-            "steps": int(rec.steps),
-            "replies": rec.replies,
-            "state": [np.ascontiguousarray(r).astype(r.dtype.newbyteorder("<")).tobytes()
-                      for r in rec.state],
-        }
+    streams = {name: pack_record(name, rec, ckpt.layout) for name, rec in ckpt.streams.items()}
     return msgpack.packb(
         {
             "model": ckpt.model,
@@ -108,8 +155,7 @@ def _encode(ckpt: Checkpoint) -> bytes:
 
 def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> int:
     """Write ``ckpt`` atomically (temp file, fsync, rename, fsync dir). Returns bytes written."""
-    body = _encode(ckpt)
-    blob = _HEADER.pack(MAGIC, FORMAT_VERSION, len(body), hashlib.sha256(body).digest()) + body
+    blob = seal(_encode(ckpt))
     atomic_write(path, lambda f: f.write(blob))
     return len(blob)
 
@@ -128,29 +174,11 @@ def load_checkpoint(
         blob = path.read_bytes()
     except FileNotFoundError:
         raise CheckpointError(f"no checkpoint at {path}") from None
-    if len(blob) < _HEADER.size:
-        raise CheckpointError(f"checkpoint {path} is truncated ({len(blob)} bytes)")
-    magic, version, length, digest = _HEADER.unpack_from(blob)
-    if magic != MAGIC:
-        raise CheckpointError(f"{path} is not a streamrnn checkpoint (bad magic {magic!r})")
-    if version != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {path} has format version {version}, "
-                              f"this streamrnn reads {FORMAT_VERSION}")
-    body = blob[_HEADER.size:]
-    if len(body) != length:
-        raise CheckpointError(f"checkpoint {path} is truncated: body has {len(body)} of "
-                              f"{length} bytes")
-    if hashlib.sha256(body).digest() != digest:
-        raise CheckpointError(f"checkpoint {path} is corrupted (SHA-256 mismatch)")
+    body = unseal(blob, str(path))
     try:
         data = msgpack.unpackb(body, raw=False, strict_map_key=True)
         layout: StateLayout = [(d, tuple(s)) for d, s in data["layout"]]
-        streams = {}
-        for name, rec in data["streams"].items():
-            state = [np.frombuffer(buf, dtype=np.dtype(d).newbyteorder("<")).reshape(s)
-                     .astype(d) for buf, (d, s) in zip(rec["state"], layout, strict=True)]
-            streams[name] = StreamRecord(state, int(rec["next_seq"]), int(rec["steps"]),
-                                         list(rec.get("replies", [])))
+        streams = {name: unpack_record(rec, layout) for name, rec in data["streams"].items()}
         ckpt = Checkpoint(data["model"], layout, streams, int(data["weights_version"]),
                           float(data["created"]), dict(data.get("extra", {})))
     except (KeyError, TypeError, ValueError, msgpack.UnpackException) as exc:

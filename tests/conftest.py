@@ -31,3 +31,40 @@ def dealer(worker):
     sock.connect(worker.endpoint)
     yield sock
     sock.close()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A real ``redis-server`` for the whole run (tests/helpers/redis_server.py): a free
+    loopback port, append-only, killed at the end. Missing server: the test fails (with
+    how to install it), never skips."""
+    from tests.helpers.redis_server import start_server
+
+    try:
+        server = start_server(tmp_path_factory.mktemp("redis"))
+    except RuntimeError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server) -> str:
+    """The session server's URL, ``redis://127.0.0.1:<port>/0``."""
+    return redis_server.url
+
+
+@pytest.fixture
+def redis_store(redis_url):
+    """A RedisStore on the session server under a fresh key prefix (its keys are deleted
+    afterwards)."""
+    import uuid
+
+    from streamrnn.cluster.redis_store import RedisStore
+
+    store = RedisStore.from_url(redis_url, prefix=f"t{uuid.uuid4().hex[:12]}")
+    yield store
+    keys = list(store.client.scan_iter(match=f"{store.prefix}:*", count=1000))
+    if keys:
+        store.client.delete(*keys)
+    store.close()

@@ -1,0 +1,234 @@
+"""RedisStore against a real ``redis-server`` (the session's, tests/helpers/redis_server.py):
+leases (register, renew, expiry, name taken), claims (compare-and-set, epochs), fencing
+(a zombie's late save refused), pipelined saves, release, claim notices, the LeaseKeeper,
+ACL users, and one 3-master Redis Cluster proving the hash-tag rule."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import pytest
+
+from streamrnn.cluster.lease import LeaseKeeper
+from streamrnn.cluster.redis_store import Claimed, Holding, RedisStore, WorkerInfo
+from streamrnn.errors import NameTakenError, StoreError
+
+INFO = {"endpoint": "tcp://10.0.0.5:5555", "curve_public": "", "capacity_left": 12,
+        "streams": 3, "describe": {"model": "lstm", "units": 8}}
+
+
+def _token() -> str:
+    return uuid.uuid4().hex
+
+
+def _wait(predicate, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
+
+
+# -- worker leases -----------------------------------------------------------------------
+
+
+def test_register_publishes_the_worker_and_renew_refreshes_its_info(redis_store):
+    token = _token()
+    redis_store.register("w1", token, 2000, INFO)
+    live = redis_store.live_workers()
+    assert live == {"w1": WorkerInfo("w1", token, "tcp://10.0.0.5:5555", "", 12, 3,
+                                     {"model": "lstm", "units": 8})}
+    assert redis_store.lease_alive("w1", token)
+    assert not redis_store.lease_alive("w1", _token())
+    assert redis_store.renew("w1", token, 2000, {**INFO, "capacity_left": 7})
+    assert redis_store.live_workers()["w1"].capacity_left == 7
+
+
+def test_a_lease_expires_and_cannot_be_renewed_afterwards(redis_store):
+    token = _token()
+    redis_store.register("w1", token, 300, INFO)
+    assert redis_store.renew("w1", token, 300, INFO)
+    assert "w1" in redis_store.live_workers()
+    time.sleep(0.45)
+    assert redis_store.live_workers() == {}
+    assert not redis_store.lease_alive("w1", token)
+    assert not redis_store.renew("w1", token, 300, INFO)  # expired: the worker must fence
+
+
+def test_a_live_name_is_taken_until_its_lease_expires_or_is_dropped(redis_store):
+    first, second = _token(), _token()
+    redis_store.register("w1", first, 2000, INFO)
+    with pytest.raises(NameTakenError, match="w1"):
+        redis_store.register("w1", second, 2000, INFO)
+    assert not redis_store.renew("w1", second, 2000, INFO)
+    redis_store.register("w1", first, 2000, INFO)  # the same incarnation may register again
+    redis_store.drop_lease("w1", second)           # not ours: nothing happens
+    assert redis_store.lease_alive("w1", first)
+    redis_store.drop_lease("w1", first)
+    assert redis_store.live_workers() == {}
+    redis_store.register("w1", second, 2000, INFO)
+    assert redis_store.live_workers()["w1"].token == second
+
+
+def test_bad_worker_names_and_info_fields_are_refused(redis_store):
+    for bad in ("", "two words", "tab\there"):
+        with pytest.raises(StoreError, match="worker name"):
+            redis_store.register(bad, _token(), 2000, INFO)
+    with pytest.raises(ValueError, match="unknown worker info fields"):
+        redis_store.register("w1", _token(), 2000, {"checkpoint": "/etc/passwd"})
+
+
+def test_malformed_info_in_redis_reads_leniently(redis_store):
+    token = _token()
+    redis_store.register("w1", token, 2000, INFO)
+    redis_store.client.hset(redis_store.keys.info("w1"),
+                            mapping={"capacity_left": "x", "describe": "[not json"})
+    info = redis_store.live_workers()["w1"]
+    assert (info.capacity_left, info.describe, info.endpoint) == (0, {}, INFO["endpoint"])
+
+
+# -- claims, epochs and fencing ------------------------------------------------------------
+
+
+def test_claim_compare_and_sets_the_holder_and_increments_the_epoch(redis_store):
+    a, b = _token(), _token()
+    assert redis_store.holder("s1") is None
+    assert redis_store.claim("s1", "wa", a, 0) == Claimed(1, None)
+    assert redis_store.holder("s1") == Holding("wa", a, 1)
+    assert redis_store.claim("s1", "wb", b, 0) is None          # the epoch moved: refused
+    assert redis_store.holder("s1") == Holding("wa", a, 1)
+    assert redis_store.save("wa", a, [("s1", 1, b"state-1")]) == {"s1": True}
+    assert redis_store.claim("s1", "wb", b, 1) == Claimed(2, b"state-1")
+    assert redis_store.holder("s1") == Holding("wb", b, 2)
+
+
+def test_acquire_takes_a_free_stream_and_one_whose_holder_lease_died(redis_store):
+    a, b = _token(), _token()
+    redis_store.register("wa", a, 300, INFO)
+    assert redis_store.acquire("s1", "wa", a) == Claimed(1, None)
+    redis_store.save("wa", a, [("s1", 1, b"rows")])
+    # wa is alive: wb gets the live Holding, not the stream
+    assert redis_store.acquire("s1", "wb", b) == Holding("wa", a, 1)
+    time.sleep(0.45)                                            # wa's lease expires
+    assert redis_store.acquire("s1", "wb", b) == Claimed(2, b"rows")
+    assert redis_store.holder("s1") == Holding("wb", b, 2)
+
+
+def test_a_zombie_save_with_an_old_epoch_is_refused(redis_store):
+    zombie, adopter = _token(), _token()
+    redis_store.claim("s1", "wz", zombie, 0)
+    assert redis_store.save("wz", zombie, [("s1", 1, b"good")]) == {"s1": True}
+    redis_store.claim("s1", "wn", adopter, 1)                   # adopted while wz was paused
+    assert redis_store.save("wz", zombie, [("s1", 1, b"late")]) == {"s1": False}
+    assert redis_store.save("wz", zombie, [("s1", 2, b"late")]) == {"s1": False}
+    assert redis_store.save("wn", adopter, [("s1", 1, b"late")]) == {"s1": False}
+    assert redis_store.load("s1") == b"good"
+    assert not redis_store.release("s1", "wz", zombie, 1)
+    assert redis_store.holder("s1") == Holding("wn", adopter, 2)
+
+
+def test_pipelined_save_of_100_streams_and_close(redis_store):
+    token = _token()
+    streams = [f"stream-{i}" for i in range(100)]
+    got = redis_store.acquire_many(streams, "w1", token)
+    assert got == {s: Claimed(1, None) for s in streams}
+    blobs = {s: s.encode() * 50 for s in streams}
+    assert redis_store.save("w1", token, [(s, 1, blobs[s]) for s in streams]) == \
+        dict.fromkeys(streams, True)
+    assert all(redis_store.load(s) == blobs[s] for s in streams)
+    # closed streams (blob None): checkpoint deleted and the stream released, epoch kept
+    assert redis_store.save("w1", token, [(s, 1, None) for s in streams[:10]]) == \
+        dict.fromkeys(streams[:10], True)
+    assert redis_store.load(streams[0]) is None
+    assert redis_store.holders(streams[:2]) == dict.fromkeys(streams[:2], Holding("", "", 1))
+    assert redis_store.holders(streams[10:12])[streams[10]] == Holding("w1", token, 1)
+
+
+def test_release_keeps_the_epoch_and_the_checkpoint(redis_store):
+    a, b = _token(), _token()
+    redis_store.claim("s1", "wa", a, 0)
+    redis_store.save("wa", a, [("s1", 1, b"rows")])
+    assert redis_store.release("s1", "wa", a, 1)
+    held = redis_store.holder("s1")
+    assert held == Holding("", "", 1) and held.free
+    assert redis_store.acquire("s1", "wb", b) == Claimed(2, b"rows")
+
+
+def test_stream_ids_with_braces_and_percent_stay_apart(redis_store):
+    token = _token()
+    ids = ["a{b}", "a%7Bb%7D", "{}", "%", "x y", "é"]
+    assert redis_store.acquire_many(ids, "w1", token) == dict.fromkeys(ids, Claimed(1, None))
+    redis_store.save("w1", token, [(s, 1, s.encode()) for s in ids])
+    assert [redis_store.load(s) for s in ids] == [s.encode() for s in ids]
+
+
+def test_scripts_flushed_on_the_server_are_loaded_again(redis_store):
+    token = _token()
+    redis_store.acquire_many(["s1", "s2"], "w1", token)
+    redis_store.client.script_flush()
+    assert redis_store.save("w1", token, [("s1", 1, b"x"), ("s2", 1, b"y")]) == \
+        {"s1": True, "s2": True}
+    redis_store.client.script_flush()
+    assert redis_store.claim("s3", "w1", token, 0) == Claimed(1, None)
+
+
+def test_watch_sees_every_claim_notice(redis_store):
+    seen: list[tuple[str, str, int]] = []
+    stop = redis_store.watch(lambda *notice: seen.append(notice))
+    try:
+        redis_store.acquire_many(["s1", "two words", "s{3}"], "w1", _token())
+        redis_store.claim("s1", "w2", _token(), 1)
+        assert _wait(lambda: len(seen) == 4), seen
+        assert sorted(seen) == sorted([("s1", "w1", 1), ("two words", "w1", 1),
+                                       ("s{3}", "w1", 1), ("s1", "w2", 2)])
+    finally:
+        stop()
+
+
+def test_an_unreachable_store_raises_store_error():
+    store = RedisStore.from_url("redis://127.0.0.1:1/0?socket_connect_timeout=0.5")
+    with pytest.raises(StoreError, match="127.0.0.1:1"):
+        store.holder("s1")
+    with pytest.raises(StoreError):
+        store.ping()
+
+
+# -- the lease keeper ----------------------------------------------------------------------
+
+
+def test_lease_keeper_renews_and_drops_its_lease(redis_store):
+    keeper = LeaseKeeper(redis_store, "w1", lambda: INFO, ttl_ms=300).start()
+    try:
+        assert keeper.valid()
+        time.sleep(0.5)                         # > ttl: only renews keep it alive
+        assert keeper.valid() and keeper.renewals >= 2
+        assert redis_store.live_workers()["w1"].token == keeper.token
+    finally:
+        keeper.stop()
+    assert not redis_store.lease_alive("w1", keeper.token)
+    assert redis_store.live_workers() == {}
+
+
+def test_lease_keeper_reports_a_lost_lease(redis_store):
+    lost = threading.Event()
+    keeper = LeaseKeeper(redis_store, "w1", lambda: INFO, ttl_ms=300,
+                         on_lost=lambda reason: lost.set()).start()
+    try:
+        redis_store.client.delete(redis_store.keys.lease("w1"))   # e.g. expired while paused
+        assert lost.wait(2.0)
+        assert not keeper.valid() and "refused" in keeper.lost
+    finally:
+        keeper.stop()
+
+
+def test_lease_keeper_waits_for_a_dead_incarnations_lease(redis_store):
+    redis_store.register("w1", _token(), 300, INFO)           # the previous process, killed
+    keeper = LeaseKeeper(redis_store, "w1", lambda: INFO, ttl_ms=300).start()
+    keeper.stop()
+    redis_store.register("w1", _token(), 2000, INFO)           # a live one: name taken
+    with pytest.raises(NameTakenError):
+        LeaseKeeper(redis_store, "w1", lambda: INFO, ttl_ms=300, register_wait_s=0.2).start()
+

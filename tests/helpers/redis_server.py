@@ -1,0 +1,190 @@
+"""Real ``redis-server`` processes for the tests: one server, or a Redis Cluster.
+
+The servers listen on free loopback ports, keep their files in a temporary directory
+(append-only on, no RDB snapshots), log to a file there (nothing reaches the test output) and
+are killed when the test run ends, even when it fails or is interrupted (a finalizer, an
+``atexit`` hook, and on Linux a parent-death signal). A missing ``redis-server`` is an error
+that says how to install it, never a skip.
+
+Example::
+
+    server = start_server(tmp_path)                 # server.url: redis://127.0.0.1:40123/0
+    cluster = start_cluster(tmp_path, masters=3)
+    cluster.url             # redis+cluster://127.0.0.1:40200,127.0.0.1:40201,127.0.0.1:40202
+    cluster.stop(); server.stop()
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+__all__ = ["INSTALL_HINT", "RedisCluster", "RedisServer", "free_port", "redis_binary",
+           "start_cluster", "start_server"]
+
+INSTALL_HINT = ("redis-server is not installed (the Redis tests need a real server): "
+                "install it with `apt-get install -y redis-server` (Debian/Ubuntu; the "
+                "README's test command does this), or put a redis-server 7 binary on PATH")
+
+
+def redis_binary(name: str = "redis-server") -> str:
+    """The path of ``redis-server`` (or ``redis-cli``); RuntimeError with INSTALL_HINT."""
+    found = shutil.which(name) or (f"/usr/bin/{name}" if Path(f"/usr/bin/{name}").exists()
+                                   else None)
+    if found is None:
+        raise RuntimeError(INSTALL_HINT if name == "redis-server" else
+                           f"{name} is not installed: {INSTALL_HINT}")
+    return found
+
+
+def free_port(also_free: int = 0) -> int:
+    """A free TCP port on 127.0.0.1 (and ``port + also_free`` free too, when non-zero: a
+    cluster node also listens on port + 10000)."""
+    for _ in range(100):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if not also_free:
+            return port
+        if port + also_free < 65536:
+            try:
+                with socket.socket() as other:
+                    other.bind(("127.0.0.1", port + also_free))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no free port pair found")
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class RedisServer:
+    """One running ``redis-server``: ``port``, ``dir`` (its files and ``redis.log``) and
+    ``url``; :meth:`stop` kills it (idempotent)."""
+
+    port: int
+    dir: Path
+    process: subprocess.Popen = field(repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
+
+    def log_tail(self, lines: int = 20) -> str:
+        path = self.dir / "redis.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) \
+            if path.exists() else ""
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+
+def _launch(directory: Path, port: int, extra: list[str]) -> RedisServer:
+    directory.mkdir(parents=True, exist_ok=True)
+    args = [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
+            "--appendonly", "yes", "--save", "", "--daemonize", "no",
+            "--logfile", str(directory / "redis.log"), *extra]
+    process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+    server = RedisServer(port=port, dir=directory, process=process)
+    atexit.register(server.stop)
+    return server
+
+
+def _wait_ready(server: RedisServer, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    client = redis.Redis(host="127.0.0.1", port=server.port, socket_timeout=1,
+                         socket_connect_timeout=1)
+    try:
+        while time.monotonic() < deadline:
+            if server.process.poll() is not None:
+                return False
+            try:
+                if client.ping():
+                    return True
+            except redis.RedisError:
+                time.sleep(0.02)
+        return False
+    finally:
+        client.close()
+
+
+def start_server(directory: Path, *extra: str, cluster_bus: bool = False) -> RedisServer:
+    """Starts ``redis-server`` in ``directory`` on a free port and waits for PING (a port
+    taken meanwhile: tries another, three times). ``extra`` are more server arguments."""
+    for _ in range(3):
+        server = _launch(directory, free_port(10000 if cluster_bus else 0), list(extra))
+        if _wait_ready(server):
+            return server
+        server.stop()
+    raise RuntimeError(f"redis-server did not start in {directory}:\n{server.log_tail()}")
+
+
+@dataclass
+class RedisCluster:
+    """A running Redis Cluster of ``nodes`` (masters only); ``url`` is its store URL."""
+
+    nodes: list[RedisServer]
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+def _cluster_ok(nodes: list[RedisServer]) -> bool:
+    for node in nodes:
+        client = node.client()
+        try:
+            if client.execute_command("CLUSTER INFO").get("cluster_state") != "ok":
+                return False
+        finally:
+            client.close()
+    return True
+
+
+def start_cluster(tmp_path: Path, masters: int = 3, timeout: float = 20.0) -> RedisCluster:
+    """Starts ``masters`` cluster-enabled servers under ``tmp_path``, joins them with
+    ``redis-cli --cluster create --cluster-replicas 0`` and waits for ``cluster_state:ok``
+    on every node. The caller stops it (:meth:`RedisCluster.stop`)."""
+    nodes = []
+    try:
+        for i in range(masters):
+            nodes.append(start_server(Path(tmp_path) / f"node{i}", "--cluster-enabled", "yes",
+                                      "--cluster-config-file", "nodes.conf",
+                                      "--cluster-node-timeout", "5000", cluster_bus=True))
+        subprocess.run([redis_binary("redis-cli"), "--cluster", "create",
+                        *(f"127.0.0.1:{n.port}" for n in nodes), "--cluster-replicas", "0",
+                        "--cluster-yes"], check=True, capture_output=True, timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while not _cluster_ok(nodes):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the Redis Cluster did not reach cluster_state:ok")
+            time.sleep(0.05)
+    except BaseException:
+        for node in nodes:
+            node.stop()
+        raise
+    return RedisCluster(nodes)

@@ -232,3 +232,46 @@ def test_lease_keeper_waits_for_a_dead_incarnations_lease(redis_store):
     with pytest.raises(NameTakenError):
         LeaseKeeper(redis_store, "w1", lambda: INFO, ttl_ms=300, register_wait_s=0.2).start()
 
+
+
+# -- Redis Cluster ---------------------------------------------------------------------------
+
+
+def test_on_a_3_master_cluster_each_streams_keys_share_a_slot_and_scripts_run(tmp_path):
+    from tests.helpers.redis_server import start_cluster
+
+    cluster = start_cluster(tmp_path, masters=3)
+    store = RedisStore.from_url(cluster.url + "?prefix=c")
+    try:
+        client = store.client
+        streams = [f"stream-{i}" for i in range(60)] + ["a{b}", "{}", "x y"]
+        for stream in streams:
+            slot = client.keyslot(store.keys.holder(stream))
+            assert client.cluster_keyslot(store.keys.holder(stream)) == slot  # server agrees
+            assert client.cluster_keyslot(store.keys.ckpt(stream)) == slot
+        nodes = {client.get_node_from_key(store.keys.holder(s)).name for s in streams}
+        assert len(nodes) == 3, nodes                                     # spread on masters
+        seen: list[tuple[str, str, int]] = []
+        stop = store.watch(lambda *notice: seen.append(notice))
+        token, other = _token(), _token()
+        try:
+            store.register("w1", token, 2000, INFO)
+            assert set(store.live_workers()) == {"w1"}
+            assert store.acquire_many(streams, "w1", token) == dict.fromkeys(streams,
+                                                                              Claimed(1, None))
+            assert store.save("w1", token, [(s, 1, s.encode()) for s in streams]) == \
+                dict.fromkeys(streams, True)
+            assert store.acquire_many(streams, "w2", other) == dict.fromkeys(
+                streams, Holding("w1", token, 1))                          # w1 is alive
+            store.drop_lease("w1", token)
+            assert store.acquire_many(streams, "w2", other) == {
+                s: Claimed(2, s.encode()) for s in streams}                # adopted
+            assert store.save("w1", token, [(s, 1, b"late") for s in streams]) == \
+                dict.fromkeys(streams, False)                              # fenced
+            assert store.release(streams[0], "w2", other, 2)
+            assert _wait(lambda: len(seen) == 2 * len(streams))
+        finally:
+            stop()
+    finally:
+        store.close()
+        cluster.stop()

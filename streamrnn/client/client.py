@@ -26,6 +26,13 @@ BATCH_REPLY, once the worker has said it takes them (``"batch": true`` in OPEN's
 part keeps its own rid, sequence number, retries and errors, so this changes the number of
 messages, not the semantics. ``batch=False`` sends every request alone.
 
+Several routers (``Client("tcp://r1:5555,tcp://r2:5555")`` or a list): the client talks
+to one at a time and moves to the next when it drops or refuses the connection or a request
+times out there, sending every unanswered request again (the workers answer duplicates
+from their reply caches, and a stream whose worker died is replayed from the resend buffer
+as above). ERROR ``UNAVAILABLE`` (no live worker behind the router) and ``NOT_HOLDER`` are
+retried like BUSY, for at most ``timeout``.
+
 Streams live on the worker, not in the client: the first request of a stream in a Client
 asks the worker where the stream stands (OPEN) and continues from there. Call
 :meth:`Client.reset` to start a stream over, :meth:`Client.close` to free it.
@@ -46,7 +53,7 @@ write.
 from __future__ import annotations
 
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -55,14 +62,16 @@ import zmq
 
 from streamrnn.client.requests import Request
 from streamrnn.client.streams import Streams
-from streamrnn.client.transport import Transport
+from streamrnn.client.transport import Transport, endpoint_list
 from streamrnn.protocol import (
     A_CHUNK,
     A_PROMPT,
     F_PIN,
     F_STEPS,
+    F_TOKEN,
     F_VERSIONS,
     MAX_STREAM_ID_BYTES,
+    MAX_TOKEN_BYTES,
     REPLY_CACHE_SIZE,
     SUPPORTED_VERSIONS,
     MessageType,
@@ -75,7 +84,9 @@ class Client:
     """A thread-safe connection to one stream worker.
 
     Args:
-        endpoint: the worker's ZeroMQ endpoint, e.g. ``"tcp://127.0.0.1:5555"``.
+        endpoint: the worker's ZeroMQ endpoint, e.g. ``"tcp://127.0.0.1:5555"``; or
+            several routers' (a list, or comma-separated): used one at a time, moving on
+            when one fails.
         timeout: seconds to wait for a reply before resending (and the longest time BUSY
             answers are retried).
         retries: resends after a timeout before the request fails with
@@ -90,26 +101,34 @@ class Client:
         curve_server_key: the server's CURVE public key (a ``.key`` file or z85 key):
             encrypt and authenticate with ``curve_keypair`` (this client's ``.key_secret``
             file or a (public, secret) z85 pair), see :mod:`streamrnn.security`.
+        token: a secret (1..256 UTF-8 bytes) sent with every request of every stream: a
+            stream this client creates belongs to it, and a worker refuses the stream to
+            requests without it (:class:`~streamrnn.ForbiddenError`). With CURVE the
+            client's key owns the stream too. :meth:`set_token` sets one per stream.
     """
 
-    def __init__(self, endpoint: str, timeout: float = 30.0, retries: int = 3, window: int = 8,
-                 *, replay_buffer: int = 4096, batch: bool = True, curve_server_key: Any = None,
-                 curve_keypair: Any = None, context: zmq.Context | None = None):
+    def __init__(self, endpoint: str | Sequence[str], timeout: float = 30.0, retries: int = 3,
+                 window: int = 8, *, replay_buffer: int = 4096, batch: bool = True,
+                 curve_server_key: Any = None, curve_keypair: Any = None,
+                 context: zmq.Context | None = None, token: str | None = None):
         if not 1 <= window <= REPLY_CACHE_SIZE:
             raise ValueError(f"window must be in 1..{REPLY_CACHE_SIZE}, got {window}")
         if timeout <= 0 or retries < 0:
             raise ValueError("timeout must be > 0 and retries >= 0")
-        self.endpoint = endpoint
+        endpoints = endpoint_list(endpoint)
+        self.endpoint = ",".join(endpoints)
         self.timeout = timeout
         self.retries = retries
         self.window = window
         self.replay_buffer = replay_buffer
         self.batch = batch
+        self.token = None if token is None else _check_token(token)
+        self._tokens: dict[str, str] = {}  # per-stream tokens (set_token)
         self.counters: Counter[str] = Counter()  # retries, busy, unmatched replies, ... (I/O)
         # the per-stream state machine, used only on the transport's I/O thread
-        streams = Streams(endpoint, timeout, retries, window, replay_buffer, self.counters,
+        streams = Streams(self.endpoint, timeout, retries, window, replay_buffer, self.counters,
                           batch=batch)
-        self._transport = Transport(endpoint, streams, counters=self.counters,
+        self._transport = Transport(endpoints, streams, counters=self.counters,
                                     curve_server_key=curve_server_key,
                                     curve_keypair=curve_keypair, context=context)
         self._thread = self._transport.thread
@@ -131,7 +150,7 @@ class Client:
     def push_many_async(self, chunks: Mapping[str, Any]) -> dict[str, Future]:
         """Queue one chunk for each of several streams, submitted together (so they leave
         in one BATCH message); a Future of the outputs per stream."""
-        requests = [Request(MessageType.PUSH, _check_stream(stream), {},
+        requests = [Request(MessageType.PUSH, _check_stream(stream), self._token_of(stream, {}),
                              {A_CHUNK: _chunk_array(chunk)}, Future())
                     for stream, chunk in chunks.items()]
         self._transport.submit(requests)
@@ -214,9 +233,25 @@ class Client:
 
     def _submit(self, kind: MessageType, stream: str | None, fields: dict[str, Any],
                 arrays: dict[str, np.ndarray]) -> Future:
+        if stream is not None:
+            fields = self._token_of(stream, fields)
         request = Request(kind, stream, fields, arrays, Future())
         self._transport.submit([request])
         return request.future
+
+    def set_token(self, stream: str, token: str | None) -> None:
+        """Send ``token`` with ``stream``'s requests from now on, instead of the client's
+        ``token`` (None: the client's again). A worker checks it against the token that
+        created the stream (its owner): see docs/protocol.md, stream owners."""
+        if token is None:
+            self._tokens.pop(_check_stream(stream), None)
+        else:
+            self._tokens[_check_stream(stream)] = _check_token(token)
+
+    def _token_of(self, stream: str, fields: dict[str, Any]) -> dict[str, Any]:
+        """``fields`` plus the stream's token, if it has one."""
+        token = self._tokens.get(stream, self.token)
+        return fields if token is None else {**fields, F_TOKEN: token}
 
 
 def _chunk_array(chunk: Any) -> np.ndarray:
@@ -224,6 +259,12 @@ def _chunk_array(chunk: Any) -> np.ndarray:
     if array.dtype == np.float64:
         array = array.astype(np.float32)  # the engine computes in float32 anyway
     return array
+
+
+def _check_token(token: str) -> str:
+    if not isinstance(token, str) or not 0 < len(token.encode()) <= MAX_TOKEN_BYTES:
+        raise ValueError(f"tokens are non-empty str of at most {MAX_TOKEN_BYTES} UTF-8 bytes")
+    return token
 
 
 def _check_stream(stream: str) -> str:

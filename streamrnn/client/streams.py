@@ -10,8 +10,9 @@ docs/protocol.md (sections 4 to 5a) is testable in milliseconds without a worker
 
 Per stream, requests are numbered (``seq`` from 0, continuing the worker's numbering
 learned with an OPEN) and at most ``window`` are in flight; OPEN and CLOSE travel alone.
-A lost reply is resent after ``timeout`` (``retries`` times); a BUSY answer is resent after
-an exponential backoff (for at most ``timeout``); a request that failed unapplied moves the
+A lost reply is resent after ``timeout`` (``retries`` times); a BUSY answer (and ERROR
+UNAVAILABLE or NOT_HOLDER) is resent after an exponential backoff (for at most
+``timeout``); a request that failed unapplied moves the
 later ones down by one (renumbered and resent); a SEQ_GAP / UNKNOWN_STREAM naming an
 earlier seq goes back to it (go-back-N) or, after a worker restart, replays the applied
 requests kept since the worker's ``durable_seq``.
@@ -45,6 +46,10 @@ from streamrnn.errors import (
     remote_error,
 )
 
+# ERROR codes retried like BUSY (for at most ``timeout``): no worker can take the stream
+# right now (a router with no live worker), or the worker asked does not hold it (a router's
+# stale view while a stream moves)
+_RETRY_ERRORS = (p.ErrorCode.UNAVAILABLE, p.ErrorCode.NOT_HOLDER)
 # ERROR codes that say the worker's numbering of a stream differs from ours
 _GAP_ERRORS = (p.ErrorCode.SEQ_GAP, p.ErrorCode.UNKNOWN_STREAM)  # expected < seq: go back
 _SEQ_ERRORS = (p.ErrorCode.SEQ_GAP, p.ErrorCode.SEQ_STALE, p.ErrorCode.UNKNOWN_STREAM)
@@ -86,6 +91,7 @@ class Streams:
         self.retries = retries
         self.counters: Counter[str] = Counter() if counters is None else counters
         self._jitter = jitter
+        self.timeouts = 0  # requests timed out since take_timeouts (read by the transport)
         self._w = Windows(timeout, window, replay_buffer, self.counters, batch)
         self._on_kind = {p.MessageType.BUSY: self._on_busy,
                          p.MessageType.OUTPUT: self._on_output,
@@ -154,6 +160,22 @@ class Streams:
                                   if st.resend_from is not None), default=math.inf)
         return self._w.take()
 
+    def resend_all(self, now: float) -> list[Action]:
+        """Every request in flight again, keeping its deadline (the transport moved to
+        another endpoint, e.g. the next router): the worker answers a duplicate from its
+        reply cache, a restarted one asks for a replay (SEQ_GAP / UNKNOWN_STREAM)."""
+        self._w.now = now
+        self.counters["resent_all"] += 1
+        self._w.resend_all()
+        self._w.resend_due = min((st.resend_at for st in self._w.streams.values()
+                                  if st.resend_from is not None), default=math.inf)
+        return self._w.take()
+
+    def take_timeouts(self) -> int:
+        """Requests that timed out (and were resent) since the last call."""
+        count, self.timeouts = self.timeouts, 0
+        return count
+
     def fail_all(self, exc: BaseException) -> list[Action]:
         """Fail every request (the client is shutting down)."""
         for st in self._w.streams.values():
@@ -210,11 +232,18 @@ class Streams:
 
     def _on_busy(self, request: Request, msg: Message) -> None:
         self.counters["busy"] += 1
+        self._retry_later(request, msg, lambda: WorkerBusyError(
+            f"worker answered BUSY for {self.timeout:.1f} s"))
+
+    def _retry_later(self, request: Request, msg: Message,
+                     error: Callable[[], BaseException]) -> None:
+        """Resend ``request`` after a backoff (BUSY, UNAVAILABLE, NOT_HOLDER); fail it with
+        ``error()`` once such answers lasted longer than ``timeout``."""
         now = self._w.now
         if request.busy_since is None:
             request.busy_since = now
         if now - request.busy_since > self.timeout:
-            exc = WorkerBusyError(f"worker answered BUSY for {self.timeout:.1f} s")
+            exc = error()
             if request.stream is None:
                 self._w.finish(request, exc=exc)
             else:
@@ -231,7 +260,16 @@ class Streams:
     def _on_error(self, request: Request, msg: Message) -> None:
         code = msg.header.get(p.F_CODE, p.ErrorCode.INTERNAL)
         expected = msg.header.get(p.F_EXPECTED)
+        if code in _RETRY_ERRORS:
+            self.counters[f"retried_{p.ErrorCode(code).name.lower()}"] += 1
+            self._retry_later(request, msg, lambda: remote_error(
+                code, msg.header.get(p.F_MESSAGE, ""), expected))
+            return
         st = self._w.streams.get(request.stream or "")
+        if st is not None and code == p.ErrorCode.FORBIDDEN:
+            # another client identity owns the stream: every request of it fails the same
+            self._w.fail_stream(st, remote_error(code, msg.header.get(p.F_MESSAGE, "")))
+            return
         if st is not None and request.seq is not None and expected is not None:
             if request.replay and expected > request.seq:
                 # a replayed request the worker already has (e.g. SEQ_STALE): its output
@@ -278,6 +316,7 @@ class Streams:
 
     def _on_timeout(self, st: StreamState | None, request: Request) -> None:
         request.timeouts += 1
+        self.timeouts += 1
         if request.timeouts > self.retries:
             exc = RequestTimeoutError(
                 f"no reply from {self.endpoint} for {request.kind.name} after "

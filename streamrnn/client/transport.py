@@ -1,6 +1,11 @@
 """The client's DEALER socket and the I/O thread that owns it.
 
-:class:`Transport` runs one background thread around one ZeroMQ DEALER socket. Any thread
+:class:`Transport` runs one background thread around one ZeroMQ DEALER socket. Given
+several endpoints (replicated routers), it talks to one at a time and moves to the next
+when the current one drops the connection or refuses it (a ZeroMQ socket monitor) or a
+request times out there; every request in flight is then sent again to the new one
+(:meth:`Streams.resend_all <streamrnn.client.streams.Streams.resend_all>`), keeping its
+deadline, and the workers' reply caches and replay keep each stream exact. Any thread
 may :meth:`Transport.submit` requests (a queue plus a wake-up byte on a socket pair); the
 I/O thread feeds them, the replies it reads and the passing time to the pure state machine
 (:class:`~streamrnn.client.streams.Streams`) and carries out the actions it answers:
@@ -12,7 +17,7 @@ Example::
 
     streams = Streams(endpoint, timeout=30.0, retries=3, window=8, replay_buffer=4096,
                       batch=True)
-    transport = Transport(endpoint, streams)
+    transport = Transport([endpoint, second_endpoint], streams)
     transport.submit([Request(MessageType.PING, None, {}, {}, future)])
     future.result(); transport.close()
 """
@@ -29,8 +34,9 @@ from collections.abc import Iterable
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
-from streamrnn.client.requests import Action, Request, Send
+from streamrnn.client.requests import Action, Request, Resolve, Send
 from streamrnn.client.streams import Streams
 from streamrnn.codec import (
     Message,
@@ -48,11 +54,29 @@ from streamrnn.protocol import MessageType
 log = logging.getLogger("streamrnn.client")
 
 
+# Socket monitor events that make a transport with several endpoints move on: the peer
+# dropped the connection, or refused it (a retry after a failed connect).
+_MOVE_ON = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
+_MIN_SWITCH_S = 0.1  # at most one move per this long (all peers down: no busy loop)
+
+
+def endpoint_list(endpoints: str | Iterable[str]) -> list[str]:
+    """``"tcp://a:1,tcp://b:2"`` or a list of endpoints -> a non-empty list."""
+    if isinstance(endpoints, str):
+        endpoints = endpoints.split(",")
+    found = [e.strip() for e in endpoints if e and e.strip()]
+    if not found:
+        raise ValueError("no endpoint given")
+    return found
+
+
 class Transport:
-    """One DEALER socket connected to ``endpoint``, driven by a daemon I/O thread.
+    """One DEALER socket connected to one of ``endpoints``, driven by a daemon I/O thread.
 
     Args:
-        endpoint: the worker's ZeroMQ endpoint.
+        endpoints: the worker's (or routers') ZeroMQ endpoints: one string, a
+            comma-separated string, or a list; with several, the transport moves on to the
+            next when the current one fails (see the module docs).
         streams: the state machine the I/O thread feeds (used only on that thread); the
             parts it leaves unencoded leave together in BATCH envelopes at the end of
             each loop turn.
@@ -61,25 +85,23 @@ class Transport:
         context: the ZeroMQ context (default: the process-wide one).
     """
 
-    def __init__(self, endpoint: str, streams: Streams, *, counters: Counter[str] | None = None,
-                 curve_server_key: Any = None, curve_keypair: Any = None,
-                 context: zmq.Context | None = None):
+    def __init__(self, endpoints: str | Iterable[str], streams: Streams, *,
+                 counters: Counter[str] | None = None, curve_server_key: Any = None,
+                 curve_keypair: Any = None, context: zmq.Context | None = None):
         self.counters: Counter[str] = Counter() if counters is None else counters
         self._streams = streams
         # requests encoded in this turn of the I/O thread, sent together by _flush
         self._outgoing: list[tuple[Part, Request]] = []
         self._ctx = context or zmq.Context.instance()
-        self._socket = self._ctx.socket(zmq.DEALER)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.setsockopt(zmq.SNDHWM, 100_000)
-        self._socket.setsockopt(zmq.RCVHWM, 100_000)
-        if curve_server_key is not None:
-            from streamrnn.security import curve_client
-
-            if curve_keypair is None:
-                raise ValueError("curve_server_key needs curve_keypair (this client's keys)")
-            curve_client(self._socket, curve_server_key, curve_keypair)
-        self._socket.connect(endpoint)
+        if curve_server_key is not None and curve_keypair is None:
+            raise ValueError("curve_server_key needs curve_keypair (this client's keys)")
+        self._curve = (curve_server_key, curve_keypair)
+        self.endpoints = endpoint_list(endpoints)
+        self.current = 0  # index of the endpoint in use
+        self._switched_at = 0.0
+        self._poller = zmq.Poller()
+        self._monitor: zmq.Socket | None = None
+        self._socket = self._open(self.endpoints[0])
         self._submissions: queue.SimpleQueue[list[Request] | None] = queue.SimpleQueue()
         # Requests submitted on the I/O thread itself (from a Future callback): no queue and
         # no wake-up, sent in the same loop turn as the reply that triggered them.
@@ -122,11 +144,77 @@ class Transport:
         except (BlockingIOError, OSError):
             pass  # already a wake-up byte pending (or closing)
 
+    # ---- sockets -----------------------------------------------------------------------
+
+    def _open(self, endpoint: str) -> zmq.Socket:
+        """A DEALER connected to ``endpoint`` (monitored when there are several), in the
+        poller."""
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 100_000)
+        sock.setsockopt(zmq.RCVHWM, 100_000)
+        server_key, keypair = self._curve
+        if server_key is not None:
+            from streamrnn.security import curve_client
+
+            curve_client(sock, server_key, keypair)
+        if len(self.endpoints) > 1:
+            self._monitor = sock.get_monitor_socket(_MOVE_ON)
+            self._poller.register(self._monitor, zmq.POLLIN)
+        sock.connect(endpoint)
+        self._poller.register(sock, zmq.POLLIN)
+        return sock
+
+    def _close_socket(self) -> None:
+        self._poller.unregister(self._socket)
+        if self._monitor is not None:
+            self._poller.unregister(self._monitor)
+            self._socket.disable_monitor()
+            self._monitor.close(linger=0)
+            self._monitor = None
+        self._socket.close(linger=0)
+
+    def _move_on(self, now: float, why: str) -> bool:
+        """Use the next endpoint (several given, and not moved in the last 0.1 s): a new
+        socket, and every request in flight sent again there. False: stayed."""
+        if len(self.endpoints) < 2 or now - self._switched_at < _MIN_SWITCH_S:
+            return False
+        old = self.endpoints[self.current]
+        self._close_socket()
+        self.current = (self.current + 1) % len(self.endpoints)
+        self._switched_at = now
+        self._socket = self._open(self.endpoints[self.current])
+        self.counters["endpoint_switches"] += 1
+        log.info("moving from %s to %s (%s)", old, self.endpoints[self.current], why)
+        self._outgoing.clear()  # resend_all sends them again
+        self._execute(self._streams.resend_all(now))
+        return True
+
+    def _read_monitor(self) -> None:
+        """Monitor events of the current socket: move on when the peer is gone."""
+        while self._monitor is not None:
+            try:
+                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event["event"] & _MOVE_ON:
+                why = ("connection lost" if event["event"] == zmq.EVENT_DISCONNECTED
+                       else "connection refused")
+                self._move_on(time.monotonic(), why)
+                return  # a new socket (and monitor); its events come next turn
+
+    def _tick(self, now: float) -> None:
+        """Deadlines and resends; after a timeout with several endpoints, move on (the
+        resends of this tick then go to the new endpoint, with everything else)."""
+        actions = self._streams.tick(now)
+        if self._streams.take_timeouts() and self._move_on(now, "request timed out"):
+            actions = [a for a in actions if isinstance(a, Resolve)]
+        self._execute(actions)
+
     # ---- I/O thread --------------------------------------------------------------------
 
     def _io_loop(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._socket, zmq.POLLIN)
+        poller = self._poller
         # pyzmq's poll reports a plain socket by its file descriptor, not by the object
         wake_fd = self._wake_r.fileno()
         poller.register(wake_fd, zmq.POLLIN)
@@ -137,13 +225,15 @@ class Transport:
                 events = dict(poller.poll(self._wait_ms()))
                 if wake_fd in events:
                     self._drain_wake()
+                if self._monitor is not None and self._monitor in events:
+                    self._read_monitor()
                 if self._socket in events:
                     self._read_replies()  # callbacks may submit more: sent just below
                 if not self._take_submissions():
                     break
                 now = time.monotonic()
                 if now >= next_check:
-                    self._execute(self._streams.tick(now))
+                    self._tick(now)
                     next_check = now + 0.005
                 self._flush()
         except Exception as exc:  # pragma: no cover - a bug; do not leave callers hanging
@@ -151,7 +241,7 @@ class Transport:
             self._fail_everything(StreamRNNError(f"client I/O thread failed: {exc}"))
         finally:
             self._fail_everything(StreamRNNError("client is shut down"))
-            self._socket.close(linger=0)
+            self._close_socket()
             self._wake_r.close()
             self._wake_w.close()
 
@@ -279,4 +369,4 @@ def _decode(frames: list) -> list[Message | ProtocolError]:
         return [exc]
 
 
-__all__ = ["Transport"]
+__all__ = ["Transport", "endpoint_list"]

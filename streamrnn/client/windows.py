@@ -110,8 +110,7 @@ class Windows:
                     return
                 st.needs_sync = False
                 if st.waiting[0].kind != p.MessageType.OPEN:
-                    st.waiting.appendleft(Request(p.MessageType.OPEN, st.waiting[0].stream,
-                                                  {}, {}, Future()))
+                    st.waiting.appendleft(_open_for(st.waiting[0]))
             request = st.waiting[0]
             if (request.kind in _BARRIERS and st.inflight) or len(st.inflight) >= self.window:
                 return
@@ -221,6 +220,22 @@ class Windows:
                 self.send(request)
         self.pump(st)
 
+    def resend_all(self) -> None:
+        """Send every request in flight again (the transport moved to another endpoint):
+        stream requests with fresh rids, all keeping their deadlines, so moving on does
+        not extend how long a request may take."""
+        for st in self.streams.values():
+            st.resend_from = None
+            for request in st.inflight:
+                deadline = request.deadline
+                self._number(request)
+                self.send(request)
+                request.deadline = deadline
+        for request in list(self.control.values()):
+            deadline = request.deadline
+            self.send(request)
+            request.deadline = deadline
+
     def fail_stream(self, st: StreamState, exc: BaseException) -> None:
         """Fail everything queued for a stream; the next request re-syncs with OPEN."""
         for request in st.drop():
@@ -231,6 +246,13 @@ class Windows:
         """The actions recorded since the last call, in order."""
         actions, self._actions = self._actions, []
         return actions
+
+
+def _open_for(request: Request) -> Request:
+    """The OPEN that syncs ``request``'s stream first (with its owner token, if any)."""
+    token = request.fields.get(p.F_TOKEN)
+    return Request(p.MessageType.OPEN, request.stream, {} if token is None else
+                   {p.F_TOKEN: token}, {}, Future())
 
 
 __all__ = ["Windows"]

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import redis
 
-__all__ = ["INSTALL_HINT", "RedisCluster", "RedisServer", "free_port", "redis_binary",
-           "start_cluster", "start_server"]
+__all__ = ["INSTALL_HINT", "RedisCluster", "RedisServer", "free_port", "make_tls_files",
+           "redis_binary", "start_cluster", "start_sentinel", "start_server"]
 
 INSTALL_HINT = ("redis-server is not installed (the Redis tests need a real server): "
                 "install it with `apt-get install -y redis-server` (Debian/Ubuntu; the "
@@ -98,16 +98,21 @@ class RedisServer:
             self.process.wait(timeout=10)
 
 
-def _launch(directory: Path, port: int, extra: list[str]) -> RedisServer:
-    directory.mkdir(parents=True, exist_ok=True)
-    args = [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
-            "--appendonly", "yes", "--save", "", "--daemonize", "no",
-            "--logfile", str(directory / "redis.log"), *extra]
-    process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+def _spawn(directory: Path, port: int, args: list[str]) -> RedisServer:
+    process = subprocess.Popen([redis_binary(), *args], stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               preexec_fn=_die_with_parent)
     server = RedisServer(port=port, dir=directory, process=process)
     atexit.register(server.stop)
     return server
+
+
+def _launch(directory: Path, port: int, extra: list[str]) -> RedisServer:
+    directory.mkdir(parents=True, exist_ok=True)
+    return _spawn(directory, port, [
+        "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
+        "--appendonly", "yes", "--save", "", "--daemonize", "no",
+        "--logfile", str(directory / "redis.log"), *extra])
 
 
 def _wait_ready(server: RedisServer, timeout: float = 10.0) -> bool:
@@ -128,15 +133,64 @@ def _wait_ready(server: RedisServer, timeout: float = 10.0) -> bool:
         client.close()
 
 
-def start_server(directory: Path, *extra: str, cluster_bus: bool = False) -> RedisServer:
+def start_server(directory: Path, *extra: str, cluster_bus: bool = False,
+                 sentinel: bool = False) -> RedisServer:
     """Starts ``redis-server`` in ``directory`` on a free port and waits for PING (a port
-    taken meanwhile: tries another, three times). ``extra`` are more server arguments."""
+    taken meanwhile: tries another, three times). ``extra`` are more server arguments;
+    ``sentinel`` starts a Sentinel (``extra`` then begins with its config file)."""
     for _ in range(3):
-        server = _launch(directory, free_port(10000 if cluster_bus else 0), list(extra))
+        port = free_port(10000 if cluster_bus else 0)
+        server = (_launch_sentinel(directory, port, list(extra)) if sentinel
+                  else _launch(directory, port, list(extra)))
         if _wait_ready(server):
             return server
         server.stop()
     raise RuntimeError(f"redis-server did not start in {directory}:\n{server.log_tail()}")
+
+
+def _launch_sentinel(directory: Path, port: int, extra: list[str]) -> RedisServer:
+    directory.mkdir(parents=True, exist_ok=True)
+    config, *rest = extra
+    conf = directory / "sentinel.conf"
+    conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {directory}\n"
+                    f"logfile {directory / 'redis.log'}\n{config}\n")
+    return _spawn(directory, port, [str(conf), "--sentinel", *rest])
+
+
+def start_sentinel(directory: Path, master_port: int, service: str = "mymaster") -> RedisServer:
+    """Starts a Redis Sentinel on a free port that monitors ``127.0.0.1:master_port`` as
+    ``service`` (quorum 1)."""
+    return start_server(directory, f"sentinel monitor {service} 127.0.0.1 {master_port} 1",
+                        sentinel=True)
+
+
+def make_tls_files(directory: Path) -> dict[str, Path]:
+    """A throw-away CA, a server certificate for 127.0.0.1 and a client certificate (EC keys,
+    made with the ``openssl`` command): paths by name (``ca``, ``server_cert``,
+    ``server_key``, ``client_cert``, ``client_key``)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise RuntimeError("the TLS test needs the openssl command (apt-get install openssl)")
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {name: directory / f"{name}.pem" for name in
+             ("ca", "ca_key", "server_cert", "server_key", "client_cert", "client_key")}
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], check=True, capture_output=True, timeout=30)
+
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    run("req", "-x509", *ec, "-keyout", str(paths["ca_key"]), "-out", str(paths["ca"]),
+        "-days", "2", "-subj", "/CN=streamrnn test CA")
+    ext = directory / "san.cnf"
+    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for who in ("server", "client"):
+        csr = directory / f"{who}.csr"
+        run("req", *ec, "-keyout", str(paths[f"{who}_key"]), "-out", str(csr),
+            "-subj", f"/CN={who}")
+        run("x509", "-req", "-in", str(csr), "-CA", str(paths["ca"]), "-CAkey",
+            str(paths["ca_key"]), "-CAcreateserial", "-out", str(paths[f"{who}_cert"]),
+            "-days", "2", "-extfile", str(ext))
+    return paths
 
 
 @dataclass

@@ -12,10 +12,12 @@ __all__ = [
     "CheckpointError",
     "EngineFullError",
     "ExecutorUnsupported",
+    "ForbiddenError",
     "InvalidInputError",
     "NameTakenError",
     "NotSupportedError",
     "ProtocolError",
+    "QuotaExceededError",
     "RemoteEngineFullError",
     "RemoteError",
     "RemoteInvalidInputError",
@@ -180,6 +182,16 @@ class RemoteNotSupportedError(RemoteError, NotSupportedError):
     """The worker does not support the request (e.g. GENERATE on this model)."""
 
 
+class ForbiddenError(RemoteError):
+    """The stream belongs to another client identity (its owner: the CURVE key or stream
+    token that created it); nothing was applied and nothing about the stream is told."""
+
+
+class QuotaExceededError(RemoteError):
+    """This client identity has as many open streams as the worker allows it
+    (``--max-streams-per-identity``); close one first."""
+
+
 _REMOTE_CLASSES: dict[int, type[RemoteError]] = {
     ErrorCode.BAD_SHAPE: RemoteInvalidInputError,
     ErrorCode.BAD_DTYPE: RemoteInvalidInputError,
@@ -190,6 +202,8 @@ _REMOTE_CLASSES: dict[int, type[RemoteError]] = {
     ErrorCode.UNKNOWN_STREAM: RemoteUnknownStreamError,
     ErrorCode.ENGINE_FULL: RemoteEngineFullError,
     ErrorCode.NOT_SUPPORTED: RemoteNotSupportedError,
+    ErrorCode.FORBIDDEN: ForbiddenError,
+    ErrorCode.QUOTA_EXCEEDED: QuotaExceededError,
 }
 
 

@@ -63,6 +63,7 @@ __all__ = [
     "MAX_SEQ",
     "MAX_STREAM_ID_BYTES",
     "MAX_STR_BYTES",
+    "MAX_TOKEN_BYTES",
     "MessageType",
     "PROTOCOL_VERSION",
     "REPLY_ARRAYS",
@@ -206,6 +207,7 @@ MAX_GENERATE_STEPS = 65536
 MAX_SEQ = 2**63 - 1
 MAX_REQUEST_ID = 2**64 - 1
 MAX_STR_BYTES = 4096  # any other string in a header
+MAX_TOKEN_BYTES = 256  # a stream's owner token (F_TOKEN): 1..256 UTF-8 bytes
 MAX_CONTAINER_LEN = 1024  # any msgpack array/map in a header
 #: Replies kept per stream for answering duplicates; a client's window must not exceed it.
 REPLY_CACHE_SIZE = 32
@@ -228,10 +230,12 @@ Schema = dict[str, FieldSpec]
 _INT = (int,)
 _STR = (str,)
 _BASE: Schema = {F_VERSION: (_INT, True), F_REQUEST_ID: (_INT, False)}
-_STREAM_REQ: Schema = {**_BASE, F_STREAM: (_STR, True), F_SEQ: (_INT, True)}
+_STREAM_REQ: Schema = {**_BASE, F_STREAM: (_STR, True), F_SEQ: (_INT, True),
+                       F_TOKEN: (_STR, False)}
 
 REQUEST_SCHEMAS: dict[MessageType, Schema] = {
-    MessageType.OPEN: {**_BASE, F_STREAM: (_STR, True), F_PIN: ((int, type(None)), False)},
+    MessageType.OPEN: {**_BASE, F_STREAM: (_STR, True), F_PIN: ((int, type(None)), False),
+                       F_TOKEN: (_STR, False)},
     MessageType.PUSH: _STREAM_REQ,
     MessageType.RESET: _STREAM_REQ,
     MessageType.CLOSE: _STREAM_REQ,

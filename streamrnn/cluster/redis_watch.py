@@ -67,7 +67,11 @@ class ClaimWatcher:
 
     def start(self) -> Callable[[], None]:
         """Subscribes, starts the thread, returns :meth:`stop`."""
-        self._subscribe()
+        try:
+            self._subscribe()
+        except BaseException:
+            self._close()
+            raise
         self.thread.start()
         return self.stop
 

@@ -267,3 +267,23 @@ def test_on_a_3_master_cluster_each_streams_keys_share_a_slot_and_scripts_run(tm
     finally:
         store.close()
         cluster.stop()
+
+
+def test_lease_keeper_fences_when_the_server_goes_away(tmp_path):
+    from tests.helpers.redis_server import start_server
+
+    server = start_server(tmp_path / "redis")
+    store = RedisStore.from_url(server.url)
+    lost = threading.Event()
+    keeper = LeaseKeeper(store, "w1", lambda: INFO, ttl_ms=300,
+                         on_lost=lambda reason: lost.set()).start()
+    try:
+        assert keeper.valid()
+        server.stop()
+        killed = time.monotonic()
+        assert _wait(lambda: not keeper.valid(), timeout=1.0)
+        assert keeper.valid_until <= killed + 0.3              # invalid locally by the ttl
+        assert lost.wait(5.0) and "expired" in keeper.lost
+    finally:
+        keeper.stop()
+        store.close()

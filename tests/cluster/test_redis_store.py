@@ -117,6 +117,32 @@ def test_acquire_takes_a_free_stream_and_one_whose_holder_lease_died(redis_store
     assert redis_store.holder("s1") == Holding("wb", b, 2)
 
 
+def test_racing_acquires_give_each_stream_to_exactly_one_worker(redis_store):
+    tokens = {"wa": _token(), "wb": _token()}
+    for name, token in tokens.items():
+        redis_store.register(name, token, 5000, INFO)
+    streams = [f"s{i}" for i in range(200)]
+    results: dict[str, dict] = {}
+    start = threading.Barrier(2)
+
+    def run(name: str) -> None:
+        start.wait()
+        results[name] = redis_store.acquire_many(streams, name, tokens[name])
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in tokens]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    for stream in streams:
+        got = {name: results[name][stream] for name in tokens}
+        winners = [name for name, g in got.items() if isinstance(g, Claimed)]
+        assert len(winners) == 1, (stream, got)
+        loser = "wb" if winners == ["wa"] else "wa"
+        assert got[winners[0]] == Claimed(1, None)
+        assert got[loser] == Holding(winners[0], tokens[winners[0]], 1)
+
+
 def test_a_zombie_save_with_an_old_epoch_is_refused(redis_store):
     zombie, adopter = _token(), _token()
     redis_store.claim("s1", "wz", zombie, 0)

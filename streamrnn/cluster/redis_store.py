@@ -87,8 +87,10 @@ def _client_for(url: str, redis_kwargs: dict) -> tuple[Any, str]:
         nodes = [ClusterNode(host, port) for host, port in spec.hosts]
         return RedisCluster(startup_nodes=nodes, **kwargs), spec.prefix
     if spec.mode == "sentinel":
-        sentinel = Sentinel(list(spec.hosts), sentinel_kwargs=spec.sentinel_kwargs or None,
-                            **kwargs)
+        # the connections to the sentinels: the same timeouts and retries as the master's
+        to_sentinels = {**{k: v for k, v in kwargs.items() if k.startswith("socket_")},
+                        "retry": kwargs["retry"], **spec.sentinel_kwargs}
+        sentinel = Sentinel(list(spec.hosts), sentinel_kwargs=to_sentinels, **kwargs)
         return sentinel.master_for(spec.service_name, redis_class=redis.Redis), spec.prefix
     return redis.Redis(**kwargs), spec.prefix
 

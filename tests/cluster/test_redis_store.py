@@ -313,3 +313,31 @@ def test_lease_keeper_fences_when_the_server_goes_away(tmp_path):
     finally:
         keeper.stop()
         store.close()
+
+
+def test_after_a_redis_restart_data_scripts_and_notices_come_back(tmp_path):
+    from tests.helpers.redis_server import start_server
+
+    server = start_server(tmp_path / "redis")
+    store = RedisStore.from_url(server.url)
+    seen: list[tuple[str, str, int]] = []
+    stop = store.watch(lambda *notice: seen.append(notice))
+    token = _token()
+    try:
+        store.acquire_many(["s1", "s2"], "w1", token)
+        store.save("w1", token, [("s1", 1, b"rows")])
+        server.restart()                       # append-only: holders and checkpoints stay
+        assert store.holder("s1") == Holding("w1", token, 1)
+        assert store.load("s1") == b"rows"
+        assert store.save("w1", token, [("s2", 1, b"x")]) == {"s2": True}  # scripts reloaded
+        assert _wait(lambda: len(seen) == 2)
+        # the watcher subscribes again: later claims are seen (poll until it is back)
+        epoch = 1
+        while not _wait(lambda: any(s == "s1" and e > 1 for s, _w, e in seen), 0.2):
+            assert epoch < 50, seen
+            assert store.claim("s1", "w2", _token(), epoch) is not None
+            epoch += 1
+    finally:
+        stop()
+        store.close()
+        server.stop()

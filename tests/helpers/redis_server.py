@@ -74,11 +74,13 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child before e
 @dataclass
 class RedisServer:
     """One running ``redis-server``: ``port``, ``dir`` (its files and ``redis.log``) and
-    ``url``; :meth:`stop` kills it (idempotent)."""
+    ``url``; :meth:`stop` kills it (idempotent), :meth:`restart` starts it again on the same
+    port and files (the append-only file brings its data back)."""
 
     port: int
     dir: Path
     process: subprocess.Popen = field(repr=False)
+    args: list[str] = field(default_factory=list, repr=False)
 
     @property
     def url(self) -> str:
@@ -92,18 +94,30 @@ class RedisServer:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) \
             if path.exists() else ""
 
-    def stop(self) -> None:
+    def stop(self, graceful: bool = False) -> None:
+        """Kills the server (``graceful``: SIGTERM, it flushes its append-only file first)."""
         if self.process.poll() is None:
-            self.process.kill()
+            self.process.terminate() if graceful else self.process.kill()
             self.process.wait(timeout=10)
+
+    def restart(self, graceful: bool = True, timeout: float = 10.0) -> None:
+        """Stops the server and starts it again with the same arguments; waits for PING."""
+        self.stop(graceful)
+        self.process = _popen(self.args)
+        if not _wait_ready(self, timeout):
+            raise RuntimeError(f"redis-server did not restart on {self.port}:\n"
+                               f"{self.log_tail()}")
+
+
+def _popen(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([redis_binary(), *args], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=_die_with_parent)
 
 
 def _spawn(directory: Path, port: int, args: list[str]) -> RedisServer:
-    process = subprocess.Popen([redis_binary(), *args], stdin=subprocess.DEVNULL,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               preexec_fn=_die_with_parent)
-    server = RedisServer(port=port, dir=directory, process=process)
-    atexit.register(server.stop)
+    server = RedisServer(port=port, dir=directory, process=_popen(args), args=args)
+    atexit.register(server.stop)  # looks the process up when it runs: restarts included
     return server
 
 

@@ -56,6 +56,8 @@ def fusable(layer: keras.layers.Layer) -> str | None:
         return f"cell {type(cell).__name__} is not a standard LSTM/GRU/SimpleRNN cell"
     if layer.go_backwards:
         return "go_backwards=True"
+    if layer.zero_output_for_mask:
+        return "zero_output_for_mask=True (the fused loop carries the output on masked steps)"
     if cell.compute_dtype != "float32" or cell.variable_dtype != "float32":
         return f"dtype policy {cell.dtype_policy.name!r} (fused path is float32 only)"
     if not layer.stateful:

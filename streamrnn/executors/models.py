@@ -25,6 +25,7 @@ import tensorflow as tf
 
 from streamrnn.errors import UnsupportedModelError
 from streamrnn.executors.fused import FusedRNN, fuse_layers
+from streamrnn.executors.masking import carries_first_state, carry_leading, data_inputs, first_state
 
 __all__ = [
     "ServingModel",
@@ -98,12 +99,13 @@ def flatten_layers(model: keras.Model) -> list[keras.layers.Layer]:
 
 def _check_chain_link(model: keras.Model, layer: keras.layers.Layer, previous: Any) -> None:
     nodes = [n for n in layer._inbound_nodes if n.operation is layer]
-    if len(nodes) != 1 or len(nodes[0].input_tensors) != 1:
+    inputs = data_inputs(nodes[0]) if len(nodes) == 1 else []
+    if len(inputs) != 1:
         raise UnsupportedModelError(
             f"layer {layer.name!r} in model {model.name!r} is shared or has several inputs; "
             "streamrnn serves single-input, single-output layer chains"
         )
-    source = nodes[0].input_tensors[0]._keras_history.operation
+    source = inputs[0]._keras_history.operation
     expected = previous if previous is not None else None
     if expected is not None and source is not expected:
         raise UnsupportedModelError(
@@ -193,7 +195,12 @@ class ServingModel:
         """
         def recur(i: int, layer: keras.layers.RNN, h: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
             fused = self.fused_layers.get(i)
-            return fused(h, mask) if fused is not None else layer(h, mask=mask, training=False)
+            if fused is not None:
+                return fused(h, mask)
+            if not (self._mask_layers and carries_first_state(layer)):
+                return layer(h, mask=mask, training=False)
+            h0 = first_state(layer)  # Keras starts the carried output at zeros, not h
+            return carry_leading(layer(h, mask=mask, training=False), mask, h0)
 
         return self._chain(x, mask, recur)
 
@@ -202,7 +209,7 @@ class ServingModel:
                ) -> tf.Tensor:
         """Run the layer chain on ``x``; ``recur(index, layer, h, mask)`` runs each
         recurrent layer (the others are applied as they are)."""
-        h = x
+        h, base = x, mask
         for i, layer in enumerate(self.layers):
             if i in self._mask_layers:  # Embedding(mask_zero=True) / Masking narrow the mask
                 extra = layer.compute_mask(h)
@@ -212,6 +219,8 @@ class ServingModel:
                 h = recur(i, layer, h, mask)
             else:
                 h = layer(h, training=False)
+                if not layer.supports_masking:  # Keras drops the mask here (EinsumDense)
+                    mask = base
         return h
 
     def compact_reason(self) -> str | None:

@@ -15,6 +15,9 @@ from streamrnn.cluster.lease import LeaseKeeper
 from streamrnn.cluster.redis_store import Claimed, Holding, RedisStore, WorkerInfo
 from streamrnn.errors import NameTakenError, StoreError
 
+# short leases (ms), long enough that a loaded 2-core machine does not lose one by a stall
+TTL = 500
+PAST_TTL = TTL / 1000 + 0.15
 INFO = {"endpoint": "tcp://10.0.0.5:5555", "curve_public": "", "capacity_left": 12,
         "streams": 3, "describe": {"model": "lstm", "units": 8}}
 
@@ -49,13 +52,13 @@ def test_register_publishes_the_worker_and_renew_refreshes_its_info(redis_store)
 
 def test_a_lease_expires_and_cannot_be_renewed_afterwards(redis_store):
     token = _token()
-    redis_store.register("w1", token, 300, INFO)
-    assert redis_store.renew("w1", token, 300, INFO)
+    redis_store.register("w1", token, TTL, INFO)
+    assert redis_store.renew("w1", token, TTL, INFO)
     assert "w1" in redis_store.live_workers()
-    time.sleep(0.45)
+    time.sleep(PAST_TTL)
     assert redis_store.live_workers() == {}
     assert not redis_store.lease_alive("w1", token)
-    assert not redis_store.renew("w1", token, 300, INFO)  # expired: the worker must fence
+    assert not redis_store.renew("w1", token, TTL, INFO)  # expired: the worker must fence
 
 
 def test_a_live_name_is_taken_until_its_lease_expires_or_is_dropped(redis_store):
@@ -107,12 +110,12 @@ def test_claim_compare_and_sets_the_holder_and_increments_the_epoch(redis_store)
 
 def test_acquire_takes_a_free_stream_and_one_whose_holder_lease_died(redis_store):
     a, b = _token(), _token()
-    redis_store.register("wa", a, 300, INFO)
+    redis_store.register("wa", a, TTL, INFO)
     assert redis_store.acquire("s1", "wa", a) == Claimed(1, None)
     redis_store.save("wa", a, [("s1", 1, b"rows")])
     # wa is alive: wb gets the live Holding, not the stream
     assert redis_store.acquire("s1", "wb", b) == Holding("wa", a, 1)
-    time.sleep(0.45)                                            # wa's lease expires
+    time.sleep(PAST_TTL)                                        # wa's lease expires
     assert redis_store.acquire("s1", "wb", b) == Claimed(2, b"rows")
     assert redis_store.holder("s1") == Holding("wb", b, 2)
 
@@ -218,10 +221,10 @@ def test_watch_sees_every_claim_notice(redis_store):
 
 
 def test_lease_keeper_renews_and_drops_its_lease(redis_store):
-    keeper = LeaseKeeper(redis_store, "w1", lambda: INFO, ttl_ms=300).start()
+    keeper = LeaseKeeper(redis_store, "w1", lambda: INFO, ttl_ms=TTL).start()
     try:
         assert keeper.valid()
-        time.sleep(0.5)                         # > ttl: only renews keep it alive
+        time.sleep(PAST_TTL)                    # > ttl: only renews keep it alive
         assert keeper.valid() and keeper.renewals >= 2
         assert redis_store.live_workers()["w1"].token == keeper.token
     finally:
@@ -232,7 +235,7 @@ def test_lease_keeper_renews_and_drops_its_lease(redis_store):
 
 def test_lease_keeper_reports_a_lost_lease(redis_store):
     lost = threading.Event()
-    keeper = LeaseKeeper(redis_store, "w1", lambda: INFO, ttl_ms=300,
+    keeper = LeaseKeeper(redis_store, "w1", lambda: INFO, ttl_ms=TTL,
                          on_lost=lambda reason: lost.set()).start()
     try:
         redis_store.client.delete(redis_store.keys.lease("w1"))   # e.g. expired while paused
@@ -301,14 +304,14 @@ def test_lease_keeper_fences_when_the_server_goes_away(tmp_path):
     server = start_server(tmp_path / "redis")
     store = RedisStore.from_url(server.url)
     lost = threading.Event()
-    keeper = LeaseKeeper(store, "w1", lambda: INFO, ttl_ms=300,
+    keeper = LeaseKeeper(store, "w1", lambda: INFO, ttl_ms=TTL,
                          on_lost=lambda reason: lost.set()).start()
     try:
         assert keeper.valid()
         server.stop()
         killed = time.monotonic()
-        assert _wait(lambda: not keeper.valid(), timeout=1.0)
-        assert keeper.valid_until <= killed + 0.3              # invalid locally by the ttl
+        assert _wait(lambda: not keeper.valid(), timeout=2.0)
+        assert keeper.valid_until <= killed + TTL / 1000       # invalid locally by the ttl
         assert lost.wait(5.0) and "expired" in keeper.lost
     finally:
         keeper.stop()

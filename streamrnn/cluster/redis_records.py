@@ -22,7 +22,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["INFO_FIELDS", "Claimed", "Holding", "WorkerInfo", "holding", "info_args", "text",
+__all__ = ["Claimed", "Holding", "INFO_FIELDS", "WorkerInfo", "holding", "info_args", "text",
            "worker_info"]
 
 #: the fields of a worker's info hash (``register``/``renew`` take a dict of these)

@@ -49,7 +49,7 @@ from streamrnn.cluster.redis_scripts import SCRIPTS
 from streamrnn.cluster.redis_watch import ClaimWatcher
 from streamrnn.errors import NameTakenError, StoreError
 
-__all__ = ["ACL_COMMANDS", "INFO_FIELDS", "Claimed", "Holding", "RedisStore", "WorkerInfo"]
+__all__ = ["ACL_COMMANDS", "Claimed", "Holding", "INFO_FIELDS", "RedisStore", "WorkerInfo"]
 
 #: the commands RedisStore runs (directly or inside its scripts): an ACL user for streamrnn
 #: needs them on the keys and channels ``<prefix>:*``, e.g. ``ACL SETUSER app on >pw

@@ -37,7 +37,8 @@ import numpy as np
 
 from streamrnn.codec import Message
 from streamrnn.errors import StreamRNNError
-from streamrnn.protocol import F_REQUEST_ID, F_SEQ, F_STEPS, F_STREAM, MessageType
+from streamrnn.protocol import F_REQUEST_ID, F_SEQ, F_STEPS, F_STREAM, F_TOKEN, MessageType
+from streamrnn.serving.owners import Caller
 
 __all__ = [
     "GenerateGroup",
@@ -76,6 +77,7 @@ class Work:
     chunk: np.ndarray | None = None
     invalid: StreamRNNError | None = None
     batched: bool = False  # came in a BATCH envelope: its reply goes in a BATCH_REPLY
+    user: str | None = None  # the client's CURVE public key (z85 ZAP User-Id); None: no CURVE
 
     @property
     def type(self) -> MessageType:
@@ -92,6 +94,11 @@ class Work:
     @property
     def rid(self) -> int | None:
         return self.msg.header.get(F_REQUEST_ID)
+
+    @property
+    def caller(self) -> Caller:
+        """Who sent it (CURVE key, ``token`` field, connection): see serving.owners."""
+        return Caller(self.user, self.msg.header.get(F_TOKEN), self.identity)
 
 
 @dataclass
@@ -246,7 +253,7 @@ def _extend_runs(valid: list[list[Work]], rounds: list[Round], limit: int) -> No
         for i in range(1, len(rounds)):
             follower = pushes[i].get(stream)
             if (stream in blocked[i] or follower is None or follower.invalid is not None
-                    or follower.seq != run[-1].seq + 1
+                    or follower.seq != run[-1].seq + 1 or not _same_caller(follower, run[0])
                     or total + len(follower.chunk) > limit):
                 break
             run.append(follower)
@@ -270,3 +277,10 @@ def _best_length(valid: list[list[Work]], limit: int) -> int:
                 best_fill, best_length = fill, length
         length *= 2
     return best_length
+
+
+def _same_caller(work: Work, first: Work) -> bool:
+    """Whether ``work`` has ``first``'s credentials (CURVE key and token), so it may join
+    the run whose first PUSH passed the owner check (serving.owners)."""
+    return work.user == first.user and \
+        work.msg.header.get(F_TOKEN) == first.msg.header.get(F_TOKEN)

@@ -1,9 +1,9 @@
 """Many workers behind one endpoint.
 
-:mod:`~streamrnn.cluster.router` (the client side and the loop),
-:mod:`~streamrnn.cluster.backend` (its sockets toward the workers, failover),
-:mod:`~streamrnn.cluster.membership` (admission, liveness and failover decisions; pure),
-:mod:`~streamrnn.cluster.link` (the worker-link message kinds) and
-:mod:`~streamrnn.cluster.registration` (the worker's side: heartbeats, adoption)."""
+Stateless routers (any number, on one Redis): :mod:`~streamrnn.cluster.router` (the loop),
+:mod:`~streamrnn.cluster.front` (its client socket),
+:mod:`~streamrnn.cluster.worker_links` (one DEALER per live worker, CURVE),
+:mod:`~streamrnn.cluster.ownership` (live workers and the stream -> worker cache, from
+Redis) and :mod:`~streamrnn.cluster.placement` (holder or least-loaded worker; pure)."""
 
 __all__: list[str] = []

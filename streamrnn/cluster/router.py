@@ -1,44 +1,44 @@
-"""Router: one client endpoint in front of many stream workers, with sticky admission and
-failover from a shared checkpoint directory.
+"""Router: one client endpoint in front of many stream workers. Stateless and replicated:
+run as many as you like on one Redis (``--store redis://...``), a Client may be given all
+of them and moves on when one dies.
 
-Clients talk to the router exactly as to a worker (docs/protocol.md). Workers register by
-heartbeat (``streamrnn worker --register tcp://router:port``, see
-:mod:`streamrnn.cluster.registration`): every ``heartbeat_s`` each worker sends its name, client
-endpoint, checkpoint file and load to the router's *worker* socket.
+Clients talk to a router exactly as to a worker (docs/protocol.md). Workers do not talk to
+the router: each holds a lease in Redis (``streamrnn worker --store redis://...``) that
+publishes its client endpoint, CURVE public key and load, and it claims the streams it
+serves (a compare-and-set on the stream's holder with a growing epoch).
 
-* **Admission.** The first request of a stream (OPEN or PUSH) picks the live worker with the
-  most room (``capacity_left`` from its heartbeat, minus streams admitted since); the
-  stream then always goes there (sticky) until CLOSE or expiry. No worker with room: ERROR
-  ``UNAVAILABLE`` (no worker at all) or ``ENGINE_FULL``; never a silent drop.
-* **Forwarding.** The router keeps one DEALER per worker and rewrites ``rid`` (its own ids
-  map back to the client's identity and ``rid``); arrays are forwarded as they came. A
-  BATCH envelope is split into its parts, each routed on its own (replies go back plain).
-* **Failover.** A worker silent for ``dead_after_s`` is declared dead. Its requests still
-  waiting are answered BUSY (the client resends). Its streams are split among the
-  survivors, which adopt them from the dead worker's checkpoint file (ADOPT; until done,
-  requests of those streams are answered BUSY). Streams that were not in the file start
-  over on a survivor, and clients replay them from their resend buffers (the worker answers
-  ``SEQ_GAP``/``UNKNOWN_STREAM`` with the seq it resumed at). The file is then renamed
-  ``<name>.ckpt.adopted-<time>`` so a restarted worker of that name does not resurrect
-  them; a worker that comes back after being declared dead is fenced (told to exit).
-  With no survivor, the streams wait (BUSY) for their worker to come back.
+* **Ownership from Redis** (:class:`~streamrnn.cluster.ownership.Ownership`): the live
+  workers are read every 0.25 s; a stream's worker is cached, filled on a miss from its
+  holder in Redis, updated by claim notices, and dropped on a NOT_HOLDER reply, on CLOSE /
+  EXPIRED, or when its worker's lease disappears. A stream with no live holder goes to the
+  least-loaded live worker (:mod:`~streamrnn.cluster.placement`), which claims it and
+  restores its checkpoint from Redis. No live worker: ERROR ``UNAVAILABLE``.
+* **Forwarding**: one DEALER per live worker (:class:`~streamrnn.cluster.worker_links.
+  WorkerLinks`, CURVE when ``curve_client_key`` is set); the router rewrites ``rid`` and
+  forwards the arrays as they came. A BATCH envelope is split into its parts, each routed on
+  its own (their holders read from Redis in one pipeline).
+* **NOT_HOLDER**: a worker that does not hold the stream refuses it; the router drops its
+  cache entry, asks Redis again and forwards the same frames again (at most
+  ``not_holder_retries`` times), else answers BUSY (the client resends).
+* **A worker's lease disappears**: its requests still waiting are answered BUSY (the client
+  resends; the stream's next request goes to whoever claims it). Late replies for requests
+  the router no longer waits for are dropped and counted (``late_worker_replies``).
+* **Robustness**: an exception while handling one message is counted
+  (``handler_errors``) and logged, and the loop goes on; if the routing thread dies anyway,
+  :attr:`Router.failed` is set and ``streamrnn router`` exits non-zero.
 
-The decisions (who gets a new stream, who is dead, where a dead worker's streams go) are
-made over plain data by :class:`~streamrnn.cluster.membership.Membership`; the worker side
-(link socket, one DEALER per worker, ADOPT/FENCED, checkpoint files) is
-:class:`~streamrnn.cluster.backend.WorkerBackend`; this module is the client side and the
-loop. Link message kinds: :mod:`streamrnn.cluster.link`.
+STATS (``{"router": ...}``) gives the counters, the cached streams and each live worker's
+name and load; never an endpoint.
 
 Example::
 
     router = Router(RouterConfig(bind="tcp://127.0.0.1:5555",
-                                 workers_bind="tcp://127.0.0.1:5556"))
-    router.start(); ...; router.stop(); router.join()
+                                 store="redis://127.0.0.1:6379/0"))
+    endpoint = router.start(); ...; router.stop(); router.join()
 """
 
 from __future__ import annotations
 
-import errno
 import itertools
 import logging
 import threading
@@ -51,25 +51,21 @@ from typing import Any
 import msgpack
 import zmq
 
-from streamrnn.cluster.backend import WorkerBackend
-from streamrnn.cluster.membership import Membership
-from streamrnn.codec import Message, decode_batch, decode_request, encode, is_batch
+from streamrnn.cluster.front import Front, echo
+from streamrnn.cluster.ownership import Ownership, Unroutable
+from streamrnn.cluster.worker_links import WorkerLinks
+from streamrnn.codec import Message, decode_batch, decode_request, is_batch
 from streamrnn.errors import ProtocolError
 from streamrnn.protocol import (
     F_CODE,
     F_MESSAGE,
     F_PARTS,
     F_REQUEST_ID,
-    F_RETRY_AFTER_MS,
-    F_SEQ,
     F_STATS,
     F_STREAM,
-    F_VERSIONS,
     MAX_FRAME_BYTES,
-    SUPPORTED_VERSIONS,
     ErrorCode,
     MessageType,
-    negotiate_version,
 )
 from streamrnn.serving.sockets import bind_client_socket
 
@@ -77,63 +73,93 @@ __all__ = ["Router", "RouterConfig"]
 
 log = logging.getLogger("streamrnn.router")
 
+_NOT_HOLDER = int(ErrorCode.NOT_HOLDER)
+_ERROR = bytes((MessageType.ERROR,))
+_EXPIRED = bytes((MessageType.EXPIRED,))
+_ACK = bytes((MessageType.ACK,))
+
 
 @dataclass
 class RouterConfig:
     bind: str = "tcp://127.0.0.1:5555"  # clients
-    workers_bind: str = "tcp://127.0.0.1:5556"  # worker heartbeats
-    heartbeat_s: float = 0.25  # expected heartbeat interval (told to nobody; for defaults)
-    dead_after_s: float = 1.0  # silence after which a worker is declared dead
+    store: str | None = None  # redis://... (required unless a store object is given)
+    refresh_s: float = 0.25  # how often the live workers are read from Redis
     busy_retry_after_ms: int = 20
-    adopt_timeout_s: float = 30.0
+    not_holder_retries: int = 2  # re-resolve and forward again after NOT_HOLDER
+    pending_timeout_s: float = 60.0  # forget a forwarded request never answered
     max_frame_bytes: int = MAX_FRAME_BYTES
     curve_secret_key: str | None = None  # CURVE server key file for the client socket
     curve_allow: str | None = None  # client public keys (file or directory)
+    curve_client_key: str | None = None  # CURVE key pair toward the workers (.key_secret)
 
 
 @dataclass(slots=True)
 class _Pending:
+    """A forwarded request: who asked, and its frames, to forward again after NOT_HOLDER."""
+
     identity: bytes
     rid: int | None
-    stream: str | None
-    worker: str
+    stream: str
     kind: MessageType
+    header: dict[str, Any]
+    type_frame: Any
+    arrays: list
+    worker: str = ""
+    tries: int = 0
+    sent: float = 0.0
 
 
 class Router:
-    """Routes client requests to registered workers (see the module docs)."""
+    """Routes client requests to the workers that hold their streams (see the module docs).
 
-    def __init__(self, config: RouterConfig, context: zmq.Context | None = None):
+    Args:
+        config: the settings.
+        store: a :class:`~streamrnn.cluster.redis_store.RedisStore` (default: one from
+            ``config.store``).
+    """
+
+    def __init__(self, config: RouterConfig, store: Any = None,
+                 context: zmq.Context | None = None):
+        if store is None:
+            if not config.store:
+                raise ValueError("the router needs a store: --store redis://host:port/0 "
+                                 "(workers publish their leases and streams there)")
+            from streamrnn.cluster.redis_store import RedisStore
+
+            store = RedisStore.from_url(config.store)
         self.config = config
+        self.store = store
         self._ctx = context or zmq.Context.instance()
-        self.membership = Membership()
-        self._backend: WorkerBackend | None = None
+        self.counts: Counter[str] = Counter()
+        self._poller = zmq.Poller()
+        self.links = WorkerLinks(self._ctx, self._poller, config.curve_client_key)
+        self.ownership = Ownership(store, self.counts, config.refresh_s,
+                                   usable=self.links.usable)
         self._pending: dict[int, _Pending] = {}
         self._rids = itertools.count(1)
-        self.counts: Counter[str] = Counter()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.front: Front | None = None
         self._auth: Any = None
         self.endpoint: str | None = None
-        self.workers_endpoint: str | None = None
+        self.failed: BaseException | None = None  # why the routing thread died
         self._started = time.monotonic()
 
     # ---- lifecycle ---------------------------------------------------------------------
 
-    def start(self) -> tuple[str, str]:
-        """Bind both sockets and start the routing thread; returns (client, worker) endpoints."""
-        front, self._auth = bind_client_socket(
+    def start(self) -> str:
+        """Bind the client socket, read Redis, start the routing thread; returns the
+        client endpoint."""
+        sock, self._auth = bind_client_socket(
             self._ctx, self.config.bind, self.config.max_frame_bytes, linger_ms=1000,
             curve_secret_key=self.config.curve_secret_key, curve_allow=self.config.curve_allow)
-        backend = self._backend = WorkerBackend(
-            self._ctx, self.config.workers_bind, self.membership, self.counts,
-            dead_after_s=self.config.dead_after_s, adopt_timeout_s=self.config.adopt_timeout_s)
-        self.endpoint = front.getsockopt(zmq.LAST_ENDPOINT).decode()
-        self.workers_endpoint = backend.endpoint
-        self._thread = threading.Thread(target=self._loop, args=(front, backend),
-                                        name="streamrnn-router", daemon=True)
+        self.front = Front(sock, self.counts, self.config.busy_retry_after_ms)
+        self.endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.ownership.start()
+        self._thread = threading.Thread(target=self._loop, name="streamrnn-router",
+                                        daemon=True)
         self._thread.start()
-        return self.endpoint, self.workers_endpoint
+        return self.endpoint
 
     def stop(self) -> None:
         self._stop.set()
@@ -144,153 +170,165 @@ class Router:
         return self._thread is None or not self._thread.is_alive()
 
     def stats(self) -> dict[str, Any]:
+        own = self.ownership
         return {"uptime_s": round(time.monotonic() - self._started, 3),
-                "counts": dict(self.counts), **self.membership.stats()}
+                "counts": dict(self.counts), "streams": own.cached,
+                "pending": len(self._pending),
+                "workers": {name: {"alive": True, "streams": int(info.streams),
+                                   "capacity_left": int(info.capacity_left),
+                                   "assigned": own.assigned_to(name)}
+                            for name, info in list(own.live.items())}}
 
     # ---- loop --------------------------------------------------------------------------
 
-    def _loop(self, front: zmq.Socket, backend: WorkerBackend) -> None:
-        poller = backend.poller
-        poller.register(front, zmq.POLLIN)
-        next_check = time.monotonic()
+    def _loop(self) -> None:
+        front = self.front.sock
+        self._poller.register(front, zmq.POLLIN)
+        next_sweep = time.monotonic() + 1.0
         try:
+            self._sync()
             while not self._stop.is_set():
-                events = dict(poller.poll(50))
-                if backend.link in events:
-                    _drain(backend.link, backend.on_link)
+                events = dict(self._poller.poll(20))
                 if front in events:
-                    _drain(front, lambda f: self._on_client(front, f))
-                for sock in backend.readable(events):
-                    _drain(sock, lambda f: self._on_worker_reply(front, f))
-                now = time.monotonic()
-                if now >= next_check:
-                    backend.check(now, on_dead=lambda name: self._unanswered(front, name))
-                    next_check = now + min(0.1, self.config.dead_after_s / 4)
-        except Exception:  # pragma: no cover - a bug; keep the process from hanging
-            log.exception("router loop failed")
-            raise
+                    _drain(front, self._guarded(self._on_client))
+                for sock in self.links.readable(events):
+                    _drain(sock, self._guarded(self._on_worker_reply))
+                self._sync()
+                if time.monotonic() >= next_sweep:
+                    self._sweep()
+                    next_sweep = time.monotonic() + 1.0
+        except BaseException as exc:  # noqa: BLE001 - recorded: the process exits non-zero
+            self.failed = exc
+            log.exception("router loop failed; the router stops")
         finally:
-            backend.close()
+            self.ownership.stop()
+            self.links.close()
             front.close()
             if self._auth is not None:
                 self._auth.stop()
 
+    def _guarded(self, handle: Callable[[list], None]) -> Callable[[list], None]:
+        """``handle`` with its exceptions counted and logged (one bad message never stops
+        the routing thread)."""
+
+        def guarded(frames: list) -> None:
+            try:
+                handle(frames)
+            except Exception:  # noqa: BLE001 - counted, logged, and the loop goes on
+                self.counts["handler_errors"] += 1
+                n = self.counts["handler_errors"]
+                if n & (n - 1) == 0:  # 1, 2, 4, 8, ...: a flood does not flood the log
+                    log.exception("error handling a message (%d so far)", n)
+
+        return guarded
+
+    def _sync(self) -> None:
+        """Apply Redis updates: connect new workers; BUSY the requests of vanished ones."""
+        left = self.ownership.poll()
+        self.links.sync(self.ownership.live)
+        if left:
+            gone = set(left)
+            self.counts["workers_left"] += len(gone)
+            log.warning("worker(s) %s left (lease gone); their streams move on their next "
+                        "request", sorted(gone))
+            for own_rid, pending in list(self._pending.items()):
+                if pending.worker in gone:
+                    del self._pending[own_rid]
+                    self.front.busy(pending.identity, pending.header, pending.rid)
+
+    def _sweep(self) -> None:
+        """Forget forwarded requests never answered (the client resent them long ago)."""
+        limit = time.monotonic() - self.config.pending_timeout_s
+        for own_rid in [r for r, p in self._pending.items() if p.sent < limit]:
+            del self._pending[own_rid]
+            self.counts["pending_expired"] += 1
+
     # ---- clients -----------------------------------------------------------------------
 
-    def _reply(self, front: zmq.Socket, identity: bytes, msg_type: MessageType,
-               header: dict[str, Any], rid: int | None) -> None:
-        if rid is not None:
-            header = {**header, F_REQUEST_ID: rid}
-        self._send_client(front, [identity, *encode(msg_type, header)])
-
-    def _send_client(self, front: zmq.Socket, frames: list) -> None:
-        try:
-            front.send_multipart(frames, zmq.NOBLOCK, copy=False)
-        except zmq.ZMQError as exc:  # ROUTER_MANDATORY: the client is gone or full
-            self.counts["replies_unroutable" if exc.errno == errno.EHOSTUNREACH
-                        else "replies_dropped"] += 1
-
-    def _on_client(self, front: zmq.Socket, frames: list) -> None:
+    def _on_client(self, frames: list) -> None:
         identity = frames[0].bytes
         if is_batch(frames[1:]):
-            self._on_batch(front, identity, frames[1:])
+            self._on_batch(identity, frames[1:])
             return
         try:
             msg = decode_request(frames[1:])
         except ProtocolError as exc:
-            self._malformed(front, identity, exc)
+            self.front.malformed(identity, exc)
             return
-        self._on_message(front, identity, msg, frames[1], frames[3:])
+        self._on_message(identity, msg, frames[1], frames[3:])
 
-    def _malformed(self, front: zmq.Socket, identity: bytes, exc: ProtocolError) -> None:
-        self.counts["malformed"] += 1
-        header = {**exc.context, F_CODE: int(exc.code), F_MESSAGE: str(exc)}
-        if exc.code == ErrorCode.UNSUPPORTED_VERSION:
-            header[F_VERSIONS] = list(SUPPORTED_VERSIONS)
-        self._send_client(front, [identity, *encode(MessageType.ERROR, header)])
-
-    def _on_batch(self, front: zmq.Socket, identity: bytes, body: list) -> None:
+    def _on_batch(self, identity: bytes, body: list) -> None:
         """A BATCH envelope: each part is routed as a request of its own (its stream may
         live on any worker); the client gets the parts' replies one by one."""
         try:
             header, parts = decode_batch(body)
         except ProtocolError as exc:
-            self._malformed(front, identity, exc)
+            self.front.malformed(identity, exc)
             return
         self.counts["requests_batch"] += 1
+        try:
+            self.ownership.prefetch(p.header[F_STREAM] for p in parts
+                                    if isinstance(p, Message) and F_STREAM in p.header)
+        except Exception as exc:  # noqa: BLE001 - each part then asks on its own
+            self.counts["store_errors"] += 1
+            log.warning("cannot read holders from the store: %s", exc)
         payload = body[2].buffer
         for (type_byte, _, regions), part in zip(header[F_PARTS], parts, strict=True):
             if isinstance(part, ProtocolError):
-                self._malformed(front, identity, part)
+                self.front.malformed(identity, part)
             else:
-                self._on_message(front, identity, part, bytes((type_byte,)),
+                self._on_message(identity, part, bytes((type_byte,)),
                                  [payload[o:o + n] for o, n in regions])
 
-    def _on_message(self, front: zmq.Socket, identity: bytes, msg: Message, type_frame: Any,
+    def _on_message(self, identity: bytes, msg: Message, type_frame: Any,
                     array_frames: list) -> None:
         """Answer or forward one decoded request; ``array_frames`` are its arrays as they
         came (forwarded without copies)."""
         rid = msg.header.get(F_REQUEST_ID)
         self.counts[f"requests_{msg.type.name.lower()}"] += 1
         if msg.type == MessageType.PING:
-            self._on_ping(front, identity, msg, rid)
+            self.front.pong(identity, msg, rid, self.ownership.live)
             return
         if msg.type == MessageType.STATS:
-            self._reply(front, identity, MessageType.ACK, {F_STATS: {"router": self.stats()}},
-                        rid)
+            self.front.reply(identity, MessageType.ACK, {F_STATS: {"router": self.stats()}}, rid)
             return
-        stream = msg.header[F_STREAM]
-        echo = {k: msg.header[k] for k in (F_STREAM, F_SEQ) if k in msg.header}
-        placement = self.membership.place(stream)
-        if placement.admitted:
-            self.counts["admitted"] += 1
-        if placement.refusal is not None:
-            code, text = placement.refusal
-            self.counts[f"refused_{code.name.lower()}"] += 1
-            self._reply(front, identity, MessageType.ERROR,
-                        {**echo, F_CODE: int(code), F_MESSAGE: text}, rid)
+        header = dict(msg.header)
+        header.pop(F_REQUEST_ID, None)
+        self._forward(_Pending(identity, rid, header[F_STREAM], msg.type, header, type_frame,
+                               array_frames))
+
+    def _forward(self, pending: _Pending) -> None:
+        """Send ``pending`` to its stream's worker, or answer ERROR / BUSY."""
+        try:
+            worker = self.ownership.route(pending.stream)
+        except Unroutable as exc:
+            self.counts[f"refused_{exc.code.name.lower()}"] += 1
+            self.front.reply(pending.identity, MessageType.ERROR,
+                        {**echo(pending.header), F_CODE: int(exc.code), F_MESSAGE: str(exc)},
+                        pending.rid)
             return
-        if placement.busy:  # moving, or its worker is dead and no survivor took it yet
-            self._busy(front, identity, echo, rid)
+        except Exception as exc:  # noqa: BLE001 - the store is unreachable: try again later
+            self.counts["store_errors"] += 1
+            log.warning("cannot read the holder of %r from the store: %s", pending.stream, exc)
+            self.front.busy(pending.identity, pending.header, pending.rid)
             return
         own_rid = next(self._rids)
-        self._pending[own_rid] = _Pending(identity, rid, stream, placement.worker, msg.type)
-        header = dict(msg.header)
-        header[F_REQUEST_ID] = own_rid
-        out = [type_frame, msgpack.packb(header, use_bin_type=True), *array_frames]
+        out = [pending.type_frame,
+               msgpack.packb({**pending.header, F_REQUEST_ID: own_rid}, use_bin_type=True),
+               *pending.arrays]
         try:
-            self._backend.send(placement.worker, out)
-        except zmq.Again:
-            del self._pending[own_rid]
-            self._busy(front, identity, echo, rid)
+            self.links.send(worker, out)
+        except (zmq.Again, KeyError):  # its queue is full, or not connected (yet)
+            self.ownership.forget(pending.stream)
+            self.front.busy(pending.identity, pending.header, pending.rid)
             return
+        pending.worker, pending.sent = worker, time.monotonic()
+        self._pending[own_rid] = pending
         self.counts["forwarded"] += 1
-
-    def _busy(self, front: zmq.Socket, identity: bytes, echo: dict[str, Any],
-              rid: int | None) -> None:
-        self.counts["busy"] += 1
-        self._reply(front, identity, MessageType.BUSY,
-                    {**echo, F_RETRY_AFTER_MS: self.config.busy_retry_after_ms}, rid)
-
-    def _on_ping(self, front: zmq.Socket, identity: bytes, msg: Message,
-                 rid: int | None) -> None:
-        offered = msg.header.get(F_VERSIONS) or [msg.header["v"]]
-        chosen = negotiate_version(offered)
-        if chosen is None:
-            self._reply(front, identity, MessageType.ERROR, {
-                F_CODE: int(ErrorCode.UNSUPPORTED_VERSION),
-                F_MESSAGE: f"no common protocol version: offered {offered}",
-                F_VERSIONS: list(SUPPORTED_VERSIONS)}, rid)
-            return
-        live = self.membership.live()
-        info = dict(live[0].describe) if live else {}
-        info["router"] = {"workers": len(live)}
-        self._reply(front, identity, MessageType.PONG, {
-            F_VERSIONS: list(SUPPORTED_VERSIONS), "version": chosen, "worker": info}, rid)
 
     # ---- workers -----------------------------------------------------------------------
 
-    def _on_worker_reply(self, front: zmq.Socket, frames: list) -> None:
+    def _on_worker_reply(self, frames: list) -> None:
         try:
             header = msgpack.unpackb(frames[1].bytes, raw=False)
             pending = self._pending.pop(header.get(F_REQUEST_ID), None)
@@ -301,24 +339,30 @@ class Router:
             self.counts["late_worker_replies"] += 1
             return
         msg_type = frames[0].bytes[:1]
-        forgotten = msg_type == bytes((MessageType.EXPIRED,)) or (
-            pending.kind == MessageType.CLOSE and msg_type == bytes((MessageType.ACK,)))
-        if forgotten and pending.stream is not None:
-            self.membership.forget(pending.stream)
+        if msg_type == _ERROR and header.get(F_CODE) == _NOT_HOLDER:
+            self._not_holder(pending)
+            return
+        if msg_type == _EXPIRED or (pending.kind == MessageType.CLOSE and msg_type == _ACK):
+            self.ownership.forget(pending.stream)
         if pending.rid is None:
             header.pop(F_REQUEST_ID, None)
         else:
             header[F_REQUEST_ID] = pending.rid
-        self._send_client(front, [pending.identity, frames[0],
-                                  msgpack.packb(header, use_bin_type=True), *frames[2:]])
+        self.front.send([pending.identity, frames[0],
+                           msgpack.packb(header, use_bin_type=True), *frames[2:]])
 
-    def _unanswered(self, front: zmq.Socket, name: str) -> None:
-        """Worker ``name`` died: its requests never answered get BUSY (the client resends)."""
-        for own_rid, pending in list(self._pending.items()):
-            if pending.worker == name:
-                del self._pending[own_rid]
-                echo = {F_STREAM: pending.stream} if pending.stream is not None else {}
-                self._busy(front, pending.identity, echo, pending.rid)
+    def _not_holder(self, pending: _Pending) -> None:
+        """The worker does not hold the stream (another claimed it, or ours is stale): ask
+        Redis again and forward the same frames (bounded), else BUSY."""
+        self.counts["not_holder"] += 1
+        self.ownership.forget(pending.stream)
+        self.ownership.refresh_soon()
+        pending.tries += 1
+        if pending.tries > self.config.not_holder_retries:
+            self.front.busy(pending.identity, pending.header, pending.rid)
+            return
+        self.counts["reforwarded"] += 1
+        self._forward(pending)
 
 
 def _drain(sock: zmq.Socket, handle: Callable[[list], None]) -> None:

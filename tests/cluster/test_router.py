@@ -1,164 +1,238 @@
-"""Router: sticky admission over registered workers, failover after kill -9, explicit
-refusals; CURVE authentication on worker and router.
+"""Router on Redis: ownership from the workers' leases, NOT_HOLDER re-forwarding, explicit
+refusals, CURVE on every link (client -> router -> worker), and the outside review's
+findings about the old heartbeat link made impossible.
 
-The failover test runs a real router and two real worker processes sharing a checkpoint
-directory, kills one with SIGKILL in the middle of many streams, and checks that every
-stream's output still equals the offline model (the survivor adopts the dead worker's
-streams from its checkpoint file; clients replay what came after it).
+The real-path tests share one module fixture: a real redis-server (session fixture), two
+real worker processes with ``--store`` and CURVE, and an in-process router. Multi-process
+kill scenarios are in test_failover.py (slow).
 """
 
 from __future__ import annotations
 
-import time
+import json
+import signal
 
+import msgpack
 import numpy as np
 import pytest
-import zmq.auth
+import zmq
 
 import streamrnn
-from streamrnn import Engine
-from streamrnn.cli.process import RouterProcess, WorkerProcess
+from streamrnn.cli import router as router_cli
+from streamrnn.cluster.redis_store import RedisStore
 from streamrnn.cluster.router import Router, RouterConfig
 from streamrnn.protocol import ErrorCode
-from streamrnn.serving.worker import StreamWorker, WorkerConfig
-from tests.helpers.durable_helpers import FAST, SPEC, Driver, chunked, saved_model
+from tests.helpers.cluster_helpers import (
+    curve_keys,
+    fresh_store_url,
+    start_workers,
+    wait_for,
+)
+from tests.helpers.durable_helpers import SPEC, saved_model
 from tests.helpers.modelzoo import offline, random_input
 
 TOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory):
-    return saved_model(tmp_path_factory)
+def started(config: RouterConfig) -> Router:
+    router = Router(config)
+    router.start()
+    return router
 
 
-def wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+def stopped(router: Router) -> None:
+    router.stop()
+    assert router.join(10)
 
 
-def router_stats(endpoint: str) -> dict:
-    with streamrnn.Client(endpoint, timeout=5) as client:
-        return client.stats()["router"]
+# ---- no worker, bad input, crashes ------------------------------------------------------------
 
 
-def test_router_failover_after_kill9_keeps_every_stream_exact(model_file, tmp_path):
-    model, path = model_file
-    rng = np.random.default_rng(21)
-    seqs = {f"r{i}": random_input(SPEC, int(rng.integers(120, 200)), rng) for i in range(10)}
-    streams = {s: chunked(x, rng) for s, x in seqs.items()}
-    shared = tmp_path / "ckpt"
-    with RouterProcess.start("--dead-after-s", "1.0") as router:
-        workers = {
-            name: WorkerProcess.start(
-                path, 4, *FAST, "--max-streams", "16", "--checkpoint-dir", str(shared),
-                "--checkpoint-every-steps", "5", "--checkpoint-every-s", "0.5", "--name", name,
-                "--register", router.workers_endpoint, "--heartbeat-s", "0.2")
-            for name in ("w1", "w2")}
-        try:
-            wait_for(lambda: len(router_stats(router.endpoint)["workers"]) == 2,
-                     what="two registered workers")
-            driver = Driver(router.endpoint, streams, 4, timeout=1.0, retries=120)
-            total = sum(len(c) for c in streams.values())
-            wait_for(lambda: driver.received >= total // 3 or driver.errors, 120, "progress")
-            spread = router_stats(router.endpoint)["workers"]
-            assert spread["w1"]["assigned"] > 0 and spread["w2"]["assigned"] > 0, spread
-            wait_for(lambda: (shared / "w1.ckpt").exists(), what="w1 checkpoint")
-            workers["w1"].proc.kill()
-            assert workers["w1"].proc.wait(30) == -9
-            driver.join(240)
-            stats = router_stats(router.endpoint)
-        finally:
-            for proc in workers.values():
-                proc.stop()
-        log = router.log()
-    assert "w1" in log and "declared dead" in log, log[-3000:]
-    assert stats["counts"].get("failovers", 0) >= 1
-    assert stats["counts"].get("streams_adopted", 0) > 0, stats
-    assert list(shared.glob("w1.ckpt.adopted-*"))  # a restarted w1 will not resurrect them
-    for s, x in seqs.items():
-        got = np.concatenate(driver.outputs[s])
-        assert got.shape[0] == len(x), s
-        np.testing.assert_allclose(got, offline(model, x), atol=TOL, err_msg=s)
-    print("client counters:", dict(driver.counters), "router:", stats["counts"])
+def test_router_requires_a_store(monkeypatch, capfd):
+    with pytest.raises(ValueError, match="--store redis://"):
+        Router(RouterConfig(bind="tcp://127.0.0.1:0"))
+    monkeypatch.setattr(signal, "signal", lambda *a: None)
+    assert router_cli.main(["--bind", "tcp://127.0.0.1:0"]) == 2
+    assert "needs --store" in capfd.readouterr().err
 
 
-def test_router_without_workers_refuses_explicitly():
-    router = Router(RouterConfig(bind="tcp://127.0.0.1:0", workers_bind="tcp://127.0.0.1:0"))
-    endpoint, _ = router.start()
+def test_router_without_workers_refuses_explicitly(redis_url):
+    router = started(RouterConfig(bind="tcp://127.0.0.1:0", store=fresh_store_url(redis_url)))
     try:
-        with streamrnn.Client(endpoint, timeout=5) as client:
-            with pytest.raises(streamrnn.RemoteError) as info:
+        with streamrnn.Client(router.endpoint, timeout=0.5) as client:
+            with pytest.raises(streamrnn.RemoteError) as info:  # retried for 0.5 s, then raised
                 client.push("lonely", np.zeros((2, SPEC.features), np.float32))
             assert info.value.code == ErrorCode.UNAVAILABLE
             assert "no live worker" in str(info.value)
             assert client.ping()["worker"]["router"]["workers"] == 0
+            assert client.counters["retried_unavailable"] >= 1
     finally:
-        router.stop()
-        router.join(5)
+        stopped(router)
 
 
-# ---- CURVE --------------------------------------------------------------------------------
+# The review's messages for the old worker endpoint (which no longer exists): sent to the
+# router's only endpoint, each is one malformed client message, answered or dropped.
+REVIEW_MESSAGES = [
+    [b"HB", msgpack.packb({})],
+    [b"HB", msgpack.packb([1, 2, 3])],
+    [b"HB", msgpack.packb({"name": "evil", "endpoint": "nonsense", "capacity_left": 10**6})],
+    [b"HB", msgpack.packb({"name": "evil", "endpoint": "tcp://127.0.0.1:1",
+                           "capacity_left": "x"})],
+    [b"ADOPTED", msgpack.packb({"id": "x"})],
+]
 
 
-@pytest.fixture
-def keys(tmp_path):
-    server_dir, allowed_dir, other_dir = (tmp_path / d for d in ("server", "allowed", "other"))
-    for d in (server_dir, allowed_dir, other_dir):
-        d.mkdir()
-    server_pub, server_secret = zmq.auth.create_certificates(server_dir, "server")
-    client_pub, client_secret = zmq.auth.create_certificates(allowed_dir, "client")
-    _, stranger_secret = zmq.auth.create_certificates(other_dir, "stranger")
-    return {"server_pub": server_pub, "server_secret": server_secret,
-            "allow": allowed_dir, "client_secret": client_secret,
-            "stranger_secret": stranger_secret}
-
-
-def test_curve_worker_serves_authorised_client_and_ignores_others(model_file, keys):
-    model, _ = model_file
-    engine = Engine.from_keras(model, slots=2, jit_compile=False)
-    worker = StreamWorker(engine, WorkerConfig(
-        bind="tcp://127.0.0.1:0", curve_secret_key=str(keys["server_secret"]),
-        curve_allow=str(keys["allow"])))
-    endpoint = worker.start()
-    x = random_input(SPEC, 12, np.random.default_rng(2))
+def test_review_messages_neither_crash_the_router_nor_touch_files(redis_url, tmp_path):
+    important = tmp_path / "important.txt"
+    important.write_text("keep me")
+    router = started(RouterConfig(bind="tcp://127.0.0.1:0", store=fresh_store_url(redis_url)))
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(router.endpoint)
     try:
-        with streamrnn.Client(endpoint, timeout=10, curve_server_key=keys["server_pub"],
-                              curve_keypair=keys["client_secret"]) as client:
-            got = np.concatenate([client.push("sec", x[:5]), client.push("sec", x[5:])])
-        np.testing.assert_allclose(got, offline(model, x), atol=TOL)
-        for kwargs in ({"curve_server_key": keys["server_pub"],
-                        "curve_keypair": keys["stranger_secret"]}, {}):
-            with streamrnn.Client(endpoint, timeout=0.5, retries=1, **kwargs) as intruder:
+        heartbeat = {"name": "evil", "endpoint": "tcp://127.0.0.1:1",
+                     "checkpoint": str(important), "capacity_left": 1000}
+        for frames in [*REVIEW_MESSAGES, [b"HB", msgpack.packb(heartbeat)]] * 20:
+            sock.send_multipart(frames)
+        with streamrnn.Client(router.endpoint, timeout=5) as client:
+            wait_for(lambda: client.stats()["router"]["counts"].get("malformed", 0) >= 120,
+                     10, "the messages to be read")
+            stats = client.stats()["router"]
+            assert client.ping()["worker"]["router"]["workers"] == 0  # no "worker" joined
+        assert stats["workers"] == {} and not router.failed
+        assert router._thread.is_alive()
+    finally:
+        sock.close()
+        stopped(router)
+    assert important.read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["important.txt"]
+
+
+def test_a_failed_routing_thread_exits_nonzero(redis_url, monkeypatch):
+    def broken(self):
+        raise RuntimeError("bug in the loop")
+
+    monkeypatch.setattr(Router, "_sync", broken)
+    monkeypatch.setattr(signal, "signal", lambda *a: None)
+    assert router_cli.main(["--bind", "tcp://127.0.0.1:0",
+                            "--store", fresh_store_url(redis_url)]) == 1
+
+
+def test_an_exception_in_one_message_is_counted_and_the_router_goes_on(redis_url):
+    router = started(RouterConfig(bind="tcp://127.0.0.1:0", store=fresh_store_url(redis_url)))
+    original = router._on_message
+
+    def explode(*args):
+        router._on_message = original  # only the first message
+        raise KeyError("a bug")
+
+    router._on_message = explode
+    try:
+        with streamrnn.Client(router.endpoint, timeout=0.3, retries=0) as client:
+            with pytest.raises(streamrnn.RequestTimeoutError):
+                client.ping()  # its handler raised: no reply
+            assert client.ping()["worker"]["router"]["workers"] == 0
+        assert router.stats()["counts"]["handler_errors"] == 1
+        assert router._thread.is_alive() and router.failed is None
+    finally:
+        stopped(router)
+
+
+# ---- real path: redis-server, two CURVE workers with --store, an in-process router ----------
+
+
+@pytest.fixture(scope="module")
+def cluster(redis_url, tmp_path_factory):
+    model, path = saved_model(tmp_path_factory)
+    keys = curve_keys(tmp_path_factory.mktemp("keys"))
+    url = fresh_store_url(redis_url)
+    workers = start_workers(path, url, ["w1", "w2"], "--max-streams", "32", "--curve-secret-key",
+                            str(keys["worker_secret"]), "--curve-allow",
+                            str(keys["workers_allow"]))
+    router = started(RouterConfig(
+        bind="tcp://127.0.0.1:0", store=url, curve_secret_key=str(keys["front_secret"]),
+        curve_allow=str(keys["front_allow"]), curve_client_key=str(keys["router_secret"])))
+    try:
+        wait_for(lambda: len(router.ownership.live) == 2, 30, "two live workers")
+        yield {"model": model, "url": url, "keys": keys, "workers": workers,
+               "router": router}
+    finally:
+        stopped(router)
+        for worker in workers.values():
+            worker.stop()
+
+
+def client_of(cluster, endpoint=None, who="client", **kwargs):
+    keys = cluster["keys"]
+    server = keys["worker"] if endpoint else keys["front"]
+    return streamrnn.Client(endpoint or cluster["router"].endpoint, curve_server_key=server,
+                            curve_keypair=keys[f"{who}_secret"], **kwargs)
+
+
+def test_streams_spread_over_workers_equal_offline_and_stats_hide_endpoints(cluster):
+    rng = np.random.default_rng(5)
+    x = {f"rp{i}": random_input(SPEC, 24, rng) for i in range(8)}
+    with client_of(cluster, timeout=10) as client:
+        first = client.push_many({s: v[:10] for s, v in x.items()})
+        second = client.push_many({s: v[10:] for s, v in x.items()})
+        stats = client.stats()["router"]
+    for s, v in x.items():
+        np.testing.assert_allclose(np.concatenate([first[s], second[s]]),
+                                   offline(cluster["model"], v), atol=TOL, err_msg=s)
+    assert all(w["assigned"] > 0 for w in stats["workers"].values()), stats
+    assert sorted(stats["workers"]) == ["w1", "w2"]
+    assert "tcp://" not in json.dumps(stats) and "endpoint" not in json.dumps(stats)
+    holders = RedisStore.from_url(cluster["url"]).holders(list(x))
+    assert {h.worker for h in holders.values()} == {"w1", "w2"}
+
+
+def test_stale_cache_gets_not_holder_and_the_router_forwards_again(cluster):
+    router = cluster["router"]
+    x = random_input(SPEC, 12, np.random.default_rng(6))
+    with client_of(cluster, timeout=10) as client:
+        a = client.push("stale", x[:5])
+        holder = RedisStore.from_url(cluster["url"]).holder("stale").worker
+        other = "w2" if holder == "w1" else "w1"
+        before = router.stats()["counts"].get("not_holder", 0)
+        # a stale entry, as after a missed claim notice: the wrong worker refuses the chunk
+        router.ownership._drop("stale")
+        router.ownership._cache("stale", other)
+        b = client.push("stale", x[5:])
+    np.testing.assert_allclose(np.concatenate([a, b]), offline(cluster["model"], x), atol=TOL)
+    counts = router.stats()["counts"]
+    assert counts.get("not_holder", 0) == before + 1 and counts.get("reforwarded", 0) >= 1
+
+
+def test_plaintext_or_unlisted_peers_get_nothing_from_curve_workers_and_router(cluster):
+    keys, router = cluster["keys"], cluster["router"]
+    x = np.zeros((2, SPEC.features), np.float32)
+    worker_endpoint = next(iter(router.ownership.live.values())).endpoint
+    served = {n: w["streams"] for n, w in router.stats()["workers"].items()}
+    for endpoint in (worker_endpoint, router.endpoint):
+        server = keys["worker"] if endpoint == worker_endpoint else keys["front"]
+        for kwargs in ({}, {"curve_server_key": server, "curve_keypair": keys["stranger_secret"]}):
+            with streamrnn.Client(endpoint, timeout=0.4, retries=0, **kwargs) as intruder:
                 with pytest.raises(streamrnn.RequestTimeoutError):
-                    intruder.push("sec", x[:3])
+                    intruder.push("intruded", x)
                 with pytest.raises(streamrnn.RequestTimeoutError):
                     intruder.ping()
-        assert worker.stats()["counts"].get("requests_push", 0) == 2  # intruders: nothing
-    finally:
-        worker.stop()
-        worker.join(10)
-
-
-def test_curve_router_refuses_unknown_keys(keys):
-    router = Router(RouterConfig(bind="tcp://127.0.0.1:0", workers_bind="tcp://127.0.0.1:0",
-                                 curve_secret_key=str(keys["server_secret"]),
-                                 curve_allow=str(keys["allow"] / "client.key")))
-    endpoint, _ = router.start()
+    # a router without CURVE keys ignores CURVE workers; one whose key the workers do not
+    # list gets no answer from them
+    plain = started(RouterConfig(bind="tcp://127.0.0.1:0", store=cluster["url"]))
+    unlisted = started(RouterConfig(bind="tcp://127.0.0.1:0", store=cluster["url"],
+                                    curve_client_key=str(keys["stranger_secret"])))
     try:
-        with streamrnn.Client(endpoint, timeout=5, curve_server_key=keys["server_pub"],
-                              curve_keypair=keys["client_secret"]) as client:
-            assert client.ping()["version"] == 1
-        with streamrnn.Client(endpoint, timeout=0.5, retries=1,
-                              curve_server_key=keys["server_pub"],
-                              curve_keypair=keys["stranger_secret"]) as intruder:
-            with pytest.raises(streamrnn.RequestTimeoutError):
-                intruder.ping()
+        with streamrnn.Client(plain.endpoint, timeout=0.4) as client:
+            with pytest.raises(streamrnn.RemoteError) as info:
+                client.push("intruded", x)
+            assert info.value.code == ErrorCode.UNAVAILABLE
+        wait_for(lambda: len(unlisted.ownership.live) == 2, 10, "the workers in Redis")
+        with streamrnn.Client(unlisted.endpoint, timeout=0.5, retries=0) as client:
+            # the handshake fails: requests wait unanswered, or find no connection (BUSY)
+            with pytest.raises((streamrnn.RequestTimeoutError, streamrnn.WorkerBusyError)):
+                client.push("intruded", x)
     finally:
-        router.stop()
-        router.join(5)
+        stopped(plain)
+        stopped(unlisted)
+    assert RedisStore.from_url(cluster["url"]).holder("intruded") is None  # nobody claimed it
+    assert {n: w["streams"] for n, w in router.stats()["workers"].items()} == served

@@ -8,6 +8,7 @@ chunks pipelined in random interleaving and keep each stream's outputs in order.
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -47,6 +48,7 @@ class Driver:
                  **client_kwargs):
         self.streams = streams
         self.outputs: dict[str, list[np.ndarray]] = {s: [] for s in streams}
+        self.times: dict[str, list[float]] = {s: [] for s in streams}  # monotonic, per output
         self.errors: list[BaseException] = []
         self.received = 0
         self.counters: Counter[str] = Counter()
@@ -71,6 +73,7 @@ class Driver:
                         pos[s] += 1
                     elif pending[s]:
                         self.outputs[s].append(pending[s].pop(0).result())
+                        self.times[s].append(time.monotonic())
                         with self._lock:
                             self.received += 1
                 with self._lock:

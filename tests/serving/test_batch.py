@@ -31,6 +31,7 @@ from streamrnn.codec import (
 )
 from streamrnn.errors import ProtocolError
 from streamrnn.protocol import MAX_BATCH_PARTS, ErrorCode, MessageType
+from tests.helpers.cluster_helpers import fresh_store_url
 from tests.helpers.codec_strategies import HEADER_VALUES, STRUCTURED_HEADER, encoded
 from tests.helpers.modelzoo import offline
 from tests.helpers.wire_helpers import collect_replies, data, push
@@ -224,11 +225,11 @@ def test_client_with_batch_off_sends_single_messages(worker):
                                    atol=TOL)
 
 
-def test_router_answers_each_part_and_refuses_a_broken_envelope():
+def test_router_answers_each_part_and_refuses_a_broken_envelope(redis_url):
     """No workers behind the router: each part of a BATCH gets its own ERROR UNAVAILABLE
     (matched by its rid); a broken envelope gets one ERROR MALFORMED."""
-    router = Router(RouterConfig(bind="tcp://127.0.0.1:0", workers_bind="tcp://127.0.0.1:0"))
-    endpoint, _ = router.start()
+    router = Router(RouterConfig(bind="tcp://127.0.0.1:0", store=fresh_store_url(redis_url)))
+    endpoint = router.start()
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVTIMEO, 10_000)
@@ -249,18 +250,18 @@ def test_router_answers_each_part_and_refuses_a_broken_envelope():
         router.join(5)
 
 
-def test_router_splits_a_batch_over_its_workers(worker, tmp_path):
+def test_router_splits_a_batch_over_its_workers(worker, tmp_path, redis_url):
     x = {f"rb{i}": data(20, 80 + i) for i in range(8)}
-    with RouterProcess.start() as router:
+    url = fresh_store_url(redis_url)
+    with RouterProcess.start("--store", url) as router:
         workers = [WorkerProcess.start(worker.model_path, 4, "--no-xla", "--max-bucket", "16",
-                                       "--name", f"w{i}", "--register",
-                                       router.workers_endpoint, "--heartbeat-s", "0.2")
+                                       "--name", f"w{i}", "--store", url)
                    for i in range(2)]
         try:
             with streamrnn.Client(router.endpoint, timeout=5, retries=20) as client:
                 deadline = time.monotonic() + 60
                 while len(client.stats()["router"]["workers"]) < 2:
-                    assert time.monotonic() < deadline, "workers did not register"
+                    assert time.monotonic() < deadline, "workers did not take their leases"
                     time.sleep(0.05)
                 first = client.push_many({s: v[:8] for s, v in x.items()})
                 second = client.push_many({s: v[8:] for s, v in x.items()})

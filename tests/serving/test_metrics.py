@@ -65,18 +65,19 @@ def test_structured_logs_are_one_json_record_per_line(worker):
     assert {"time", "level", "logger", "message"} <= ready[0].keys()
 
 
-def test_router_metrics_show_workers_streams_and_requests(tmp_path):
+def test_router_metrics_show_workers_streams_and_requests(tmp_path, redis_url):
     from streamrnn.cli.process import RouterProcess
+    from tests.helpers.cluster_helpers import fresh_store_url
 
     path = tmp_path / "m.keras"
     build_model(ModelSpec("gru", features=4)).save(path)
-    with RouterProcess.start("--metrics-port", "0") as router:
+    store = fresh_store_url(redis_url)
+    with RouterProcess.start("--metrics-port", "0", "--store", store) as router:
         url = re.search(r"metrics=(http://\S+/metrics)", router.log()).group(1)
         assert scrape(url)["streamrnn_router_workers_alive"] == 0
-        with WorkerProcess.start(path, 2, "--no-xla", "--register", router.workers_endpoint,
-                                 "--heartbeat-s", "0.2"):
+        with WorkerProcess.start(path, 2, "--no-xla", "--store", store, "--name", "w1"):
             with Client(router.endpoint, timeout=60) as client:
-                for _ in range(20):  # wait for the registration to reach the router
+                for _ in range(20):  # wait for the router to see the worker's lease
                     if scrape(url)["streamrnn_router_workers_alive"] == 1:
                         break
                     time.sleep(0.2)

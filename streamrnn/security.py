@@ -1,21 +1,30 @@
-"""Optional CURVE encryption and client authentication (ZeroMQ's own, via ZAP).
+"""Optional CURVE encryption and client authentication (ZeroMQ's own, via ZAP), and the
+HMAC key that signs checkpoints and published weights.
 
-A server (worker or router) has a secret key file (``zmq.auth.create_certificates`` writes
-``name.key_secret``) and an allow-list of client public keys (a ``.key`` file or a
-directory of them). A ``zmq.auth.thread.ThreadAuthenticator`` answers ZAP requests: a
-client whose public key is not allowed never completes the handshake, so it gets nothing at
-all (its requests time out).
+A server (worker or router) has a secret key file (``streamrnn keys curve DIR NAME`` writes
+``NAME.key_secret``, mode 0600, and ``NAME.key``) and an allow-list of client public keys (a
+``.key`` file or a directory of them). A ``zmq.auth.thread.ThreadAuthenticator`` answers ZAP
+requests: a client whose public key is not allowed never completes the handshake, so it
+gets nothing at all (its requests time out).
+
+A secret file (CURVE ``.key_secret`` or the HMAC key of ``--checkpoint-key`` /
+``$STREAMRNN_CHECKPOINT_KEY``) that other users may read is used, with one warning per file
+and process (:func:`warn_if_exposed`).
 
 Example::
 
     auth = curve_server(router_socket, "server.key_secret", "clients/")   # before bind
     client = Client(endpoint, curve_server_key="server.key",
                     curve_keypair="client.key_secret")
+    key = checkpoint_key("keys/checkpoint.key")   # bytes, or None without a file or env var
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import stat
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +32,72 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
+from streamrnn.errors import CheckpointError
+
 ZAP_DOMAIN = "streamrnn"
+#: names the checkpoint key file when ``--checkpoint-key`` is not given
+CHECKPOINT_KEY_ENV = "STREAMRNN_CHECKPOINT_KEY"
+#: the shortest HMAC key accepted (bytes of the file, surrounding whitespace stripped)
+MIN_HMAC_KEY_BYTES = 16
+
+log = logging.getLogger("streamrnn.security")
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def warn_if_exposed(path: str | os.PathLike) -> bool:
+    """Log a warning (once per file and process) when the secret file ``path`` may be read
+    by its group or by other users; returns whether it may."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    if not mode & (stat.S_IRGRP | stat.S_IROTH):
+        return False
+    name = os.path.realpath(path)
+    with _warned_lock:
+        if name in _warned:
+            return True
+        _warned.add(name)
+    log.warning("secret key file %s is readable by other users (mode %04o): restrict it "
+                "with chmod 600 %s", path, stat.S_IMODE(mode), path)
+    return True
 
 
 def _load(path: str | os.PathLike, secret: bool) -> tuple[bytes, bytes | None]:
     public, secret_key = zmq.auth.load_certificate(str(path))
     if secret and secret_key is None:
         raise ValueError(f"{path} holds no secret key (use the .key_secret file)")
+    if secret:
+        warn_if_exposed(path)
     return public, secret_key
+
+
+def load_hmac_key(path: str | os.PathLike) -> bytes:
+    """The HMAC key in file ``path`` (its bytes, surrounding whitespace stripped; at least
+    :data:`MIN_HMAC_KEY_BYTES`; CheckpointError if not). ``streamrnn keys hmac FILE`` writes
+    one."""
+    try:
+        key = Path(path).read_bytes().strip()
+    except OSError as exc:
+        raise CheckpointError(f"cannot read the checkpoint key {path}: {exc}") from exc
+    if len(key) < MIN_HMAC_KEY_BYTES:
+        raise CheckpointError(f"checkpoint key {path} holds {len(key)} bytes; a key needs at least "
+                         f"{MIN_HMAC_KEY_BYTES} (make one with: streamrnn keys hmac FILE)")
+    warn_if_exposed(path)
+    return key
+
+
+def checkpoint_key_file(path: str | os.PathLike | None = None) -> str | None:
+    """``path``, else the file ``$STREAMRNN_CHECKPOINT_KEY`` names, else None."""
+    return str(path) if path else os.environ.get(CHECKPOINT_KEY_ENV) or None
+
+
+def checkpoint_key(path: str | os.PathLike | None = None) -> bytes | None:
+    """The key in :func:`checkpoint_key_file` ``(path)``, or None (checkpoints and weights
+    are then checked by SHA-256 only, as without a key)."""
+    path = checkpoint_key_file(path)
+    return None if path is None else load_hmac_key(path)
 
 
 def _allowed_keys(allow: str | os.PathLike) -> list[bytes]:
@@ -92,4 +159,13 @@ def curve_client(sock: zmq.Socket, server_key: Any, keypair: Any) -> None:
     sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
 
 
-__all__ = ["curve_client", "curve_server"]
+__all__ = [
+    "CHECKPOINT_KEY_ENV",
+    "MIN_HMAC_KEY_BYTES",
+    "checkpoint_key",
+    "checkpoint_key_file",
+    "curve_client",
+    "curve_server",
+    "load_hmac_key",
+    "warn_if_exposed",
+]

@@ -19,6 +19,8 @@ import signal
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from streamrnn.logs import quiet_frameworks
+
 __all__ = ["Service", "log_ready", "main", "stop_on_signals", "wait"]
 
 
@@ -62,6 +64,7 @@ def main(argv: Sequence[str] | None, role: str, description: str,
          add_arguments: Callable[[argparse.ArgumentParser], argparse.ArgumentParser],
          run: Callable[[argparse.Namespace], int]) -> int:
     """``python -m streamrnn.cli.<role>``: parse ``argv`` and run; returns the exit status."""
+    quiet_frameworks()  # before anything imports TensorFlow ($STREAMRNN_FRAMEWORK_LOGS=1: not)
     parser = add_arguments(argparse.ArgumentParser(
         prog=f"python -m streamrnn.cli.{role}", description=description))
     return run(parser.parse_args(argv))

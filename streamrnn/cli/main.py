@@ -6,7 +6,7 @@ Subcommands::
     streamrnn publish data.npy --stream ID --chunk 32 --endpoint E [--out out.npy]
     streamrnn demo    [--streams 48 --steps 400]
 
-plus ``trainer``, ``router`` and ``bench``. Each lives in its own module
+plus ``trainer``, ``router``, ``bench`` and ``keys``. Each lives in its own module
 ``streamrnn.cli.<name>`` (``add_arguments(parser)`` and ``run(args)``) and is registered in
 :data:`SUBCOMMANDS`.
 """
@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 from collections.abc import Callable, Sequence
+
+from streamrnn.logs import quiet_frameworks
 
 __all__ = ["SUBCOMMANDS", "build_parser", "main"]
 
@@ -64,12 +65,17 @@ SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
         description="Run the kernel benchmark suite (and with --e2e the end-to-end suite "
                     "through a real worker) and write bench/results/report.md with PNG plots. "
                     "Needs the source checkout (bench/ is not installed)."),
+    "keys": _subcommand(
+        "keys", help="make a CURVE key pair or an HMAC key (secret files 0600)",
+        description="Make the secret files of a deployment, readable by their owner only: "
+                    "'keys curve DIR NAME' writes DIR/NAME.key and DIR/NAME.key_secret "
+                    "(--curve-secret-key, --curve-allow), 'keys hmac FILE' a key for "
+                    "--checkpoint-key."),
     "router": _subcommand(
-        "router", help="one endpoint in front of many workers (stateless, replicated)",
-        description="Route streams to the workers that hold them, read from Redis "
-                    "(--store; workers run with the same --store): a stream with no live "
-                    "holder goes to the least-loaded live worker, which claims it; run "
-                    "several routers on one store and give clients all of them."),
+        "router", help="one endpoint in front of many workers (sticky, failover)",
+        description="Route streams to registered workers (streamrnn worker --register): "
+                    "least-loaded admission, sticky routing, heartbeats, failover of a dead "
+                    "worker's streams from the shared checkpoint directory."),
 }
 
 
@@ -88,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``streamrnn`` console script."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    quiet_frameworks()  # before anything imports TensorFlow ($STREAMRNN_FRAMEWORK_LOGS=1: not)
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 

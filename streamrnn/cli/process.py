@@ -46,7 +46,6 @@ class _ManagedProcess:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_SOURCE_ROOT),
                                                           env.get("PYTHONPATH")]))
-        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         with open(log_path, "wb") as log_file:
             # the log goes to a file, not a pipe: a full pipe would block the process
             proc = subprocess.Popen([sys.executable, "-m", f"streamrnn.cli.{role}", *args],
@@ -107,28 +106,30 @@ class WorkerProcess(_ManagedProcess):
 
 
 class RouterProcess(_ManagedProcess):
-    """A running ``python -m streamrnn.cli.router`` with its client endpoint.
+    """A running ``python -m streamrnn.cli.router`` with its client and worker endpoints.
 
     Example::
 
-        with RouterProcess.start("--store", redis_url) as router:
-            WorkerProcess.start("m.keras", 8, "--store", redis_url, "--name", "w1")
+        with RouterProcess.start() as router:
+            WorkerProcess.start("m.keras", 8, "--register", router.workers_endpoint)
             client = Client(router.endpoint)
     """
 
-    def __init__(self, proc: subprocess.Popen, endpoint: str, log_path: Path):
+    def __init__(self, proc: subprocess.Popen, endpoint: str, workers_endpoint: str,
+                 log_path: Path):
         super().__init__(proc, log_path)
         self.endpoint = endpoint
+        self.workers_endpoint = workers_endpoint
 
     @classmethod
     def start(cls, *extra_args: str, bind: str = "tcp://127.0.0.1:0",
-              ready_timeout: float = 60.0,
+              workers_bind: str = "tcp://127.0.0.1:0", ready_timeout: float = 60.0,
               log_path: str | os.PathLike | None = None) -> RouterProcess:
-        """Launch a router (``extra_args`` must include ``--store``) and wait for its ready
-        line."""
+        """Launch a router and wait for its ready line (both endpoints)."""
         from streamrnn.cli.router import READY_MARKER
 
         proc, match, log_path = cls._launch(
-            "router", ["--bind", bind, *extra_args],
-            re.compile(re.escape(READY_MARKER) + r"(\S+)"), ready_timeout, log_path)
-        return cls(proc, match.group(1), log_path)
+            "router", ["--bind", bind, "--workers-bind", workers_bind, *extra_args],
+            re.compile(re.escape(READY_MARKER) + r"(\S+) workers=(\S+)"), ready_timeout,
+            log_path)
+        return cls(proc, match.group(1), match.group(2), log_path)

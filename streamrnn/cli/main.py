@@ -72,10 +72,11 @@ SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
                     "(--curve-secret-key, --curve-allow), 'keys hmac FILE' a key for "
                     "--checkpoint-key."),
     "router": _subcommand(
-        "router", help="one endpoint in front of many workers (sticky, failover)",
-        description="Route streams to registered workers (streamrnn worker --register): "
-                    "least-loaded admission, sticky routing, heartbeats, failover of a dead "
-                    "worker's streams from the shared checkpoint directory."),
+        "router", help="one endpoint in front of many workers (stateless, replicated)",
+        description="Route streams to the workers that hold them, read from Redis "
+                    "(--store; workers run with the same --store): a stream with no live "
+                    "holder goes to the least-loaded live worker, which claims it; run "
+                    "several routers on one store and give clients all of them."),
 }
 
 

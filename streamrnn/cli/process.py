@@ -106,30 +106,28 @@ class WorkerProcess(_ManagedProcess):
 
 
 class RouterProcess(_ManagedProcess):
-    """A running ``python -m streamrnn.cli.router`` with its client and worker endpoints.
+    """A running ``python -m streamrnn.cli.router`` with its client endpoint.
 
     Example::
 
-        with RouterProcess.start() as router:
-            WorkerProcess.start("m.keras", 8, "--register", router.workers_endpoint)
+        with RouterProcess.start("--store", redis_url) as router:
+            WorkerProcess.start("m.keras", 8, "--store", redis_url, "--name", "w1")
             client = Client(router.endpoint)
     """
 
-    def __init__(self, proc: subprocess.Popen, endpoint: str, workers_endpoint: str,
-                 log_path: Path):
+    def __init__(self, proc: subprocess.Popen, endpoint: str, log_path: Path):
         super().__init__(proc, log_path)
         self.endpoint = endpoint
-        self.workers_endpoint = workers_endpoint
 
     @classmethod
     def start(cls, *extra_args: str, bind: str = "tcp://127.0.0.1:0",
-              workers_bind: str = "tcp://127.0.0.1:0", ready_timeout: float = 60.0,
+              ready_timeout: float = 60.0,
               log_path: str | os.PathLike | None = None) -> RouterProcess:
-        """Launch a router and wait for its ready line (both endpoints)."""
+        """Launch a router (``extra_args`` must include ``--store``) and wait for its ready
+        line."""
         from streamrnn.cli.router import READY_MARKER
 
         proc, match, log_path = cls._launch(
-            "router", ["--bind", bind, "--workers-bind", workers_bind, *extra_args],
-            re.compile(re.escape(READY_MARKER) + r"(\S+) workers=(\S+)"), ready_timeout,
-            log_path)
-        return cls(proc, match.group(1), match.group(2), log_path)
+            "router", ["--bind", bind, *extra_args],
+            re.compile(re.escape(READY_MARKER) + r"(\S+)"), ready_timeout, log_path)
+        return cls(proc, match.group(1), log_path)

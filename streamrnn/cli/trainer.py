@@ -8,6 +8,19 @@ inference streams (``streamrnn publish``, :class:`streamrnn.Client`). Resumes fr
 (workers follow it with ``--weights-from``), shows a live progress line, and on
 SIGTERM/SIGINT finishes queued chunks, checkpoints, publishes, writes the loss curve PNG and
 exits 0. The same entry point backs ``streamrnn trainer``.
+
+The checkpoint also keeps the sequence numbers of the trainer's streams, so a Client goes on
+after a restart. A truncated, edited or foreign checkpoint is refused: exit 2 with the
+reason, no traceback.
+
+With ``--store redis://...`` (and ``--checkpoint``) training is durable: an accepted PUSH is
+appended to the Redis Stream ``srnn:{train}:log`` and answered (an OUTPUT with an empty
+``output``) once it is there (:class:`~streamrnn.training.front.LogFront`); a consumer
+thread (:class:`~streamrnn.training.consumer.LogConsumer`, consumer group ``trainers``,
+consumer name ``--name``) trains the entries, checkpoints and only then acknowledges them.
+A kill -9 loses nothing: the restarted (or a replacement) trainer resumes from its
+checkpoint and applies exactly the entries it does not cover. If the consumer fails, the
+process exits 1.
 """
 
 from __future__ import annotations
@@ -27,6 +40,8 @@ from streamrnn.metrics import Metrics, add_metrics_argument, metrics_url
 
 if TYPE_CHECKING:
     from streamrnn.serving.worker import StreamWorker
+    from streamrnn.training.consumer import LogConsumer
+    from streamrnn.training.front import LogFront
     from streamrnn.training.online import OnlineTrainer
 
 __all__ = ["READY_MARKER", "add_arguments", "main", "run"]
@@ -83,6 +98,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="wait this long for chunks of more streams to share a step")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="live progress display (default: when stderr is a terminal)")
+    parser.add_argument("--store", default=None, metavar="URL",
+                        help="durable training log in Redis (redis://host:port/0, rediss://, "
+                             "redis+sentinel://, redis+cluster://); needs --checkpoint")
+    parser.add_argument("--name", default="trainer",
+                        help="this trainer's consumer name in the log's group (--store)")
+    parser.add_argument("--claim-idle-ms", type=int, default=10_000,
+                        help="--store: take over another trainer's unacknowledged entries "
+                             "once idle this long")
     add_metrics_argument(parser)
     add_logging_arguments(parser)
     return parser
@@ -106,21 +129,43 @@ def run(args: argparse.Namespace) -> int:
     """Train until SIGTERM/SIGINT; returns the exit status."""
     configure_logging(args.log_level, args.log_format)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from streamrnn.errors import CheckpointError, InvalidInputError, StoreError
+    from streamrnn.training.checkpoint import TrainerCheckpoint
+
+    if args.store and not args.checkpoint:
+        log.error("--store needs --checkpoint: log entries are acknowledged only once a "
+                  "checkpoint covers them")
+        return 2
+    try:
+        if args.checkpoint:  # before TensorFlow loads: a bad file is refused at once
+            TrainerCheckpoint.load(args.checkpoint)
+        online, metrics = _build(args)
+        front, consumer = _durable_log(args, online) if args.store else (None, None)
+    except (CheckpointError, InvalidInputError, StoreError) as exc:
+        log.error("refusing to start: %s", exc)
+        return 2
     from streamrnn.serving.worker import StreamWorker, WorkerConfig
     from streamrnn.training.loss_curve import write_loss_curve
 
-    online, metrics = _build(args)
     trainer = online.trainer
-    worker = StreamWorker(online, WorkerConfig(
+    worker = StreamWorker(front or online, WorkerConfig(
         bind=args.bind, batch_window_us=args.batch_window_us,
         coalesce_steps=0,  # one chunk per training step: every chunk trains on its own
         model_name=os.path.basename(args.model)))
+    if front is None:
+        online.attach_sequences(worker.sequences)
+    else:
+        front.attach(worker.sequences)
+        consumer.start()
     stop_on_signals(worker, log, "finishing queued chunks, then checkpointing")
     endpoint = worker.start()
     log_ready(log, READY_MARKER, endpoint, f"(slots={args.slots}, mode={args.mode}, "
                                            f"step={trainer.step}, weights v{trainer.version})")
-    _follow(args, worker, online)
-    online.shutdown()  # the compute thread has ended: safe to touch the trainer here
+    _follow(args, worker, online, consumer)
+    if consumer is None:
+        online.shutdown()  # the compute thread has ended: safe to touch the trainer here
+    elif not _finish(consumer):
+        return 1
     if args.loss_png:
         write_loss_curve(online.loss_history(), args.loss_png,
                          title=f"streamrnn trainer ({args.mode})")
@@ -129,6 +174,39 @@ def run(args: argparse.Namespace) -> int:
     log.info("trainer stopped cleanly at step %d (weights v%d, %d checkpoints)", trainer.step,
              trainer.version, online.checkpoints_written)
     return 0
+
+
+def _durable_log(args: argparse.Namespace, online: OnlineTrainer
+                 ) -> tuple[LogFront, LogConsumer]:
+    """The front and the consumer of the Redis training log (``--store``)."""
+    from streamrnn.cluster.redis_keys import redact_url
+    from streamrnn.cluster.redis_store import RedisStore
+    from streamrnn.cluster.training_log import RedisChunkLog
+    from streamrnn.training.consumer import LogConsumer
+    from streamrnn.training.front import LogFront
+
+    store = RedisStore.from_url(args.store)
+    chunk_log = RedisChunkLog(store.client, prefix=store.prefix, consumer=args.name)
+    log.info("training log %s in %s (consumer %r)", chunk_log.key, redact_url(args.store),
+             args.name)
+    return LogFront(online, chunk_log), LogConsumer(online, chunk_log,
+                                                    claim_idle_ms=args.claim_idle_ms)
+
+
+def _finish(consumer: LogConsumer) -> bool:
+    """After the front stopped: let the consumer train what is left and checkpoint; False
+    (and a log line) if it failed."""
+    consumer.stop()
+    consumer.join()
+    if consumer.failed is not None:
+        log.error("the training log consumer failed (%s): exiting 1; a restart resumes "
+                  "from the checkpoint and the log", consumer.failed)
+        return False
+    c = consumer.counts
+    log.info("training log: %d chunks applied in all (this run: %d applied, %d already "
+             "covered, %d duplicates, %d rejected, %d acknowledged)", consumer.applied,
+             c["applied"], c["covered"], c["duplicates"], c["rejected"], c["acked"])
+    return True
 
 
 def _build(args: argparse.Namespace) -> tuple[OnlineTrainer, Metrics | None]:
@@ -161,9 +239,11 @@ def _build(args: argparse.Namespace) -> tuple[OnlineTrainer, Metrics | None]:
     return online, metrics
 
 
-def _follow(args: argparse.Namespace, worker: StreamWorker, online: OnlineTrainer) -> None:
+def _follow(args: argparse.Namespace, worker: StreamWorker, online: OnlineTrainer,
+            consumer: LogConsumer | None) -> None:
     """Until the worker stops: show progress (a live table on a terminal, else a log line
-    every 10 s) and rewrite the loss curve PNG after new weight versions."""
+    every 10 s) and rewrite the loss curve PNG after new weight versions. A log consumer
+    that died stops the worker (the process then exits 1)."""
     from streamrnn.training.loss_curve import write_loss_curve
 
     trainer = online.trainer
@@ -172,6 +252,8 @@ def _follow(args: argparse.Namespace, worker: StreamWorker, online: OnlineTraine
 
     def tick() -> None:
         nonlocal last_png, last_version
+        if consumer is not None and not consumer.is_alive():
+            worker.stop()
         if args.loss_png and trainer.version != last_version and time.monotonic() - last_png > 5:
             write_loss_curve(online.loss_history(), args.loss_png)
             last_png, last_version = time.monotonic(), trainer.version

@@ -81,6 +81,12 @@ class StreamWorker:
 
     # ---- durability --------------------------------------------------------------------
 
+    @property
+    def sequences(self) -> SequenceTable:
+        """The per-stream sequence numbers and reply caches (the compute thread's: touch
+        them before :meth:`start`, or from the engine's calls)."""
+        return self._table
+
     def restore_checkpoint(self) -> int:
         """Before :meth:`start`: resume the streams of this worker's checkpoint file.
 

@@ -12,6 +12,12 @@ Modules (import from them; this package imports nothing itself):
 - ``checkpoint``: the trainer's checkpoint file (not the serving worker's).
 - ``online``: :class:`~streamrnn.training.online.OnlineTrainer`, the trainer as an
   EngineLike that a StreamWorker serves.
+- ``chunk_log``: what durable training needs (the :class:`~streamrnn.training.chunk_log.
+  ChunkLog` protocol, its records; implemented over Redis in
+  :mod:`streamrnn.cluster.training_log`).
+- ``front``: :class:`~streamrnn.training.front.LogFront`, the EngineLike that appends
+  training requests to the log; ``consumer``: :class:`~streamrnn.training.consumer.
+  LogConsumer`, which trains them exactly once and acknowledges after checkpoints.
 - ``loss_curve``: the loss-vs-step PNG.
 
 Example::

@@ -16,6 +16,13 @@ optimizer, step counter, stream states) every ``checkpoint_every`` steps and pub
 new weights version every ``publish_every`` steps (checkpointing first, so a restart never
 re-issues a published version number).
 
+Sequence numbers: with a :class:`~streamrnn.training.chunk_log.SequenceBook` attached
+(:meth:`OnlineTrainer.attach_sequences`, the serving worker's sequence table), each
+checkpoint also keeps every stream's next sequence number, and a restart puts them back, so
+a Client continues its streams after a graceful restart (without them it got
+UNKNOWN_STREAM). With a durable training log (:mod:`streamrnn.training.consumer`) the
+checkpoint keeps the log position instead (:attr:`OnlineTrainer.log_position`).
+
 Targets: by default a stream trains on next-step prediction of its own observations. With
 ``paired=True`` each chunk carries explicit targets next to the inputs, in one array (the
 wire format has one chunk array per PUSH): feature models send ``[T, input_dim +
@@ -34,7 +41,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +51,8 @@ from streamrnn.engine.interface import EngineLike
 from streamrnn.engine.weights import publish_weights
 from streamrnn.errors import InvalidInputError
 from streamrnn.protocol import ErrorCode
+from streamrnn.training.checkpoint import TrainerCheckpoint
+from streamrnn.training.chunk_log import SequenceBook
 from streamrnn.training.trainer import FreeRunningTrainer
 
 __all__ = ["OnlineTrainer"]
@@ -89,8 +98,18 @@ class OnlineTrainer(EngineLike):
         self.paired = paired
         self.metrics = metrics
         self.resumed = False
+        #: the loaded checkpoint's extra facts (sequence numbers, log position)
+        self.restored: dict[str, Any] = {}
+        #: the serving front's sequence numbers, kept in checkpoints (attach_sequences)
+        self.sequence_book: SequenceBook | None = None
+        #: the durable log position the trainer's state covers (set by a LogConsumer)
+        self.log_position: dict[str, Any] | None = None
+        self._pushing: Collection[str] = ()  # streams of the push_many under way
         if self.checkpoint_path is not None:
-            self.resumed = trainer.load_checkpoint(self.checkpoint_path)
+            loaded = TrainerCheckpoint.load(self.checkpoint_path)
+            if loaded is not None:
+                trainer.restore(loaded)
+                self.resumed, self.restored = True, loaded.extra
         self._last_checkpoint = trainer.step
         self._last_publish = trainer.step
         self.checkpoints_written = 0
@@ -223,7 +242,11 @@ class OnlineTrainer(EngineLike):
                 self.metrics.train_steps.inc(self.trainer.step - before)
                 self.metrics.train_loss.set(self.trainer.last_loss)
                 self.metrics.record_timesteps(sum(len(c) for c in inputs.values()))
-        self.maybe_save()
+        self._pushing = inputs.keys()  # applied, not yet in the worker's sequence table
+        try:
+            self.maybe_save()
+        finally:
+            self._pushing = ()
         return out
 
     def reset(self, stream: str) -> None:
@@ -249,11 +272,34 @@ class OnlineTrainer(EngineLike):
         """Write the checkpoint now (atomic)."""
         if self.checkpoint_path is None:
             return
-        self.trainer.save_checkpoint(self.checkpoint_path)
+        self.trainer.save_checkpoint(self.checkpoint_path, self._extra())
         self._last_checkpoint = self.trainer.step
         self.checkpoints_written += 1
         if self.metrics is not None:
             self.metrics.checkpoints.inc()
+
+    def attach_sequences(self, book: SequenceBook) -> int:
+        """Keep ``book``'s next sequence numbers in every checkpoint from now on, and put
+        back those of the loaded checkpoint (call before serving). Returns how many."""
+        self.sequence_book = book
+        restored = self.restored.get("sequences", {})
+        for stream, next_seq in restored.items():
+            book.restore(stream, next_seq)
+        return len(restored)
+
+    def _extra(self) -> dict[str, Any]:
+        """The checkpoint's extra facts: the front's next seqs, the log position."""
+        extra: dict[str, Any] = {}
+        book = self.sequence_book
+        if book is not None:
+            # inside push_many the worker has not recorded this round's PUSHes yet (one per
+            # stream: the trainer's worker does not coalesce), so count them here
+            seqs = {s: n for s, (n, _) in book.export().items()}
+            seqs.update({s: book.next_seq(s) + 1 for s in self._pushing})
+            extra["sequences"] = seqs
+        if self.log_position is not None:
+            extra["log"] = dict(self.log_position)
+        return extra
 
     def publish(self) -> int:
         """Publish the current weights as the next version (checkpointing it first)."""

@@ -308,17 +308,31 @@ class FreeRunningTrainer:
         """Restore from :meth:`state_dict` (same model architecture and slots)."""
         self._restore(TrainerCheckpoint.from_arrays(arrays))
 
-    def save_checkpoint(self, path: str | os.PathLike) -> None:
-        """Write :meth:`state_dict` atomically (temp file, fsync, rename)."""
-        self._snapshot().save(path)
+    def save_checkpoint(self, path: str | os.PathLike,
+                        extra: Mapping[str, Any] | None = None) -> None:
+        """Write :meth:`state_dict` atomically (temp file, fsync, rename), with a checksum;
+        ``extra``: JSON-able facts stored beside it (see :meth:`snapshot`)."""
+        self.snapshot(extra).save(path)
 
     def load_checkpoint(self, path: str | os.PathLike) -> bool:
-        """Resume from ``path`` if it exists; returns whether it did."""
+        """Resume from ``path`` if it exists; returns whether it did (CheckpointError for a
+        truncated or edited file)."""
         checkpoint = TrainerCheckpoint.load(path)
         if checkpoint is None:
             return False
-        self._restore(checkpoint)
+        self.restore(checkpoint)
         return True
+
+    def snapshot(self, extra: Mapping[str, Any] | None = None) -> TrainerCheckpoint:
+        """Everything needed to resume exactly, plus ``extra`` (JSON-able, e.g. the online
+        trainer's sequence numbers and log position)."""
+        checkpoint = self._snapshot()
+        checkpoint.extra = dict(extra or {})
+        return checkpoint
+
+    def restore(self, checkpoint: TrainerCheckpoint) -> None:
+        """Continue from ``checkpoint`` (same model architecture and slots)."""
+        self._restore(checkpoint)
 
     def _snapshot(self) -> TrainerCheckpoint:
         return TrainerCheckpoint(
@@ -333,24 +347,33 @@ class FreeRunningTrainer:
         )
 
     def _restore(self, checkpoint: TrainerCheckpoint) -> None:
-        n_model = len(self.model.get_weights())
-        if len(checkpoint.weights) != n_model:
-            raise InvalidInputError(
-                f"checkpoint has {len(checkpoint.weights)} weight arrays, model has {n_model}",
-                ErrorCode.BAD_SHAPE,
-            )
-        self.model.set_weights(checkpoint.weights)
         opt_vars = self.optimizer.variables
-        if len(checkpoint.optimizer) != len(opt_vars):
-            raise InvalidInputError(
-                f"checkpoint has {len(checkpoint.optimizer)} optimizer variables, optimizer "
-                f"has {len(opt_vars)}", ErrorCode.BAD_SHAPE,
-            )
+        _check_fits(checkpoint, self.model.get_weights(), [v.numpy() for v in opt_vars],
+                    [v.numpy() for v in self.state_vars])
+        table = checkpoint.table(self.slots)  # refused before anything changes
+        self.model.set_weights(checkpoint.weights)
         for v, value in zip(opt_vars, checkpoint.optimizer, strict=True):
             v.assign(value)
-        for i, v in enumerate(self.state_vars):
-            v.assign(checkpoint.states[i])
-        self.table = checkpoint.table(self.slots)
+        for v, value in zip(self.state_vars, checkpoint.states, strict=True):
+            v.assign(value)
+        self.table = table
         self._pending = dict(checkpoint.pending)
         self.step, self.version = checkpoint.step, checkpoint.version
         self.timesteps, self.last_loss = checkpoint.timesteps, checkpoint.last_loss
+
+
+def _check_fits(checkpoint: TrainerCheckpoint, weights: list[np.ndarray],
+                optimizer: list[np.ndarray], states: list[np.ndarray]) -> None:
+    """InvalidInputError (BAD_SHAPE) unless the checkpoint's weights, optimizer variables and
+    state arrays have the counts and shapes of the trainer's."""
+    for what, saved, live, holds in (
+            ("weight arrays", checkpoint.weights, weights, "model"),
+            ("optimizer variables", checkpoint.optimizer, optimizer, "optimizer"),
+            ("state arrays", checkpoint.states, states, "trainer")):
+        if len(saved) != len(live):
+            raise InvalidInputError(f"checkpoint has {len(saved)} {what}, {holds} has "
+                                    f"{len(live)}", ErrorCode.BAD_SHAPE)
+        for i, (a, b) in enumerate(zip(saved, live, strict=True)):
+            if np.shape(a) != np.shape(b):
+                raise InvalidInputError(f"checkpoint {what} {i}: shape {np.shape(a)}, the "
+                                        f"trainer's is {np.shape(b)}", ErrorCode.BAD_SHAPE)

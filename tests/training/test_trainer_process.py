@@ -3,20 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import re
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 
 import streamrnn
-from streamrnn.cli.trainer import READY_MARKER
 from streamrnn.client.client import Client
 from streamrnn.engine.weights import (
     WeightsFollower,
@@ -30,47 +22,7 @@ from streamrnn.serving.worker import StreamWorker, WorkerConfig
 from streamrnn.training.config import TrainConfig
 from streamrnn.training.online import OnlineTrainer
 from streamrnn.training.trainer import FreeRunningTrainer
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def small_model(seed: int = 0) -> keras.Model:
-    keras.utils.set_random_seed(seed)
-    return keras.Sequential([keras.Input((None, 1)), keras.layers.GRU(12, return_sequences=True),
-                             keras.layers.Dense(1)])
-
-
-def sine(stream: int, start: int, n: int) -> np.ndarray:
-    t = np.arange(start, start + n)
-    return np.sin(0.37 * t + stream)[:, None].astype(np.float32)
-
-
-class TrainerProcess:
-    def __init__(self, args: list[str], log_path: Path, module: str = "streamrnn.cli.trainer"):
-        env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2")
-        self.log_path = log_path
-        with open(log_path, "ab") as log:
-            command = [sys.executable, "-m", *module.split(), *args]
-            self.proc = subprocess.Popen(command,
-                                         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 180
-        pattern = re.compile(re.escape(READY_MARKER) + r"(\S+)")
-        while True:
-            found = pattern.findall(self.log())
-            if len(found) > self.log().count("stopped cleanly"):
-                self.endpoint = found[-1]
-                break
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.proc.kill()
-                raise RuntimeError("trainer did not start:\n" + self.log()[-4000:])
-            time.sleep(0.05)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def terminate(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(60)
+from tests.helpers.trainer_process import TrainerProcess, sine, small_model
 
 
 def test_trainer_process_trains_checkpoints_publishes_and_resumes(tmp_path):

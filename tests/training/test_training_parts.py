@@ -23,6 +23,7 @@ from streamrnn.training.checkpoint import CHECKPOINT_FORMAT, TrainerCheckpoint, 
 from streamrnn.training.config import TrainConfig
 from streamrnn.training.online import OnlineTrainer
 from streamrnn.training.trainer import FreeRunningTrainer
+from tests.helpers.trainer_process import sample_checkpoint as _checkpoint
 
 # ---- config ----------------------------------------------------------------------------
 
@@ -43,19 +44,6 @@ def test_config_names_every_problem_at_once_in_rule_order():
 
 
 # ---- the trainer's checkpoint file -----------------------------------------------------
-
-
-def _checkpoint() -> TrainerCheckpoint:
-    rng = np.random.default_rng(0)
-    return TrainerCheckpoint(
-        weights=[rng.standard_normal((3, 4)).astype(np.float32), np.zeros(4, np.float32)],
-        optimizer=[np.array(7, np.int64), rng.standard_normal((3, 4)).astype(np.float32)],
-        states=[rng.standard_normal((4, 6)).astype(np.float32)],
-        streams=[("b", 2, 30), ("a", 0, 12)],
-        pending={"a": np.array([0.5, -1.0], np.float32)},
-        step=7, version=2, timesteps=42, last_loss=0.25, config={"mode": "free"},
-        optimizer_name="Adam",
-    )
 
 
 def test_checkpoint_arrays_round_trip_and_layout(tmp_path):

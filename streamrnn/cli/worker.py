@@ -5,6 +5,12 @@ ONNX Runtime on CPU by default, see :mod:`streamrnn.engine.backends`), serves it
 :class:`~streamrnn.serving.worker.StreamWorker`, logs a ready line with the bound endpoint
 (``--bind tcp://127.0.0.1:0`` picks a free port), and on SIGTERM/SIGINT finishes queued
 work, sends its replies and exits 0. The same entry point backs ``streamrnn worker``.
+
+Durability: ``--checkpoint-dir`` (one file per worker, single machine) or ``--store
+redis://...`` (:class:`~streamrnn.cluster.redis_checkpoints.RedisStreamStore`: a lease
+renewed every ``--lease-ttl-ms``/4, per-stream checkpoints fenced by epoch, the endpoint
+routers connect to published as ``--advertise``). A worker whose lease lapsed fences
+itself and exits with status 3.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from streamrnn.cli import lifecycle
 from streamrnn.cli.lifecycle import log_ready, stop_on_signals, wait
@@ -24,7 +30,7 @@ from streamrnn.logs import add_logging_arguments, configure_logging
 from streamrnn.metrics import add_metrics_argument, metrics_url
 
 if TYPE_CHECKING:
-    from streamrnn.cluster.registration import RouterLink
+    from streamrnn.serving.store import StreamStore
     from streamrnn.serving.worker import StreamWorker
 
 __all__ = ["READY_MARKER", "add_arguments", "main", "run"]
@@ -81,26 +87,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "takes longer to trace")
     parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                         help="trace every step bucket before announcing ready")
-    parser.add_argument("--checkpoint-dir", default=defaults.checkpoint_dir,
-                        help="keep stream states durable: write <dir>/<name>.ckpt between "
-                             "steps and on shutdown, resume from it on start")
-    parser.add_argument("--checkpoint-every-steps", type=int,
-                        default=defaults.checkpoint_every_steps,
-                        help="write a checkpoint after this many batched steps (0: off)")
+    durable = parser.add_mutually_exclusive_group()
+    durable.add_argument("--checkpoint-dir", default=defaults.checkpoint_dir,
+                         help="keep stream states durable: write <dir>/<name>.ckpt between "
+                              "steps and on shutdown, resume from it on start")
+    durable.add_argument("--store", default=None, metavar="URL",
+                         help="multi-machine: hold streams by lease and checkpoint each one "
+                              "in Redis (redis://, rediss://, redis+sentinel://, "
+                              "redis+cluster://; docs/operations.md)")
+    parser.add_argument("--checkpoint-every-steps", type=int, default=None,
+                        help="write a checkpoint after this many batched steps (0: off; "
+                             f"default: {defaults.checkpoint_every_steps} with "
+                             "--checkpoint-dir, 0 with --store)")
     parser.add_argument("--checkpoint-every-s", type=float, default=defaults.checkpoint_every_s,
-                        help="write a checkpoint when this many seconds passed (0: off)")
+                        help="write a checkpoint when this many seconds passed (0: off); "
+                             "with --store, clients keep unacknowledged chunks about this "
+                             "long (their replay buffer must cover it)")
+    parser.add_argument("--lease-ttl-ms", type=int, default=2000,
+                        help="with --store: the worker's lease ttl (renewed every ttl/4); "
+                             "a worker that cannot renew in time fences itself, exit 3")
     parser.add_argument("--ignore-bad-checkpoint", action="store_true",
                         help="start empty if the checkpoint is corrupt (the bad file is moved "
                              "aside to <name>.ckpt.bad-<time>); default: refuse to start")
     parser.add_argument("--name", default=defaults.name,
-                        help="this worker's name (checkpoint file name; unique per router)")
-    parser.add_argument("--register", default=None, metavar="ENDPOINT",
-                        help="register with a router's worker endpoint (streamrnn router "
-                             "--workers-bind) and heartbeat to it")
+                        help="this worker's name (checkpoint file name; with --store unique "
+                             "among live workers)")
     parser.add_argument("--advertise", default=None,
-                        help="endpoint the router should connect to (default: the bound one)")
-    parser.add_argument("--heartbeat-s", type=float, default=0.25,
-                        help="heartbeat interval to the router")
+                        help="with --store: the endpoint routers connect to (default: the "
+                             "bound one; set it when binding 0.0.0.0)")
     parser.add_argument("--curve-secret-key", default=defaults.curve_secret_key, metavar="FILE",
                         help="CURVE: encrypt and authenticate clients with this server key "
                              "(.key_secret from zmq.auth.create_certificates)")
@@ -150,12 +164,18 @@ def run(args: argparse.Namespace) -> int:
         coalesce_steps=args.max_bucket if args.coalesce_steps is None else args.coalesce_steps,
         idle_timeout_s=args.idle_timeout_s, max_frame_bytes=args.max_frame_bytes,
         checkpoint_dir=args.checkpoint_dir, model_name=os.path.basename(args.model),
-        checkpoint_every_steps=args.checkpoint_every_steps,
+        checkpoint_every_steps=(WorkerConfig.checkpoint_every_steps
+                                if args.checkpoint_every_steps is None
+                                else args.checkpoint_every_steps),
         checkpoint_every_s=args.checkpoint_every_s, name=args.name,
         curve_secret_key=args.curve_secret_key, curve_allow=args.curve_allow,
         metrics_port=args.metrics_port,
     )
-    worker = StreamWorker(engine, config)
+    box: dict[str, StreamWorker] = {}
+    store = _open_store(args, box) if args.store else None
+    if args.store and store is None:
+        return 2
+    worker = box["worker"] = StreamWorker(engine, config, store=store)
     if not _restore(worker, args):
         return 2
 
@@ -166,29 +186,56 @@ def run(args: argparse.Namespace) -> int:
     log_ready(log, READY_MARKER, endpoint, f"(slots={engine.slots}, model={config.model_name}, "
                                            f"executor={executor}, kernel={engine.kernel}"
                                            f"{metrics})")
-    link = _register(worker, args) if args.register else None
     wait(worker)
-    if link is not None:
-        link.stop()
+    if worker.fenced:
+        log.error("worker %r fenced itself (its lease lapsed): exiting with status 3",
+                  args.name)
+        return 3
     log.info("worker stopped cleanly")
     return 0
 
 
-def _register(worker: StreamWorker, args: argparse.Namespace) -> RouterLink:
-    """Register with the router at ``--register`` and heartbeat to it (a started
-    :class:`~streamrnn.cluster.registration.RouterLink`)."""
-    from streamrnn.cluster.registration import RouterLink
+def _open_store(args: argparse.Namespace, box: dict[str, StreamWorker]
+                ) -> StreamStore | None:
+    """Connect to ``--store``, take the worker's lease, and return its stream store (None,
+    logged, when Redis cannot be reached or a live worker has the name)."""
+    from streamrnn.cluster.redis_checkpoints import open_worker_store
+    from streamrnn.errors import StoreError
 
-    def fenced(reason: str) -> None:
-        # another worker owns our streams now: exit without writing our checkpoint
-        log.error("exiting at once: %s", reason)
-        os._exit(3)
+    every_steps = args.checkpoint_every_steps or 0
+    try:
+        store = open_worker_store(args.store, args.name, _lease_info(args, box),
+                                  ttl_ms=args.lease_ttl_ms, model=os.path.basename(args.model),
+                                  every_s=args.checkpoint_every_s, every_steps=every_steps)
+    except StoreError as exc:
+        log.error("cannot start: %s", exc)
+        return None
+    log.info("worker lease held in %s, ttl %d ms", store.where, args.lease_ttl_ms)
+    return store
 
-    link = RouterLink(worker, args.register, args.name, heartbeat_s=args.heartbeat_s,
-                      advertise=args.advertise, on_fenced=fenced)
-    link.start()
-    log.info("registering with router %s as %r", args.register, args.name)
-    return link
+
+def _lease_info(args: argparse.Namespace, box: dict[str, StreamWorker]
+                ) -> Callable[[], dict[str, Any]]:
+    """What the worker's lease publishes on every renew: endpoint, CURVE key, load (no
+    room and no endpoint until the worker is bound)."""
+    curve_public = ""
+    if args.curve_secret_key:
+        import zmq.auth
+
+        curve_public = zmq.auth.load_certificate(args.curve_secret_key)[0].decode("ascii")
+
+    def info() -> dict[str, Any]:
+        worker = box.get("worker")
+        if worker is None or worker.endpoint is None:
+            return {"endpoint": "", "curve_public": curve_public, "capacity_left": 0,
+                    "streams": 0, "describe": {}}
+        engine = worker.engine
+        left = int(engine.capacity_left)
+        return {"endpoint": args.advertise or worker.endpoint, "curve_public": curve_public,
+                "capacity_left": left, "streams": int(engine.max_streams - left),
+                "describe": worker.describe()}
+
+    return info
 
 
 def _checkpoint_usable(path: Path, args: argparse.Namespace,
@@ -226,9 +273,9 @@ def _precheck(args: argparse.Namespace) -> bool:
 
 def _restore(worker: StreamWorker, args: argparse.Namespace) -> bool:
     """Resume the worker's checkpoint (its states must fit this model and --max-streams)."""
-    if worker.checkpointer is None:
-        return True
-    path = worker.checkpointer.path
+    if worker.store is None or not args.checkpoint_dir:
+        return True  # a Redis store restores each stream when it claims it
+    path = Path(worker.store.where)
     restored: list[int] = []
     if not _checkpoint_usable(path, args, lambda: restored.append(worker.restore_checkpoint())):
         return False

@@ -51,10 +51,10 @@ from streamrnn.protocol import (
     MessageType,
 )
 from streamrnn.serving.batching import GenerateGroup, GenerateOptions, Work
-from streamrnn.serving.durability import WorkerCheckpointer
 from streamrnn.serving.replies import Responder
 from streamrnn.serving.sequencing import CachedReply, SequenceTable, Verdict
 from streamrnn.serving.stats import Count, WorkerStats
+from streamrnn.serving.store import StreamStore
 
 __all__ = ["Applier"]
 
@@ -66,7 +66,7 @@ class Applier:
 
     def __init__(self, engine: EngineLike, caps: Capabilities, table: SequenceTable,
                  responder: Responder, stats: WorkerStats,
-                 checkpointer: WorkerCheckpointer | None,
+                 store: StreamStore | None,
                  describe: Callable[[], dict[str, Any]]):
         self.engine = engine
         #: the engine as its optional protocols, when it meets them (else None)
@@ -75,7 +75,7 @@ class Applier:
         self.table = table
         self.reply = responder
         self.stats = stats
-        self.checkpointer = checkpointer
+        self.store = store
         self.describe = describe
 
     # ---- sequence check ----------------------------------------------------------------
@@ -178,7 +178,7 @@ class Applier:
                 self.engine.close(stream)
             reply = (MessageType.ACK, {F_STREAM: stream, F_SEQ: seq, F_NEXT_SEQ: 0}, {})
             self.table.closed(stream, seq, reply)
-            if self.checkpointer is None:
+            if self.store is None:
                 return reply
             # ACK only once the close is on disk: a restart must not resurrect the stream
             # under an id the client may already reuse from seq 0

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -40,6 +40,7 @@ from streamrnn.serving.checkpoint import (
     save_checkpoint,
 )
 from streamrnn.serving.sequencing import CachedReply, SequenceTable
+from streamrnn.serving.store import WriteCadence
 
 log = logging.getLogger("streamrnn.durable")
 
@@ -54,21 +55,23 @@ def checkpoint_path(directory: str | os.PathLike, name: str) -> Path:
     return Path(directory) / f"{name}.ckpt"
 
 
-def _pack_reply(seq: int, reply: CachedReply) -> list[Any]:
+def pack_reply(seq: int, reply: CachedReply) -> list[Any]:
+    """A cached reply as msgpack-able ``[seq, type, header, {name: [dtype, shape, bytes]}]``."""
     msg_type, header, arrays = reply
     packed = {k: [str(a.dtype), list(a.shape), np.ascontiguousarray(a).tobytes()]
               for k, a in arrays.items()}
     return [int(seq), int(msg_type), dict(header), packed]
 
 
-def _unpack_reply(item: list[Any]) -> tuple[int, CachedReply]:
+def unpack_reply(item: list[Any]) -> tuple[int, CachedReply]:
+    """The inverse of :func:`pack_reply`: ``(seq, cached reply)``."""
     seq, msg_type, header, packed = item
     arrays = {k: np.frombuffer(buf, dtype=np.dtype(d).newbyteorder("<")).reshape(shape)
               .astype(d) for k, (d, shape, buf) in packed.items()}
     return int(seq), (MessageType(msg_type), dict(header), arrays)
 
 
-class WorkerCheckpointer:
+class WorkerCheckpointer(WriteCadence):
     """Writes and reads one worker's checkpoint file.
 
     Args:
@@ -81,36 +84,40 @@ class WorkerCheckpointer:
 
     def __init__(self, directory: str | os.PathLike, name: str = "worker", model: str = "",
                  every_steps: int = 0, every_s: float = 0.0):
-        if every_steps < 0 or every_s < 0:
-            raise ValueError("checkpoint intervals must be >= 0")
+        self._start_cadence(every_steps, every_s)
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.name = name
         self.model = model
-        self.every_steps = every_steps
-        self.every_s = every_s
         self.path = checkpoint_path(directory, name)
+        self.where = str(self.path)
         #: stream -> next_seq in the newest file on disk (everything below it is durable)
         self.durable: dict[str, int] = {}
         self.written = 0
         self.last_bytes = 0
         self.last_seconds = 0.0
-        self._steps_since = 0
-        self._last_write = time.monotonic()
 
-    # ---- when -------------------------------------------------------------------------
+    # ---- holding (StreamStore): one machine, every stream is this worker's -------------
 
-    def count_step(self, n: int = 1) -> None:
-        self._steps_since += n
+    def lease_valid(self) -> bool:
+        """Always True: a checkpoint directory has no leases."""
+        return True
 
-    def due(self, now: float | None = None) -> bool:
-        """True when a periodic checkpoint should be written (and something changed)."""
-        if self._steps_since == 0:
-            return False
-        if self.every_steps and self._steps_since >= self.every_steps:
-            return True
-        now = time.monotonic() if now is None else now
-        return bool(self.every_s) and now - self._last_write >= self.every_s
+    def holds(self, stream: str) -> bool:
+        """Always True: this worker serves every stream it is sent."""
+        return True
+
+    def acquire(self, streams: Iterable[str], engine: DurableEngine,
+                table: SequenceTable) -> set[str]:
+        """Every stream is held already: returns ``set(streams)``, restores nothing."""
+        return set(streams)
+
+    def report(self) -> dict[str, Any]:
+        """Nothing beyond the common STATS figures."""
+        return {}
+
+    def close(self) -> None:
+        """Nothing to let go: the file stays for the next start."""
 
     # ---- save -------------------------------------------------------------------------
 
@@ -129,8 +136,8 @@ class WorkerCheckpointer:
             state, steps = states.get(stream, (initial, 0))
             streams[stream] = StreamRecord(
                 [np.asarray(r) for r in state], next_seq, steps,
-                [_pack_reply(seq, reply) for seq, reply in replies])
-        closed = {s: _pack_reply(seq, reply) for s, (seq, reply) in table.export_closed().items()}
+                [pack_reply(seq, reply) for seq, reply in replies])
+        closed = {s: pack_reply(seq, reply) for s, (seq, reply) in table.export_closed().items()}
         # a WeightsFollower's weights-version pins
         pins = engine.pins() if isinstance(engine, SupportsPins) else {}
         ckpt = Checkpoint(self.model, engine.state_layout, streams, int(engine.weights_version),
@@ -138,9 +145,7 @@ class WorkerCheckpointer:
         self.last_bytes = save_checkpoint(self.path, ckpt)
         self.durable = {s: r.next_seq for s, r in streams.items()}
         self.written += 1
-        self._steps_since = 0
-        self._last_write = time.monotonic()
-        self.last_seconds = self._last_write - began
+        self.last_seconds = self._wrote() - began
         return self.durable
 
     # ---- restore ----------------------------------------------------------------------
@@ -154,15 +159,15 @@ class WorkerCheckpointer:
         if not self.path.exists():
             return 0
         ckpt = load_checkpoint(self.path, expect_layout=engine.state_layout)
-        self._import(ckpt, ckpt.streams, engine, table)
-        self._restore_pins(ckpt.extra.get("pins", {}), engine)  # absent in older files
+        self._import(ckpt.streams, engine, table)
+        restore_pins(self.where, ckpt.extra.get("pins", {}), engine)  # absent in older files
         for stream, item in ckpt.extra.get("closed", {}).items():
-            seq, reply = _unpack_reply(item)
+            seq, reply = unpack_reply(item)
             table.restore_closed(stream, seq, reply)
         version = int(engine.weights_version)
         if ckpt.weights_version != version:
             log.warning("checkpoint %s was written with weights version %d; serving %d",
-                        self.path, ckpt.weights_version, version)
+                        self.where, ckpt.weights_version, version)
         return len(ckpt.streams)
 
     def adopt(self, path: str | os.PathLike, streams: Iterable[str] | None,
@@ -176,49 +181,65 @@ class WorkerCheckpointer:
         wanted = ckpt.streams.keys() if streams is None else set(streams)
         chosen = {s: r for s, r in ckpt.streams.items()
                   if s in wanted and s not in table and s not in engine}
-        self._import(ckpt, chosen, engine, table)
+        self._import(chosen, engine, table)
         pins = ckpt.extra.get("pins", {})
-        self._restore_pins({s: v for s, v in pins.items() if s in chosen}, engine)
+        restore_pins(self.where, {s: v for s, v in pins.items() if s in chosen}, engine)
         return list(chosen)
 
-    def _restore_pins(self, pins: dict[str, int], engine: DurableEngine) -> None:
-        """Pin the restored streams to their weights versions again.
-
-        A version that can no longer be loaded (pruned from the publish directory) or an
-        engine without pins leaves the stream following the latest weights, with a warning.
-        """
-        if not pins:
-            return
-        if not isinstance(engine, SupportsPins):
-            log.warning("checkpoint %s pins %d streams to weights versions, but this worker "
-                        "does not follow published weights (--weights-from): pins dropped",
-                        self.path, len(pins))
-            return
-        for stream, version in pins.items():
-            try:
-                engine.pin(stream, int(version))
-            except (OSError, ValueError, KeyError, TypeError, StreamRNNError) as exc:
-                log.warning("stream %r was pinned to weights version %s, which cannot be "
-                            "loaded (%s): it follows the latest weights now", stream, version,
-                            exc)
-
-    def _import(self, ckpt: Checkpoint, records: dict[str, StreamRecord],
-                engine: DurableEngine, table: SequenceTable) -> None:
-        try:
-            unpacked = {s: [_unpack_reply(item) for item in r.replies]
-                        for s, r in records.items()}
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"checkpoint {self.path}: malformed reply cache: {exc}") \
-                from exc
-        try:
-            engine.import_states({s: (r.state, r.steps) for s, r in records.items()})
-        except EngineFullError as exc:
-            raise CheckpointError(
-                f"checkpoint holds {len(records)} streams but this worker has room for "
-                f"{engine.capacity_left} (raise --max-streams): {exc}") from exc
+    def _import(self, records: dict[str, StreamRecord], engine: DurableEngine,
+                table: SequenceTable) -> None:
+        import_records(self.where, records, engine, table)
         for stream, record in records.items():
-            table.restore(stream, record.next_seq, unpacked[stream])
             self.durable[stream] = record.next_seq
 
 
-__all__ = ["DurableEngine", "WorkerCheckpointer", "checkpoint_path"]
+
+def import_records(where: str, records: Mapping[str, StreamRecord], engine: DurableEngine,
+                   table: SequenceTable) -> None:
+    """Load ``records`` into ``engine`` (state rows, steps) and ``table`` (next seq, reply
+    cache). Raises CheckpointError, before changing anything, on a malformed reply cache or
+    when the engine has no room for them (``where`` names the source in the message)."""
+    try:
+        unpacked = {s: [unpack_reply(item) for item in r.replies] for s, r in records.items()}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {where}: malformed reply cache: {exc}") from exc
+    try:
+        engine.import_states({s: (r.state, r.steps) for s, r in records.items()})
+    except EngineFullError as exc:
+        raise CheckpointError(
+            f"checkpoint holds {len(records)} streams but this worker has room for "
+            f"{engine.capacity_left} (raise --max-streams): {exc}") from exc
+    for stream, record in records.items():
+        table.restore(stream, record.next_seq, unpacked[stream])
+
+
+def restore_pins(where: str, pins: Mapping[str, int], engine: DurableEngine) -> None:
+    """Pin restored streams to their weights versions again.
+
+    A version that can no longer be loaded (pruned from the publish directory) or an
+    engine without pins leaves the stream following the latest weights, with a warning.
+    """
+    if not pins:
+        return
+    if not isinstance(engine, SupportsPins):
+        log.warning("checkpoint %s pins %d streams to weights versions, but this worker "
+                    "does not follow published weights (--weights-from): pins dropped",
+                    where, len(pins))
+        return
+    for stream, version in pins.items():
+        try:
+            engine.pin(stream, int(version))
+        except (OSError, ValueError, KeyError, TypeError, StreamRNNError) as exc:
+            log.warning("stream %r was pinned to weights version %s, which cannot be "
+                        "loaded (%s): it follows the latest weights now", stream, version, exc)
+
+
+__all__ = [
+    "DurableEngine",
+    "WorkerCheckpointer",
+    "checkpoint_path",
+    "import_records",
+    "pack_reply",
+    "restore_pins",
+    "unpack_reply",
+]

@@ -53,9 +53,9 @@ class PushStep:
         outputs, failed = self._push(chunks, ready)
         carry += failed
         self._stats.step(time.monotonic() - began, len(ready) / self._engine.slots)
-        checkpointer = self._applier.checkpointer
-        if checkpointer is not None:
-            checkpointer.count_step()
+        store = self._applier.store
+        if store is not None:
+            store.count_step()
         self._answer(ready, outputs)
         return carry
 

@@ -11,8 +11,10 @@ The facade wires two threads, which share only their
   engine: it takes the work of each batching window, plans the round
   (:func:`~streamrnn.serving.batching.plan_batch`: which PUSHes step together, which
   coalesce, which GENERATEs run in one call), applies it exactly once per sequence number
-  (:mod:`streamrnn.serving.sequencing`), writes checkpoints
-  (:mod:`streamrnn.serving.durability`) and queues the replies.
+  (:mod:`streamrnn.serving.sequencing`), writes checkpoints to its store
+  (:class:`~streamrnn.serving.store.StreamStore`: the checkpoint directory of
+  :mod:`streamrnn.serving.durability`, or one given to the constructor, such as Redis) and
+  queues the replies.
 
 What the engine can do beyond :class:`~streamrnn.engine.interface.EngineLike` (generation,
 weight-version pins) is decided once, here (:func:`~streamrnn.engine.interface.capabilities_of`).
@@ -50,15 +52,25 @@ from streamrnn.serving.outbox import Channels, Outbox, WorkQueue
 from streamrnn.serving.sequencing import SequenceTable
 from streamrnn.serving.sockets import bind_client_socket
 from streamrnn.serving.stats import WorkerStats
+from streamrnn.serving.store import StreamStore
 
 __all__ = ["StreamWorker", "WorkerConfig", "freeze_heap"]
 
 
 class StreamWorker:
-    """Serves ``engine`` on ``config.bind`` until :meth:`stop`."""
+    """Serves ``engine`` on ``config.bind`` until :meth:`stop`.
+
+    Args:
+        engine: what serves the streams (the compute thread is its only user).
+        config: the worker's settings.
+        context: the ZeroMQ context (default: the process's shared one).
+        store: where streams are kept durable and which ones this worker may serve
+            (:class:`~streamrnn.serving.store.StreamStore`); default: the checkpoint
+            directory ``config.checkpoint_dir`` if set, else none (not durable).
+    """
 
     def __init__(self, engine: EngineLike, config: WorkerConfig,
-                 context: zmq.Context | None = None):
+                 context: zmq.Context | None = None, store: StreamStore | None = None):
         self.engine = engine
         self.config = config
         self.capabilities = capabilities_of(engine)
@@ -66,20 +78,32 @@ class StreamWorker:
         self.metrics = Metrics("worker")
         self.metrics.slots_total.set(engine.slots)
         self.metrics_port: int | None = None
-        self.checkpointer: WorkerCheckpointer | None = None
-        if config.checkpoint_dir:
-            self.checkpointer = WorkerCheckpointer(
+        if store is not None and config.checkpoint_dir:
+            raise ValueError("give a store or a checkpoint_dir, not both")
+        if store is None and config.checkpoint_dir:
+            store = WorkerCheckpointer(
                 config.checkpoint_dir, config.name, config.model_name,
                 config.checkpoint_every_steps, config.checkpoint_every_s)
+        self.store = store
         self._ctx = context or zmq.Context.instance()
         self._table = SequenceTable()
         self._channels = Channels(WorkQueue(config.max_queue), Outbox(),
                                   WorkerStats(self.metrics))
         self._compute = ComputeThread(engine, self.capabilities, config, self._channels,
-                                      self._table, self.checkpointer, self.describe, self.stats)
+                                      self._table, store, self.describe, self.stats)
         self._threads: list[threading.Thread] = []
 
     # ---- durability --------------------------------------------------------------------
+
+    @property
+    def checkpointer(self) -> StreamStore | None:
+        """The worker's store (its older name)."""
+        return self.store
+
+    @property
+    def fenced(self) -> bool:
+        """True once the store's lease lapsed and the worker fenced itself (and stopped)."""
+        return self._compute.fenced.is_set()
 
     @property
     def sequences(self) -> SequenceTable:
@@ -93,18 +117,13 @@ class StreamWorker:
         Returns how many streams were restored (0 without a file). A corrupt, truncated or
         foreign file raises :class:`~streamrnn.errors.CheckpointError`; nothing loads.
         """
-        if self.checkpointer is None:
+        if self.store is None:
             return 0
-        return self.checkpointer.restore(self.engine, self._table)
+        return self.store.restore(self.engine, self._table)
 
     def call_in_compute(self, fn: Callable[[], Any]) -> Future:
         """Run ``fn()`` on the compute thread between steps (it owns the engine)."""
         return self._compute.call(fn)
-
-    def adopt(self, path: str, streams: list[str] | None = None) -> Future:
-        """Take over ``streams`` of another worker's checkpoint file (failover); the Future
-        gives the adopted ids once they are in this worker's own checkpoint."""
-        return self.call_in_compute(lambda: self._compute.adopt(path, streams))
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -146,7 +165,7 @@ class StreamWorker:
     def stats(self) -> dict[str, Any]:
         """Counters of the worker plus the engine's stats (the STATS reply's ``stats``)."""
         counts, errors = self._channels.stats.snapshot()
-        ckpt = self.checkpointer
+        ckpt = self.store
         return {
             "uptime_s": round(time.monotonic() - self._channels.stats.started, 3),
             "queue_depth": self._channels.requests.qsize(),
@@ -158,8 +177,9 @@ class StreamWorker:
             "engine": _plain(self.engine.stats()),
             "checkpoint_dir": self.config.checkpoint_dir,
             "checkpoint": None if ckpt is None else {
-                "path": str(ckpt.path), "written": ckpt.written, "bytes": ckpt.last_bytes,
-                "seconds": round(ckpt.last_seconds, 6), "streams": len(ckpt.durable)},
+                "path": ckpt.where, "written": ckpt.written, "bytes": ckpt.last_bytes,
+                "seconds": round(ckpt.last_seconds, 6), "streams": len(ckpt.durable),
+                **ckpt.report()},
         }
 
     def describe(self) -> dict[str, Any]:

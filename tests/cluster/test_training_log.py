@@ -82,3 +82,29 @@ def test_malformed_entries_come_back_unusable():
     for fields in bad:
         entry = decode_entry("1-0", fields)
         assert entry.record is None and entry.problem, fields
+
+
+def test_the_log_works_on_a_3_master_redis_cluster(tmp_path):
+    """Both keys share the {train} tag: the append script and the group commands run on a
+    Redis Cluster as on one server."""
+    from streamrnn.cluster.redis_store import RedisStore
+    from tests.helpers.redis_server import start_cluster
+
+    cluster = start_cluster(tmp_path, masters=3)
+    store = RedisStore.from_url(cluster.url + "?prefix=c")
+    try:
+        client = store.client
+        log = _log(store)
+        assert client.cluster_keyslot(log.key) == client.cluster_keyslot(log.seqs_key)
+        ids = log.append([LogRecord(f"s{k}", 0, "push", _chunk(2 + k)) for k in range(5)])
+        assert all(ids) and log.append([LogRecord("s0", 0, "push", _chunk(2))]) == [""]
+        assert log.sequences() == {f"s{k}": (1, [2 + k]) for k in range(5)}
+        got = log.read(count=10, block_ms=100)
+        assert [e.id for e in got] == ids
+        other = _log(store, "t2")
+        assert other.claim_stale(0) == 0 and len(other.pending("0-0", 10)) == 5
+        other.ack(ids)
+        assert other.backlog() == 0
+    finally:
+        store.close()
+        cluster.stop()

@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from streamrnn.cli import lifecycle
+from streamrnn.cli.keys import add_checkpoint_key_argument
 from streamrnn.cli.lifecycle import log_ready, stop_on_signals, wait
 from streamrnn.logs import add_logging_arguments, configure_logging
 from streamrnn.metrics import Metrics, add_metrics_argument, metrics_url
@@ -90,6 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--publish-dir", default=None,
                         help="publish weights-v{N}.npz and LATEST here for live workers")
     parser.add_argument("--publish-every", type=int, default=100)
+    add_checkpoint_key_argument(parser, "signs the published weights")
     parser.add_argument("--keep-versions", type=int, default=5,
                         help="published versions kept on disk (0: all)")
     parser.add_argument("--loss-png", default=None,
@@ -128,7 +130,6 @@ def _progress_table(p: dict) -> object:
 def run(args: argparse.Namespace) -> int:
     """Train until SIGTERM/SIGINT; returns the exit status."""
     configure_logging(args.log_level, args.log_format)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from streamrnn.errors import CheckpointError, InvalidInputError, StoreError
     from streamrnn.training.checkpoint import TrainerCheckpoint
 
@@ -212,6 +213,7 @@ def _finish(consumer: LogConsumer) -> bool:
 def _build(args: argparse.Namespace) -> tuple[OnlineTrainer, Metrics | None]:
     """The online trainer (resumed from ``--checkpoint`` if it exists) and its metrics."""
     from streamrnn.executors.models import load_model
+    from streamrnn.security import checkpoint_key
     from streamrnn.training.config import TrainConfig
     from streamrnn.training.online import OnlineTrainer
     from streamrnn.training.trainer import FreeRunningTrainer
@@ -232,6 +234,7 @@ def _build(args: argparse.Namespace) -> tuple[OnlineTrainer, Metrics | None]:
         trainer, checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
         publish_dir=args.publish_dir, publish_every=args.publish_every,
         keep_versions=args.keep_versions, paired=args.paired, metrics=metrics,
+        publish_key=checkpoint_key(args.checkpoint_key),
     )
     if online.resumed:
         log.info("resumed from %s at step %d (weights v%d, %d streams)", args.checkpoint,

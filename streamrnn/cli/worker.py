@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from streamrnn.cli import lifecycle
+from streamrnn.cli.keys import add_checkpoint_key_argument
 from streamrnn.cli.lifecycle import log_ready, stop_on_signals, wait
 from streamrnn.logs import add_logging_arguments, configure_logging
 from streamrnn.metrics import add_metrics_argument, metrics_url
@@ -109,6 +110,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--ignore-bad-checkpoint", action="store_true",
                         help="start empty if the checkpoint is corrupt (the bad file is moved "
                              "aside to <name>.ckpt.bad-<time>); default: refuse to start")
+    add_checkpoint_key_argument(parser, "signs the checkpoints and checks the --weights-from "
+                                        "files")
     parser.add_argument("--name", default=defaults.name,
                         help="this worker's name (checkpoint file name; with --store unique "
                              "among live workers)")
@@ -136,8 +139,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit status."""
     configure_logging(args.log_level, args.log_format)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if not _precheck(args):
+    from streamrnn.errors import CheckpointError
+    from streamrnn.security import checkpoint_key, checkpoint_key_file
+
+    args.checkpoint_key = checkpoint_key_file(args.checkpoint_key)  # or $STREAMRNN_CHECKPOINT_KEY
+    try:
+        key = checkpoint_key(args.checkpoint_key)
+    except CheckpointError as exc:
+        log.error("refusing to start: %s", exc)
+        return 2
+    if not _precheck(args, key):
         return 2
     from streamrnn.engine.engine import Engine
     from streamrnn.errors import NotSupportedError, UnsupportedModelError
@@ -158,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
     if args.weights_from:
         from streamrnn.engine.weights import WeightsFollower
 
-        engine = WeightsFollower(engine, args.weights_from, poll_s=args.weights_poll_s)
+        engine = WeightsFollower(engine, args.weights_from, poll_s=args.weights_poll_s, key=key)
     config = WorkerConfig(
         bind=args.bind, batch_window_us=args.batch_window_us, max_queue=args.max_queue,
         coalesce_steps=args.max_bucket if args.coalesce_steps is None else args.coalesce_steps,
@@ -169,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
                                 else args.checkpoint_every_steps),
         checkpoint_every_s=args.checkpoint_every_s, name=args.name,
         curve_secret_key=args.curve_secret_key, curve_allow=args.curve_allow,
+        checkpoint_key=args.checkpoint_key,
         metrics_port=args.metrics_port,
     )
     box: dict[str, StreamWorker] = {}
@@ -258,8 +270,9 @@ def _checkpoint_usable(path: Path, args: argparse.Namespace,
     return True
 
 
-def _precheck(args: argparse.Namespace) -> bool:
-    """Before loading TensorFlow: is the checkpoint file (if any) intact?"""
+def _precheck(args: argparse.Namespace, key: bytes | None) -> bool:
+    """Before loading TensorFlow: is the checkpoint file (if any) intact (and signed with
+    ``key``, if given)?"""
     from streamrnn.serving.checkpoint import load_checkpoint
     from streamrnn.serving.durability import checkpoint_path
 
@@ -268,7 +281,7 @@ def _precheck(args: argparse.Namespace) -> bool:
     path = checkpoint_path(args.checkpoint_dir, args.name)
     if not path.exists():
         return True
-    return _checkpoint_usable(path, args, lambda: load_checkpoint(path))
+    return _checkpoint_usable(path, args, lambda: load_checkpoint(path, key=key))
 
 
 def _restore(worker: StreamWorker, args: argparse.Namespace) -> bool:

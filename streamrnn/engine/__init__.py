@@ -6,8 +6,9 @@ Modules: ``interface`` (the protocols every engine-like object and executor meet
 ``slots`` (stream -> slot table), ``residency`` (resident or swapped to host memory),
 ``state`` (the Keras executor's state rows), ``validation`` (chunk checks), ``sampling``
 (pure feedback and sampling rules), ``token_ops`` (token picking in TF ops), ``generate``
-(closed-loop decoding), ``seq2seq`` (encoder-decoder engine), ``weights`` (publish / follow
-weight versions). ``interface``, ``slots``, ``residency``,
+(closed-loop decoding), ``seq2seq`` (encoder-decoder engine), ``weights`` (follow and pin
+weight versions), ``weight_files`` (publish / read ``weights-v{N}.npz`` files, signed with
+an optional HMAC key). ``interface``, ``slots``, ``residency``,
 ``validation`` and ``sampling`` import no TensorFlow.
 
 Importing this package imports no TensorFlow; ``Engine`` is loaded on first use.

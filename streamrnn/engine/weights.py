@@ -1,9 +1,10 @@
 """Versioned weights on disk: the trainer publishes, live workers follow (and streams pin).
 
-A publish directory holds ``weights-v{N}.npz`` files (the model's ``get_weights()`` list as
-``w0, w1, ...`` plus a JSON ``meta`` entry) and a ``LATEST`` file naming the newest one.
-Both are written atomically (temp file, fsync, rename), weights file first, so a reader
-that follows ``LATEST`` always finds a whole file.
+A publish directory holds ``weights-v{N}.npz`` files and a ``LATEST`` file naming the
+newest one (:mod:`streamrnn.engine.weight_files`, whose functions this module re-exports).
+A version that cannot be served (unreadable, a pickled array, weights of another shape, not
+signed with the follower's ``key``) is logged once, with the reason, and skipped: the
+follower keeps serving the weights it has.
 
 :class:`WeightsFollower` wraps an :class:`~streamrnn.Engine`: between steps (before each
 push/generate) it checks ``LATEST`` at most every ``poll_s`` seconds and swaps in a newer
@@ -23,9 +24,8 @@ Example::
 
 from __future__ import annotations
 
-import json
+import logging
 import os
-import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -33,10 +33,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from streamrnn.atomic import atomic_write
 from streamrnn.engine.interface import StateSnapshot
+from streamrnn.engine.weight_files import (
+    LATEST,
+    latest_version,
+    list_versions,
+    load_weights,
+    publish_weights,
+    weights_filename,
+)
 from streamrnn.errors import InvalidInputError
-from streamrnn.protocol import ErrorCode
 
 if TYPE_CHECKING:
     from streamrnn.engine.engine import Engine
@@ -54,80 +60,8 @@ __all__ = [
     "weights_filename",
 ]
 
-LATEST = "LATEST"
-_NAME = re.compile(r"^weights-v(\d+)\.npz$")
-
-
-def weights_filename(version: int) -> str:
-    """The file name of weights ``version`` in a publish directory."""
-    return f"weights-v{int(version)}.npz"
-
-
-def publish_weights(
-    directory: str | os.PathLike, weights: list[np.ndarray], version: int,
-    meta: Mapping[str, Any] | None = None, keep: int = 5,
-) -> Path:
-    """Write ``weights`` as version ``version`` and point ``LATEST`` at it.
-
-    Older versions beyond the newest ``keep`` are deleted (``keep=0`` keeps all).
-    Returns the weights file's path.
-    """
-    if version < 1:
-        raise InvalidInputError(f"weights versions start at 1, got {version}", ErrorCode.BAD_VALUE)
-    root = Path(directory)
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / weights_filename(version)
-    info = {"version": int(version), "time": time.time(), **(meta or {})}
-    arrays = {f"w{i}": np.asarray(w) for i, w in enumerate(weights)}
-    arrays["meta"] = np.frombuffer(json.dumps(info).encode(), np.uint8)
-    atomic_write(path, lambda f: np.savez(f, **arrays))
-    atomic_write(root / LATEST, lambda f: f.write(f"{path.name}\n".encode()))
-    if keep > 0:
-        for old in sorted(list_versions(root))[:-keep]:
-            if old != version:
-                (root / weights_filename(old)).unlink(missing_ok=True)
-    return path
-
-
-def list_versions(directory: str | os.PathLike) -> list[int]:
-    """Versions present in ``directory``, ascending."""
-    root = Path(directory)
-    if not root.is_dir():
-        return []
-    found = (_NAME.match(p.name) for p in root.iterdir())
-    return sorted(int(m.group(1)) for m in found if m)
-
-
-def latest_version(directory: str | os.PathLike) -> int | None:
-    """The version ``LATEST`` names, or None when nothing is published yet."""
-    try:
-        name = (Path(directory) / LATEST).read_text().strip()
-    except FileNotFoundError:
-        return None
-    match = _NAME.match(name)
-    if not match:
-        raise InvalidInputError(f"{LATEST} in {directory} names {name!r}, not a weights file",
-                                ErrorCode.BAD_VALUE)
-    return int(match.group(1))
-
-
-def load_weights(directory: str | os.PathLike, version: int | None = None
-                 ) -> tuple[list[np.ndarray], dict[str, Any]]:
-    """The weights list and meta of ``version`` (default: the latest)."""
-    if version is None:
-        version = latest_version(directory)
-        if version is None:
-            raise InvalidInputError(f"no weights published in {directory}", ErrorCode.BAD_VALUE)
-    path = Path(directory) / weights_filename(version)
-    if not path.exists():
-        raise InvalidInputError(f"weights version {version} is not in {directory} (have "
-                                f"{list_versions(directory)})", ErrorCode.BAD_VALUE)
-    with np.load(path, allow_pickle=False) as data:
-        n = sum(1 for k in data.files if k.startswith("w"))
-        weights = [data[f"w{i}"] for i in range(n)]
-        meta = json.loads(bytes(data["meta"]).decode())
-    return weights, meta
-
+log = logging.getLogger("streamrnn.weights")
+_REMEMBERED_BAD = 64  # bad versions remembered (so each is logged once)
 
 class WeightsFollower:
     """An Engine that follows a publish directory between steps and honours version pins.
@@ -142,13 +76,18 @@ class WeightsFollower:
         engine: the :class:`~streamrnn.Engine` to update.
         directory: the trainer's ``--publish-dir``.
         poll_s: check ``LATEST`` at most this often (0: before every step).
+        key: the checkpoint key: only weights files signed with it are loaded.
     """
 
-    def __init__(self, engine: Engine, directory: str | os.PathLike, poll_s: float = 0.5):
+    def __init__(self, engine: Engine, directory: str | os.PathLike, poll_s: float = 0.5,
+                 key: bytes | None = None):
         self.engine = engine
         self.directory = Path(directory)
         self.poll_s = poll_s
+        self.key = key
         self.swaps = 0
+        #: version -> (mtime_ns, size) of a file that could not be served (logged once)
+        self._bad: dict[int | str, tuple[int, int] | str] = {}
         self._next_poll = 0.0
         self._pins: dict[str, int] = {}
         self._cache: dict[int, list[np.ndarray]] = {}
@@ -253,26 +192,50 @@ class WeightsFollower:
     # ---- following ---------------------------------------------------------------------
 
     def poll(self, force: bool = False) -> bool:
-        """Load a newer published version if there is one; True if the engine swapped."""
+        """Load a newer published version if there is one; True if the engine swapped.
+
+        A version that cannot be served is logged once (with the reason) and skipped until
+        its file changes; the engine keeps the weights it has."""
         now = time.monotonic()
         if not force and now < self._next_poll:
             return False
         self._next_poll = now + self.poll_s
         try:
             version = latest_version(self.directory)
-        except InvalidInputError:
+        except (InvalidInputError, OSError) as exc:
+            self._refuse(LATEST, str(exc), str(exc))
             return False
         if version is None or version <= self.engine.weights_version:
             return False
         try:
-            weights, _ = load_weights(self.directory, version)
-        except (InvalidInputError, OSError, ValueError):
-            return False  # pruned or half-visible on an odd filesystem: try again later
-        self.engine.set_weights(weights, version)
+            stat = (self.directory / weights_filename(version)).stat()
+        except FileNotFoundError:
+            return False  # pruned, or not visible yet on an odd filesystem: try again later
+        mark = (stat.st_mtime_ns, stat.st_size)
+        if self._bad.get(version) == mark:
+            return False
+        try:
+            weights, _ = load_weights(self.directory, version, key=self.key)
+            self.engine.set_weights(weights, version)
+        except FileNotFoundError:
+            return False
+        except (InvalidInputError, OSError, ValueError, TypeError) as exc:
+            self._refuse(version, mark, f"weights version {version} in {self.directory} "
+                                        f"cannot be served: {exc}")
+            return False
         self._latest_weights = weights
         self.swaps += 1
         self.engine.retain_weights(self._pins.values())
         return True
+
+    def _refuse(self, what: int | str, mark: tuple[int, int] | str, reason: str) -> None:
+        """Log ``reason`` once per ``what`` (a version, or LATEST) and ``mark`` (its file)."""
+        if self._bad.get(what) == mark:
+            return
+        self._bad[what] = mark
+        while len(self._bad) > _REMEMBERED_BAD:
+            del self._bad[next(iter(self._bad))]
+        log.error("%s; still serving weights version %d", reason, self.engine.weights_version)
 
     # ---- pins --------------------------------------------------------------------------
 
@@ -284,7 +247,7 @@ class WeightsFollower:
             # (version 0, the model file's own weights, is never published)
             self._cache.setdefault(version, self._latest_weights)
         elif version not in self._cache:
-            self._cache[version] = load_weights(self.directory, version)[0]
+            self._cache[version] = load_weights(self.directory, version, key=self.key)[0]
         self._pins[stream] = version
 
     def unpin(self, stream: str) -> None:
@@ -302,7 +265,7 @@ class WeightsFollower:
         if version == self.engine.weights_version:
             return self._latest_weights
         if version not in self._cache:
-            self._cache[version] = load_weights(self.directory, version)[0]
+            self._cache[version] = load_weights(self.directory, version, key=self.key)[0]
         return self._cache[version]
 
     # ---- the Engine verbs that run steps -----------------------------------------------

@@ -36,6 +36,8 @@ class WorkerConfig:
     checkpoint_dir: str | None = None  # write/restore checkpoints here (None: not durable)
     checkpoint_every_steps: int = 100  # write after this many batched steps (0: not by count)
     checkpoint_every_s: float = 1.0  # write when this much time passed (0: not by time)
+    # HMAC key file: sign checkpoints (and check the weights followed) with it; None: SHA-256
+    checkpoint_key: str | None = None
     name: str = "worker"  # this worker's name: its checkpoint is <checkpoint_dir>/<name>.ckpt
     curve_secret_key: str | None = None  # CURVE server key file (.key_secret); None: plain
     curve_allow: str | None = None  # allowed client public keys: a .key file or a directory

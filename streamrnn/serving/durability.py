@@ -80,11 +80,14 @@ class WorkerCheckpointer(WriteCadence):
         model: the model's name, stored in the file (informational).
         every_steps: write after this many engine steps (batched pushes); 0: never by count.
         every_s: write when this many seconds passed since the last write; 0: never by time.
+        key: the checkpoint key (``--checkpoint-key``): files are signed with it (HMAC-SHA256)
+            and only files signed with it are read; None: SHA-256 only.
     """
 
     def __init__(self, directory: str | os.PathLike, name: str = "worker", model: str = "",
-                 every_steps: int = 0, every_s: float = 0.0):
+                 every_steps: int = 0, every_s: float = 0.0, key: bytes | None = None):
         self._start_cadence(every_steps, every_s)
+        self.key = key
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.name = name
@@ -142,7 +145,7 @@ class WorkerCheckpointer(WriteCadence):
         pins = engine.pins() if isinstance(engine, SupportsPins) else {}
         ckpt = Checkpoint(self.model, engine.state_layout, streams, int(engine.weights_version),
                           extra={"closed": closed, "worker": self.name, "pins": dict(pins)})
-        self.last_bytes = save_checkpoint(self.path, ckpt)
+        self.last_bytes = save_checkpoint(self.path, ckpt, key=self.key)
         self.durable = {s: r.next_seq for s, r in streams.items()}
         self.written += 1
         self.last_seconds = self._wrote() - began
@@ -158,7 +161,7 @@ class WorkerCheckpointer(WriteCadence):
         """
         if not self.path.exists():
             return 0
-        ckpt = load_checkpoint(self.path, expect_layout=engine.state_layout)
+        ckpt = load_checkpoint(self.path, expect_layout=engine.state_layout, key=self.key)
         self._import(ckpt.streams, engine, table)
         restore_pins(self.where, ckpt.extra.get("pins", {}), engine)  # absent in older files
         for stream, item in ckpt.extra.get("closed", {}).items():
@@ -177,7 +180,7 @@ class WorkerCheckpointer(WriteCadence):
         Streams this worker already holds are left alone. Returns the adopted stream ids;
         the caller should :meth:`save` right after, so they are durable here too.
         """
-        ckpt = load_checkpoint(path, expect_layout=engine.state_layout)
+        ckpt = load_checkpoint(path, expect_layout=engine.state_layout, key=self.key)
         wanted = ckpt.streams.keys() if streams is None else set(streams)
         chosen = {s: r for s, r in ckpt.streams.items()
                   if s in wanted and s not in table and s not in engine}

@@ -44,6 +44,7 @@ import zmq
 from streamrnn.engine.interface import EngineLike, capabilities_of
 from streamrnn.metrics import Metrics
 from streamrnn.protocol import MAX_CHUNK_STEPS, MAX_MESSAGE_BYTES, REPLY_CACHE_SIZE
+from streamrnn.security import load_hmac_key
 from streamrnn.serving.compute import ComputeThread
 from streamrnn.serving.config import WorkerConfig
 from streamrnn.serving.durability import WorkerCheckpointer
@@ -83,7 +84,8 @@ class StreamWorker:
         if store is None and config.checkpoint_dir:
             store = WorkerCheckpointer(
                 config.checkpoint_dir, config.name, config.model_name,
-                config.checkpoint_every_steps, config.checkpoint_every_s)
+                config.checkpoint_every_steps, config.checkpoint_every_s,
+                key=load_hmac_key(config.checkpoint_key) if config.checkpoint_key else None)
         self.store = store
         self._ctx = context or zmq.Context.instance()
         self._table = SequenceTable()

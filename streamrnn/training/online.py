@@ -70,6 +70,7 @@ class OnlineTrainer(EngineLike):
         publish_dir: where weights versions are published, or None.
         publish_every: optimizer steps between published versions.
         keep_versions: published versions kept in ``publish_dir``.
+        publish_key: sign the published weights with this HMAC key (``--checkpoint-key``).
         paired: chunks carry explicit targets (see the module docstring).
         metrics: the worker's metrics (``train_steps``, ``train_loss``, ...), or None.
     """
@@ -83,6 +84,7 @@ class OnlineTrainer(EngineLike):
         publish_dir: str | os.PathLike | None = None,
         publish_every: int = 100,
         keep_versions: int = 5,
+        publish_key: bytes | None = None,
         paired: bool = False,
         metrics: Any = None,
     ):
@@ -95,6 +97,7 @@ class OnlineTrainer(EngineLike):
         self.publish_dir = Path(publish_dir) if publish_dir else None
         self.publish_every = publish_every
         self.keep_versions = keep_versions
+        self.publish_key = publish_key
         self.paired = paired
         self.metrics = metrics
         self.resumed = False
@@ -310,7 +313,7 @@ class OnlineTrainer(EngineLike):
         publish_weights(
             self.publish_dir, self.trainer.model.get_weights(), self.trainer.version,
             {"step": self.trainer.step, "loss": _finite(self.trainer.last_loss),
-             "mode": self.trainer.config.mode}, keep=self.keep_versions,
+             "mode": self.trainer.config.mode}, keep=self.keep_versions, key=self.publish_key,
         )
         self._last_publish = self.trainer.step
         if self.metrics is not None:

@@ -77,6 +77,7 @@ from streamrnn.wirecheck import (
     echo_context,
     is_int,
     read_type_byte,
+    salvage_context,
     unpack_header,
 )
 
@@ -263,6 +264,18 @@ def _check_message(
     return Message(msg_type, header, arrays)
 
 
+def _read_header(views: list[memoryview], max_frames: int, max_header: int,
+                 container_len: int) -> dict[str, Any]:
+    """The strictly decoded header after the frame checks; a failure of either still
+    carries the rid (stream, seq) when the header frame is readable."""
+    try:
+        check_frames(views, max_frames, max_header)
+        return unpack_header(views[1], container_len)
+    except ProtocolError as exc:
+        exc.context = salvage_context(views, max_header)
+        raise
+
+
 def _decode(
     frames: Sequence[FrameLike], allowed_types: frozenset[MessageType],
     schemas: Mapping[MessageType, Schema],
@@ -270,8 +283,7 @@ def _decode(
     container_len: int,
 ) -> Message:
     views = [as_view(f) for f in frames]
-    check_frames(views, MAX_FRAMES, MAX_HEADER_BYTES)
-    header = unpack_header(views[1], container_len)
+    header = _read_header(views, MAX_FRAMES, MAX_HEADER_BYTES, container_len)
     type_byte = read_type_byte(views[0], echo_context(header))
     return _check_message(type_byte, header, frames[2:], allowed_types, schemas, array_specs)
 
@@ -290,13 +302,15 @@ _SINGLE_REQUESTS = REQUEST_TYPES - {MessageType.BATCH}
 _SINGLE_REPLIES = REPLY_TYPES - {MessageType.BATCH_REPLY}
 
 
-def decode_request(frames: Sequence[FrameLike]) -> Message:
+def decode_request(frames: Sequence[FrameLike], check_steps: bool = True) -> Message:
     """Decode a client request (frames without the identity). Raises ProtocolError.
 
     A BATCH envelope is not a request of its own: check :func:`is_batch` first and
-    decode it with :func:`decode_batch`."""
+    decode it with :func:`decode_batch`. ``check_steps=False`` leaves a chunk or prompt of
+    more than ``MAX_CHUNK_STEPS`` timesteps to the caller (a worker answers it after the
+    stream's sequence check, with ``expected``)."""
     msg = _decode(frames, _SINGLE_REQUESTS, REQUEST_SCHEMAS, REQUEST_ARRAYS, MAX_CONTAINER_LEN)
-    return _check_chunk_steps(msg)
+    return _check_chunk_steps(msg) if check_steps else msg
 
 
 def decode_reply(frames: Sequence[FrameLike]) -> Message:
@@ -314,7 +328,7 @@ def is_batch(frames: Sequence[FrameLike]) -> bool:
     return view.nbytes == 1 and view[0] in (MessageType.BATCH, MessageType.BATCH_REPLY)
 
 
-def decode_batch(frames: Sequence[FrameLike], replies: bool = False
+def decode_batch(frames: Sequence[FrameLike], replies: bool = False, check_steps: bool = True
                  ) -> tuple[dict[str, Any], list[Message | ProtocolError]]:
     """Decode a BATCH (``replies=False``) or BATCH_REPLY envelope.
 
@@ -322,13 +336,13 @@ def decode_batch(frames: Sequence[FrameLike], replies: bool = False
     read-only views into the payload frame) or the :class:`~streamrnn.errors.ProtocolError`
     that part alone failed with (its ``context`` holds the part's rid, stream and seq when
     they are readable). Raises ProtocolError when the envelope itself is unusable (then no
-    part can be trusted).
+    part can be trusted; its ``context`` holds the envelope header's own rid, when
+    readable). ``check_steps``: as for :func:`decode_request`.
     """
     envelope = MessageType.BATCH_REPLY if replies else MessageType.BATCH
     views = [as_view(f) for f in frames]
-    check_frames(views, 3, MAX_BATCH_HEADER_BYTES)
     container_len = _REPLY_CONTAINER_LEN if replies else MAX_CONTAINER_LEN
-    header = unpack_header(views[1], container_len)
+    header = _read_header(views, 3, MAX_BATCH_HEADER_BYTES, container_len)
     ctx = echo_context(header)
     if read_type_byte(views[0], ctx) != envelope:
         raise ProtocolError(f"not a {envelope.name} envelope", context=ctx)
@@ -362,7 +376,7 @@ def decode_batch(frames: Sequence[FrameLike], replies: bool = False
         try:
             msg = _check_message(type_byte, part_header,
                                  [payload[o:o + n] for o, n in regions], allowed, schemas, specs)
-            parts.append(msg if replies else _check_chunk_steps(msg))
+            parts.append(msg if replies or not check_steps else _check_chunk_steps(msg))
         except ProtocolError as exc:
             parts.append(exc)
     return header, parts

@@ -56,6 +56,7 @@ __all__ = [
     "echo_context",
     "is_int",
     "read_type_byte",
+    "salvage_context",
     "unpack_header",
 ]
 
@@ -277,6 +278,21 @@ def unpack_header(view: memoryview, container_len: int) -> dict[str, Any]:
     if type(header) is not dict:
         raise ProtocolError(f"header must be a msgpack map, got {type(header).__name__}")
     return header
+
+
+def salvage_context(views: Sequence[memoryview], max_header: int) -> dict[str, Any]:
+    """The matching fields (rid, stream, seq) of a message that failed before its header
+    was decoded strictly (too many frames, a message too big, a string or list over the
+    header limits, a msgpack bin or ext), read leniently from a header frame of at most
+    ``max_header`` bytes; ``{}`` when there is no such frame or it is not a msgpack map."""
+    if len(views) < 2 or views[1].nbytes > max_header:
+        return {}
+    try:
+        header = msgpack.unpackb(views[1], raw=False, strict_map_key=False,
+                                 unicode_errors="surrogateescape")
+    except Exception:  # not msgpack at all: nothing to echo
+        return {}
+    return echo_context(header) if type(header) is dict else {}
 
 
 def read_type_byte(view: memoryview, ctx: dict) -> int:

@@ -57,7 +57,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--max-queue", type=int, default=defaults.max_queue,
                         help="requests waiting for compute before the worker answers BUSY")
     parser.add_argument("--idle-timeout-s", type=float, default=defaults.idle_timeout_s,
-                        help="expire streams idle this long, answering EXPIRED (0: never)")
+                        help="expire streams idle this long, answering EXPIRED (0: never; "
+                             "default: %(default)s)")
+    parser.add_argument("--reply-cache-stream-bytes", type=int,
+                        default=defaults.reply_cache_stream_bytes,
+                        help="bytes of cached reply arrays kept per stream to answer resent "
+                             "requests; a bigger reply is not cached (default: %(default)s)")
+    parser.add_argument("--reply-cache-bytes", type=int, default=defaults.reply_cache_bytes,
+                        help="bytes of cached reply arrays kept in all, oldest dropped "
+                             "first (default: %(default)s)")
+    parser.add_argument("--max-generate-steps", type=int, default=defaults.max_generate_steps,
+                        help="steps one GENERATE may ask for (more: BAD_VALUE); also the "
+                             "GENERATE steps run between two pushes of the other streams "
+                             "(default: %(default)s)")
     parser.add_argument("--max-frame-bytes", type=int, default=defaults.max_frame_bytes,
                         help="ZMQ_MAXMSGSIZE: peers sending a bigger frame are disconnected")
     parser.add_argument("--max-bucket", type=int, default=64,
@@ -181,7 +193,9 @@ def run(args: argparse.Namespace) -> int:
         checkpoint_every_s=args.checkpoint_every_s, name=args.name,
         curve_secret_key=args.curve_secret_key, curve_allow=args.curve_allow,
         checkpoint_key=args.checkpoint_key,
-        metrics_port=args.metrics_port,
+        metrics_port=args.metrics_port, reply_cache_bytes=args.reply_cache_bytes,
+        reply_cache_stream_bytes=args.reply_cache_stream_bytes,
+        max_generate_steps=args.max_generate_steps,
     )
     box: dict[str, StreamWorker] = {}
     store = _open_store(args, box) if args.store else None

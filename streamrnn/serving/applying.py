@@ -192,6 +192,8 @@ class Applier:
     # ---- GENERATE ----------------------------------------------------------------------
 
     def _generate(self, work: Work) -> CachedReply:
+        if work.invalid is not None:  # over a limit (streamrnn.serving.quotas.over_limits)
+            raise work.invalid
         if self.generator is None:
             raise NotSupportedError("this worker's engine does not support GENERATE yet")
         header = work.msg.header
@@ -207,9 +209,13 @@ class Applier:
         changing any state)."""
         by_pin: dict[int | None, dict[str, Work]] = {}
         for work in group.works:
-            if self.admit(work) is not None:
-                pin = self.pins.pinned(work.stream) if self.pins is not None else None
-                by_pin.setdefault(pin, {})[work.stream] = work
+            if self.admit(work) is None:
+                continue
+            if work.invalid is not None:  # over a limit: answered alone, with its error
+                self._apply_admitted(work, work.seq)
+                continue
+            pin = self.pins.pinned(work.stream) if self.pins is not None else None
+            by_pin.setdefault(pin, {})[work.stream] = work
         for members in by_pin.values():
             self._generate_many(group.options, members)
 

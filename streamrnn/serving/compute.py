@@ -40,6 +40,7 @@ from streamrnn.serving.applying import Applier
 from streamrnn.serving.batching import Work, plan_batch
 from streamrnn.serving.config import WorkerConfig
 from streamrnn.serving.outbox import Channels
+from streamrnn.serving.quotas import limit_generates
 from streamrnn.serving.replies import Responder
 from streamrnn.serving.sequencing import SequenceTable
 from streamrnn.serving.stats import Count
@@ -161,7 +162,9 @@ class ComputeThread(threading.Thread):
     def _process(self, batch: list[Work]) -> None:
         if self.store is not None:
             batch = self._held_only(batch)
-        plan = plan_batch(batch, self.config.coalesce_steps, self._group_generates)
+        plan = limit_generates(  # long GENERATEs take turns with the other streams' pushes
+            plan_batch(batch, self.config.coalesce_steps, self._group_generates),
+            self.config.max_generate_steps)
         for work in plan.stats:
             self._reply.send(work, MessageType.ACK, {F_STATS: self._report()})
         self._applier.before(plan.before)

@@ -15,6 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from streamrnn.protocol import MAX_FRAME_BYTES
+from streamrnn.serving.reply_budget import (
+    DEFAULT_REPLY_CACHE_BYTES,
+    DEFAULT_REPLY_CACHE_STREAM_BYTES,
+)
 
 __all__ = ["WorkerConfig"]
 
@@ -29,9 +33,16 @@ class WorkerConfig:
     # timesteps in all, in one step (0: one PUSH per stream per step; see batching.coalesce)
     max_queue: int = 4096  # requests waiting for the compute thread; beyond -> BUSY
     max_batch: int = 4096  # requests taken per compute iteration
-    idle_timeout_s: float = 0.0  # expire streams idle this long (0: never)
+    # expire streams idle this long (0: never): fresh ids must not hold slots for ever
+    idle_timeout_s: float = 3600.0
     max_frame_bytes: int = MAX_FRAME_BYTES  # ZMQ_MAXMSGSIZE on the ROUTER
     busy_retry_after_ms: int = 5
+    # bytes of cached reply arrays (answers to resent requests) per stream and in all
+    reply_cache_stream_bytes: int = DEFAULT_REPLY_CACHE_STREAM_BYTES
+    reply_cache_bytes: int = DEFAULT_REPLY_CACHE_BYTES
+    # steps one GENERATE may ask for (more: BAD_VALUE), and GENERATE steps run per round
+    # before the round's pushes (at least one GENERATE call runs per round)
+    max_generate_steps: int = 4096
     metrics_port: int | None = None  # serve Prometheus /metrics here (0: any free port)
     checkpoint_dir: str | None = None  # write/restore checkpoints here (None: not durable)
     checkpoint_every_steps: int = 100  # write after this many batched steps (0: not by count)

@@ -9,8 +9,9 @@ outbox, it encodes and sends every reply of the compute thread; the replies to B
 leave in one BATCH_REPLY per client.
 
 Once a request of a stream was answered BUSY, later ones of that stream are answered BUSY
-too until the client resends from the first (the *busy latch*), so nothing is applied out
-of order.
+too until the client resends from the first, or until the queue has drained past that BUSY
+(the *busy latch*, :mod:`streamrnn.serving.busy`: bounded, and it only shapes replies; the
+compute thread's sequence check is what keeps requests in order).
 
 Example::
 
@@ -49,6 +50,7 @@ from streamrnn.protocol import (
     F_SEQ,
     F_STREAM,
     F_VERSIONS,
+    MAX_GENERATE_STEPS,
     SEQUENCED_TYPES,
     SUPPORTED_VERSIONS,
     ErrorCode,
@@ -57,6 +59,7 @@ from streamrnn.protocol import (
 )
 from streamrnn.serving.batching import Work
 from streamrnn.serving.outbox import Channels, echo
+from streamrnn.serving.quotas import over_limits
 from streamrnn.serving.stats import Count
 
 __all__ = ["IOThread"]
@@ -71,8 +74,10 @@ class IOThread(threading.Thread):
 
     def __init__(self, router: zmq.Socket, channels: Channels,
                  validate: Callable[[Any], np.ndarray], describe: Callable[[], dict[str, Any]],
-                 busy_retry_after_ms: int, auth: Any = None):
+                 busy_retry_after_ms: int, auth: Any = None,
+                 max_generate_steps: int = MAX_GENERATE_STEPS):
         super().__init__(name="streamrnn-io", daemon=True)
+        self._max_generate_steps = max_generate_steps
         self._router = router
         self._channels = channels
         self._outbox = channels.outbox
@@ -82,7 +87,7 @@ class IOThread(threading.Thread):
         self._describe = describe
         self._retry_after_ms = busy_retry_after_ms
         self._auth = auth  # the ZAP authenticator thread when CURVE is on
-        self._busy_latch: dict[str, int] = {}  # stream -> lowest seq answered BUSY
+        self._busy_latch = channels.busy  # stream -> lowest seq answered BUSY
 
     def run(self) -> None:
         router, reader = self._router, self._outbox.reader
@@ -169,7 +174,7 @@ class IOThread(threading.Thread):
             self._on_batch(identity, body, received)
             return
         try:
-            msg = decode_request(body)
+            msg = decode_request(body, check_steps=False)  # over_limits() checks them
         except ProtocolError as exc:
             self._reply_now(identity, MessageType.ERROR, self._malformed(exc))
             return
@@ -187,7 +192,7 @@ class IOThread(threading.Thread):
         """A BATCH envelope: each part is queued like a request of its own; the parts
         answered here (malformed, BUSY) go back together in one BATCH_REPLY."""
         try:
-            _, parts = decode_batch(body)
+            _, parts = decode_batch(body, check_steps=False)
         except ProtocolError as exc:
             self._reply_now(identity, MessageType.ERROR, self._malformed(exc))
             return
@@ -227,18 +232,23 @@ class IOThread(threading.Thread):
         msg = work.msg
         sequenced = msg.type in SEQUENCED_TYPES
         stream = msg.header.get(F_STREAM)
-        latched = self._busy_latch.get(stream) if sequenced else None
+        requests = self._requests
+        latched = self._busy_latch.get(stream, requests.taken) if sequenced else None
         if latched is None or msg.header[F_SEQ] <= latched:
-            if msg.type == MessageType.PUSH:
+            # chunk/prompt length and GENERATE steps: answered after the sequence check
+            work.invalid = over_limits(msg, self._max_generate_steps)
+            if msg.type == MessageType.PUSH and work.invalid is None:
                 # here, not on the compute thread: it overlaps with the running step
                 self._validate_chunk(work)
             if len(accepted) < room:
                 accepted.append(work)
                 if latched is not None:
-                    del self._busy_latch[stream]
+                    self._busy_latch.clear(stream)
                 return None
             if sequenced:
-                self._busy_latch[stream] = msg.header[F_SEQ]
+                # valid until every request accepted before this BUSY was taken
+                self._busy_latch.set(stream, msg.header[F_SEQ],
+                                     requests.added + len(accepted))
         self._stats.add(Count.BUSY)
         header = echo(msg)
         header[F_RETRY_AFTER_MS] = self._retry_after_ms

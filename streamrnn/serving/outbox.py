@@ -49,6 +49,7 @@ import zmq
 from streamrnn.codec import Message
 from streamrnn.protocol import F_REQUEST_ID, F_SEQ, F_STREAM, MessageType
 from streamrnn.serving.batching import Work
+from streamrnn.serving.busy import BusyLatch
 from streamrnn.serving.stats import WorkerStats
 
 __all__ = ["Channels", "Outbox", "Reply", "WorkQueue", "echo"]
@@ -79,6 +80,8 @@ class WorkQueue:
 
     def __init__(self, maxsize: int = 0):
         self.maxsize = maxsize
+        self.added = 0  # requests ever queued (written by the producer only)
+        self.taken = 0  # requests ever taken (written by the consumer only)
         self._items: deque[Work] = deque()
         self._ready = threading.Condition(threading.Lock())
 
@@ -93,6 +96,7 @@ class WorkQueue:
         if works:
             with self._ready:
                 self._items.extend(works)
+                self.added += len(works)
                 self._ready.notify()
 
     def take(self, limit: int, timeout: float = 0.0) -> list[Work]:
@@ -102,7 +106,9 @@ class WorkQueue:
             if not self._items and timeout > 0:
                 self._ready.wait(timeout)
             items = self._items
-            return [items.popleft() for _ in range(min(limit, len(items)))]
+            count = min(limit, len(items))
+            self.taken += count
+            return [items.popleft() for _ in range(count)]
 
     def qsize(self) -> int:
         return len(self._items)
@@ -181,6 +187,8 @@ class Channels:
     requests: WorkQueue
     outbox: Outbox
     stats: WorkerStats
+    #: streams answered BUSY (the I/O thread's; STATS reads its size)
+    busy: BusyLatch = field(default_factory=BusyLatch)
     #: set by StreamWorker.stop(): the I/O thread stops reading requests
     stop_requested: threading.Event = field(default_factory=threading.Event)
     #: set by the I/O thread once it reads no more: the compute thread drains and ends

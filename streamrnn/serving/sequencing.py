@@ -7,7 +7,9 @@ tracks the next expected number per stream (``next_seq``, starting at 0) and:
 
 * ``seq == next_seq`` -> apply, then :meth:`SequenceTable.applied` caches the reply;
 * ``seq < next_seq``  -> a duplicate (client retry): answer again from the cache, never
-  re-apply; if the reply fell out of the cache -> ERROR ``SEQ_STALE``;
+  re-apply; if the reply fell out of the cache (at most ``cache_size`` replies and a bound
+  in bytes per stream and in all, :mod:`streamrnn.serving.reply_budget`; a reply bigger
+  than a bound is never kept) -> ERROR ``SEQ_STALE``;
 * ``seq > next_seq``  -> ERROR ``SEQ_GAP`` naming ``next_seq``.
 
 A request that fails (bad chunk, engine full, ...) does not consume its number. RESET is an
@@ -32,6 +34,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from streamrnn.protocol import REPLY_CACHE_SIZE, ErrorCode, MessageType
+from streamrnn.serving.reply_budget import (
+    DEFAULT_REPLY_CACHE_BYTES,
+    DEFAULT_REPLY_CACHE_STREAM_BYTES,
+    ReplyBudget,
+    reply_nbytes,
+)
 
 __all__ = ["CachedReply", "Decision", "SequenceTable", "Verdict"]
 
@@ -74,9 +82,13 @@ class _Tombstone:
 class SequenceTable:
     """Per-stream expected sequence numbers, reply caches and tombstones."""
 
-    def __init__(self, cache_size: int = REPLY_CACHE_SIZE, max_tombstones: int = 4096):
+    def __init__(self, cache_size: int = REPLY_CACHE_SIZE, max_tombstones: int = 4096,
+                 stream_bytes: int = DEFAULT_REPLY_CACHE_STREAM_BYTES,
+                 total_bytes: int = DEFAULT_REPLY_CACHE_BYTES):
         self.cache_size = cache_size
         self.max_tombstones = max_tombstones
+        #: bytes of the cached replies' arrays, bounded per stream and in all
+        self.budget = ReplyBudget(stream_bytes, total_bytes)
         self._streams: dict[str, _Stream] = {}
         self._tombstones: OrderedDict[str, _Tombstone] = OrderedDict()
 
@@ -133,13 +145,25 @@ class SequenceTable:
             entry = self._streams[stream] = _Stream()
         entry.next_seq = seq + 1
         entry.last_seen = time.monotonic()
+        self._cache(stream, entry, seq, reply)
+
+    def _cache(self, stream: str, entry: _Stream, seq: int, reply: CachedReply) -> None:
+        """Keep ``reply`` for duplicates within the count and byte bounds (a reply too big
+        for them is not kept: a duplicate of it gets SEQ_STALE)."""
+        nbytes = reply_nbytes(reply[2])
+        if not self.budget.fits(nbytes):
+            return
         entry.replies[seq] = reply
+        for old_stream, old_seq in self.budget.add(stream, seq, nbytes):
+            self._streams[old_stream].replies.pop(old_seq, None)
         while len(entry.replies) > self.cache_size:
-            entry.replies.popitem(last=False)
+            old_seq, _ = entry.replies.popitem(last=False)
+            self.budget.discard(stream, old_seq)
 
     def closed(self, stream: str, seq: int, reply: CachedReply) -> None:
         """Forget ``stream`` after its CLOSE ``seq`` was applied (keeps a tombstone)."""
         self._streams.pop(stream, None)
+        self.budget.forget(stream)
         self._bury(stream, _Tombstone(False, seq, reply))
 
     def expire_idle(self, max_idle_s: float, now: float | None = None) -> list[str]:
@@ -148,6 +172,7 @@ class SequenceTable:
         idle = [s for s, e in self._streams.items() if now - e.last_seen > max_idle_s]
         for stream in idle:
             entry = self._streams.pop(stream)
+            self.budget.forget(stream)
             self._bury(stream, _Tombstone(True, entry.next_seq, None))
         return idle
 
@@ -172,9 +197,10 @@ class SequenceTable:
                 replies: list[tuple[int, CachedReply]] = ()) -> None:
         """Hold ``stream`` at ``next_seq`` with ``replies`` cached (from a checkpoint)."""
         self._tombstones.pop(stream, None)
+        self.budget.forget(stream)
         entry = self._streams[stream] = _Stream(next_seq=next_seq)
         for seq, reply in replies[-self.cache_size:]:
-            entry.replies[seq] = reply
+            self._cache(stream, entry, seq, reply)
 
     def restore_closed(self, stream: str, seq: int, reply: CachedReply) -> None:
         """Remember that ``stream`` was closed by CLOSE ``seq`` (from a checkpoint)."""
@@ -184,3 +210,4 @@ class SequenceTable:
     def forget(self, stream: str) -> None:
         """Drop ``stream`` without a tombstone (it moved to another worker)."""
         self._streams.pop(stream, None)
+        self.budget.forget(stream)

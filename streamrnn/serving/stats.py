@@ -3,8 +3,9 @@ Prometheus metrics that move with them.
 
 Both worker threads count (the I/O thread: requests, BUSY, malformed messages, unsent
 replies; the compute thread: everything applied), so :class:`WorkerStats` takes a lock.
-A counter appears in STATS once it was first counted (even by 0), under its
-:class:`Count` value; requests are counted per type as ``requests_<type>``.
+Every counter is in STATS from the start (0), under its :class:`Count` value; requests are
+counted per type as ``requests_<type>`` (one key per request type, BATCH envelopes
+included). docs/protocol.md lists them all (tests/serving/test_protocol_doc.py checks it).
 
 Example::
 
@@ -12,7 +13,7 @@ Example::
     stats.add(Count.BUSY)
     stats.request(MessageType.PUSH, 3)
     stats.error(ErrorCode.SEQ_GAP)
-    counts, errors = stats.snapshot()   # {"busy": 1, "requests_push": 3}, {"SEQ_GAP": 1}
+    counts, errors = stats.snapshot()   # {"busy": 1, "requests_push": 3, ...}, {"SEQ_GAP": 1}
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from streamrnn.metrics import Metrics
-from streamrnn.protocol import ErrorCode, MessageType, error_code_name
+from streamrnn.protocol import REQUEST_TYPES, ErrorCode, MessageType, error_code_name
 
 __all__ = ["Count", "WorkerStats"]
 
@@ -73,7 +74,8 @@ class WorkerStats:
         self.metrics = metrics
         self.started = time.monotonic()
         self._lock = threading.Lock()
-        self._counts: dict[str, int] = {}
+        self._counts: dict[str, int] = {c.value: 0 for c in Count}
+        self._counts.update({f"requests_{t.name.lower()}": 0 for t in sorted(REQUEST_TYPES)})
         self._errors: dict[str, int] = {}
         self._swaps = {"in": 0, "out": 0}  # the engine's swap totals at the last refresh
 

@@ -42,6 +42,7 @@ import numpy as np
 import zmq
 
 from streamrnn.engine.interface import EngineLike, capabilities_of
+from streamrnn.errors import StreamRNNError
 from streamrnn.metrics import Metrics
 from streamrnn.protocol import MAX_CHUNK_STEPS, MAX_MESSAGE_BYTES, REPLY_CACHE_SIZE
 from streamrnn.security import load_hmac_key
@@ -88,7 +89,9 @@ class StreamWorker:
                 key=load_hmac_key(config.checkpoint_key) if config.checkpoint_key else None)
         self.store = store
         self._ctx = context or zmq.Context.instance()
-        self._table = SequenceTable()
+        self._table = SequenceTable(stream_bytes=config.reply_cache_stream_bytes,
+                                    total_bytes=config.reply_cache_bytes)
+        self._generates = self.capabilities.generation and _can_generate(engine)
         self._channels = Channels(WorkQueue(config.max_queue), Outbox(),
                                   WorkerStats(self.metrics))
         self._compute = ComputeThread(engine, self.capabilities, config, self._channels,
@@ -140,7 +143,8 @@ class StreamWorker:
             self.metrics_port = self.metrics.serve(config.metrics_port)
         self._channels.outbox.open(self._ctx)
         io = IOThread(router, self._channels, self.engine.validate, self.describe,
-                      config.busy_retry_after_ms, auth)
+                      config.busy_retry_after_ms, auth,
+                      max_generate_steps=config.max_generate_steps)
         self._threads = [io, self._compute]
         for thread in self._threads:
             thread.start()
@@ -174,6 +178,8 @@ class StreamWorker:
             "queue_capacity": self.config.max_queue,
             "batch_window_us": self.config.batch_window_us,
             "sequenced_streams": len(self._table),
+            "reply_cache_bytes": self._table.budget.total,
+            "busy_latched": len(self._channels.busy),
             "counts": counts,
             "errors": errors,
             "engine": _plain(self.engine.stats()),
@@ -194,13 +200,25 @@ class StreamWorker:
             "output_dim": engine.output_dim,
             "model": self.config.model_name,
             "reply_cache": REPLY_CACHE_SIZE,
+            "reply_cache_stream_bytes": self.config.reply_cache_stream_bytes,
             "max_chunk_steps": MAX_CHUNK_STEPS,
             "max_frame_bytes": self.config.max_frame_bytes,
             "max_message_bytes": MAX_MESSAGE_BYTES,
-            "generate": self.capabilities.generation,
+            "generate": self._generates,  # GENERATE can work on this model
+            "max_generate_steps": self.config.max_generate_steps,
             "batch": True,  # takes BATCH envelopes (docs/protocol.md)
             "kernel": getattr(engine, "kernel", None),  # what runs the steps (trainer: None)
         }
+
+
+def _can_generate(engine: Any) -> bool:
+    """Whether a feedback rule fits the engine's model (GENERATE answers NOT_SUPPORTED
+    otherwise): asked with no prompts, which checks the model and changes nothing."""
+    try:
+        engine.generate_many({}, steps=1)
+    except (StreamRNNError, ValueError):
+        return False
+    return True
 
 
 def freeze_heap() -> None:

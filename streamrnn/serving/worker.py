@@ -42,7 +42,6 @@ import numpy as np
 import zmq
 
 from streamrnn.engine.interface import EngineLike, capabilities_of
-from streamrnn.errors import StreamRNNError
 from streamrnn.metrics import Metrics
 from streamrnn.protocol import MAX_CHUNK_STEPS, MAX_MESSAGE_BYTES, REPLY_CACHE_SIZE
 from streamrnn.security import load_hmac_key
@@ -216,7 +215,7 @@ def _can_generate(engine: Any) -> bool:
     otherwise): asked with no prompts, which checks the model and changes nothing."""
     try:
         engine.generate_many({}, steps=1)
-    except (StreamRNNError, ValueError):
+    except Exception:  # UnsupportedModelError (NOT_SUPPORTED), or any other refusal
         return False
     return True
 

@@ -4,8 +4,8 @@ alone relies on hold (rid echoed whenever the header is readable, ``expected`` o
 too-long chunk's TOO_LARGE, PONG's ``generate`` only when GENERATE can work, the rid of an
 envelope-level error).
 
-The worker is the suite's shared one (tests/helpers/shared_worker.py: 5 features -> 3
-outputs, which cannot generate).
+The worker is the suite's shared one (the ``worker`` and ``dealer`` fixtures of
+tests/conftest.py: 5 features -> 3 outputs, which cannot generate).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import zmq
 
 from streamrnn.codec import decode_reply, encode, encode_batch
 from streamrnn.protocol import ErrorCode, MessageType
-from tests.helpers.shared_worker import SPEC, shared_worker
+from tests.helpers.shared_worker import SPEC
 from tests.helpers.wire_helpers import data
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
@@ -76,21 +76,6 @@ def doc_stats_keys() -> dict[str, tuple[set[str], set[str]]]:
 
 
 # ---- the live worker ------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def worker():
-    return shared_worker()
-
-
-@pytest.fixture
-def dealer(worker):
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RCVTIMEO, 20000)
-    sock.connect(worker.endpoint)
-    yield sock
-    sock.close()
 
 
 def ask(sock: zmq.Socket, frames: list) -> object:

@@ -198,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
         max_generate_steps=args.max_generate_steps,
     )
     box: dict[str, StreamWorker] = {}
-    store = _open_store(args, box) if args.store else None
+    store = _open_store(args, box, key) if args.store else None
     if args.store and store is None:
         return 2
     worker = box["worker"] = StreamWorker(engine, config, store=store)
@@ -221,8 +221,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_store(args: argparse.Namespace, box: dict[str, StreamWorker]
-                ) -> StreamStore | None:
+def _open_store(args: argparse.Namespace, box: dict[str, StreamWorker],
+                key: bytes | None = None) -> StreamStore | None:
     """Connect to ``--store``, take the worker's lease, and return its stream store (None,
     logged, when Redis cannot be reached or a live worker has the name)."""
     from streamrnn.cluster.redis_checkpoints import open_worker_store
@@ -232,7 +232,8 @@ def _open_store(args: argparse.Namespace, box: dict[str, StreamWorker]
     try:
         store = open_worker_store(args.store, args.name, _lease_info(args, box),
                                   ttl_ms=args.lease_ttl_ms, model=os.path.basename(args.model),
-                                  every_s=args.checkpoint_every_s, every_steps=every_steps)
+                                  every_s=args.checkpoint_every_s, every_steps=every_steps,
+                                  key=key)
     except StoreError as exc:
         log.error("cannot start: %s", exc)
         return None

@@ -86,15 +86,19 @@ class RedisStreamStore(WriteCadence):
         model: the model's name, stored in each blob (informational).
         every_s: write changed streams when this many seconds passed (0: not by time).
         every_steps: also write after this many batched steps (0: not by count).
+        key: the checkpoint key (``--checkpoint-key``): blobs are signed with it and only
+            blobs signed with it are restored; None: SHA-256 only.
     """
 
     def __init__(self, store: RedisStore, lease: LeaseKeeper, model: str = "",
-                 every_s: float = DEFAULT_EVERY_S, every_steps: int = 0):
+                 every_s: float = DEFAULT_EVERY_S, every_steps: int = 0,
+                 key: bytes | None = None):
         self._start_cadence(every_steps, every_s)
         self.store = store
         self.lease = lease
         self.name = lease.name
         self.model = model
+        self.key = key
         self.where = f"{store.where} (worker {lease.name!r})"
         self.durable: dict[str, int] = {}
         self.written = 0
@@ -148,7 +152,7 @@ class RedisStreamStore(WriteCadence):
             return
         try:
             blob = decode_stream_blob(claim.blob, stream, engine.state_layout,
-                                      below_epoch=claim.epoch)
+                                      below_epoch=claim.epoch, key=self.key)
             import_records(self.where, {stream: blob.record}, engine, table)
         except CheckpointError as exc:
             # held, empty: its requests get UNKNOWN_STREAM / SEQ_GAP, never a wrong state
@@ -230,7 +234,8 @@ class RedisStreamStore(WriteCadence):
                                   self._pack_replies(stream, replies))
             epoch = self._epochs[stream]
             items.append((stream, epoch, encode_stream_blob(StreamBlob(
-                stream, epoch, record, layout, pins.get(stream), self.model, version))))
+                stream, epoch, record, layout, pins.get(stream), self.model, version),
+                self.key)))
         return items
 
     def _pack_replies(self, stream: str, replies: list[tuple[int, Any]]) -> list[list[Any]]:
@@ -305,8 +310,8 @@ def _pin_of(engine: DurableEngine, stream: str) -> int | None:
 
 def open_worker_store(url: str, name: str, info: Callable[[], dict], *,
                       ttl_ms: int = DEFAULT_TTL_MS, model: str = "",
-                      every_s: float = DEFAULT_EVERY_S, every_steps: int = 0
-                      ) -> RedisStreamStore:
+                      every_s: float = DEFAULT_EVERY_S, every_steps: int = 0,
+                      key: bytes | None = None) -> RedisStreamStore:
     """Connect to the store at ``url``, take worker ``name``'s lease (published with
     ``info()`` on every renew) and return its :class:`RedisStreamStore`.
 
@@ -316,4 +321,4 @@ def open_worker_store(url: str, name: str, info: Callable[[], dict], *,
     redis_store = RedisStore.from_url(url)
     redis_store.ping()
     lease = LeaseKeeper(redis_store, name, info, ttl_ms=ttl_ms).start()
-    return RedisStreamStore(redis_store, lease, model, every_s, every_steps)
+    return RedisStreamStore(redis_store, lease, model, every_s, every_steps, key)

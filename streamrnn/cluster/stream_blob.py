@@ -4,19 +4,22 @@ The same record as in a worker's checkpoint file (:mod:`streamrnn.serving.checkp
 rows, next ``seq``, steps since reset, the reply cache packed by
 :func:`~streamrnn.serving.durability.pack_reply`), plus the stream's weights-version pin
 and the claim epoch it was written under, sealed with a magic and a SHA-256 checksum
-(:func:`~streamrnn.serving.checkpoint.seal`)::
+(:func:`~streamrnn.serving.checkpoint.seal`; with a checkpoint key also an HMAC-SHA256, and
+then only blobs signed with that key are read)::
 
     b"SRNNSTRM"  8 bytes magic
-    u32          format version (1)
+    u32          format version (1; 1 | SIGNED_FLAG when signed)
     u64          body length in bytes
     32 bytes     SHA-256 of the body
+    32 bytes     HMAC-SHA256 of the body (signed blobs only)
     body         msgpack map: {"stream": str, "epoch": int, "model": str,
                  "layout": [[dtype, shape], ...], "weights_version": int, "created": float,
                  "pin": int | None, "record": {"next_seq", "steps", "state", "replies"}}
 
 :func:`decode_stream_blob` is strict: a truncated or altered blob, another stream's blob,
-another model's (state layout), an epoch that is not below the claim's, or a malformed
-field raises :class:`~streamrnn.errors.CheckpointError`.
+another model's (state layout), an epoch that is not below the claim's, or a field a wire
+message could not carry (:func:`~streamrnn.serving.checkpoint.unpack_record`) raises
+:class:`~streamrnn.errors.CheckpointError`.
 
 Example::
 
@@ -62,8 +65,9 @@ class StreamBlob:
     created: float = field(default_factory=time.time)
 
 
-def encode_stream_blob(blob: StreamBlob) -> bytes:
-    """``blob`` as sealed bytes (CheckpointError if its rows do not match its layout)."""
+def encode_stream_blob(blob: StreamBlob, key: bytes | None = None) -> bytes:
+    """``blob`` as sealed bytes, signed with ``key`` if given (CheckpointError if its rows
+    do not match its layout)."""
     body = msgpack.packb({
         "stream": blob.stream,
         "epoch": int(blob.epoch),
@@ -74,11 +78,11 @@ def encode_stream_blob(blob: StreamBlob) -> bytes:
         "pin": None if blob.pin is None else int(blob.pin),
         "record": pack_record(blob.stream, blob.record, blob.layout),
     }, use_bin_type=True)
-    return seal(body, BLOB_MAGIC, BLOB_VERSION)
+    return seal(body, BLOB_MAGIC, BLOB_VERSION, key=key)
 
 
 def decode_stream_blob(data: bytes, stream: str, expect_layout: StateLayout,
-                       below_epoch: int | None = None) -> StreamBlob:
+                       below_epoch: int | None = None, key: bytes | None = None) -> StreamBlob:
     """Check and read the blob stored for ``stream``.
 
     Args:
@@ -86,9 +90,10 @@ def decode_stream_blob(data: bytes, stream: str, expect_layout: StateLayout,
         stream: the stream whose key held them (a blob of another stream is refused).
         expect_layout: the serving model's state layout (another model's is refused).
         below_epoch: the epoch of the claim being restored; a blob must be older.
+        key: the checkpoint key: only a blob signed with it is read.
     """
     what = f"of stream {stream!r}"
-    body = unseal(data, what, BLOB_MAGIC, BLOB_VERSION)
+    body = unseal(data, what, BLOB_MAGIC, BLOB_VERSION, key=key)
     try:
         raw = msgpack.unpackb(body, raw=False, strict_map_key=True)
         layout: StateLayout = [(str(d), tuple(int(n) for n in s)) for d, s in raw["layout"]]
@@ -101,7 +106,7 @@ def decode_stream_blob(data: bytes, stream: str, expect_layout: StateLayout,
         if layout != expected:
             raise CheckpointError(f"checkpoint {what} holds states of another model (layout "
                                   f"{layout}, expected {expected})")
-        blob.record = unpack_record(raw["record"], layout)
+        blob.record = unpack_record(raw["record"], layout, f"checkpoint {what}")
     except (KeyError, TypeError, ValueError, msgpack.UnpackException) as exc:
         raise CheckpointError(f"checkpoint {what} has a malformed body: {exc}") from exc
     if blob.stream != stream:

@@ -15,6 +15,7 @@ from streamrnn.serving.checkpoint import StreamRecord
 from streamrnn.serving.durability import pack_reply
 
 LAYOUT = [("float32", (4,)), ("float32", (4,))]
+KEY = b"k" * 32
 
 
 def _blob(stream: str = "a", epoch: int = 3) -> StreamBlob:
@@ -54,3 +55,11 @@ def test_blob_of_another_stream_model_or_a_newer_epoch_is_refused():
     with pytest.raises(CheckpointError, match="not below"):
         decode_stream_blob(data, "a", LAYOUT, below_epoch=3)
 
+
+def test_signed_blob_needs_its_key():
+    signed = encode_stream_blob(_blob(), KEY)
+    assert decode_stream_blob(signed, "a", LAYOUT, key=KEY).epoch == 3
+    with pytest.raises(CheckpointError):
+        decode_stream_blob(signed, "a", LAYOUT, key=b"x" * 32)
+    with pytest.raises(CheckpointError):
+        decode_stream_blob(encode_stream_blob(_blob()), "a", LAYOUT, key=KEY)

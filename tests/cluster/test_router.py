@@ -21,7 +21,7 @@ import streamrnn
 from streamrnn.cli import router as router_cli
 from streamrnn.cluster.redis_store import RedisStore
 from streamrnn.cluster.router import Router, RouterConfig
-from streamrnn.protocol import ErrorCode
+from streamrnn.protocol import ErrorCode, MessageType
 from tests.helpers.cluster_helpers import (
     curve_keys,
     fresh_store_url,
@@ -135,6 +135,42 @@ def test_an_exception_in_one_message_is_counted_and_the_router_goes_on(redis_url
         assert router.stats()["counts"]["handler_errors"] == 1
         assert router._thread.is_alive() and router.failed is None
     finally:
+        stopped(router)
+
+
+def test_pending_requests_of_a_vanished_worker_get_busy_and_late_replies_are_counted(
+        redis_url, redis_store):
+    """A worker (here a bare socket holding a real lease) takes a request and never answers;
+    when its lease disappears the router answers BUSY; a reply for a forgotten rid is
+    dropped and counted."""
+    url = f"{redis_url}?prefix={redis_store.prefix}"
+    silent = zmq.Context.instance().socket(zmq.ROUTER)
+    silent.setsockopt(zmq.LINGER, 0)
+    silent.setsockopt(zmq.RCVTIMEO, 5000)
+    port = silent.bind_to_random_port("tcp://127.0.0.1")
+    redis_store.register("quiet", "t1", 60_000, {
+        "endpoint": f"tcp://127.0.0.1:{port}", "curve_public": "", "capacity_left": 4,
+        "streams": 0, "describe": "{}"})
+    router = started(RouterConfig(bind="tcp://127.0.0.1:0", store=url))
+    try:
+        wait_for(lambda: "quiet" in router.ownership.live, 10, "the worker's lease")
+        with streamrnn.Client(router.endpoint, timeout=2.0, retries=0) as client:
+            future = client.push_async("orphan", np.zeros((1, SPEC.features), np.float32))
+            forwarded = silent.recv_multipart()  # its OPEN reached the "worker"
+            redis_store.drop_lease("quiet", "t1")
+            wait_for(lambda: router.stats()["counts"].get("workers_left", 0) == 1, 10,
+                     "the lease to be seen gone")
+            with pytest.raises(streamrnn.RemoteError) as info:  # BUSY, then UNAVAILABLE
+                future.result(10)
+            assert info.value.code == ErrorCode.UNAVAILABLE
+        counts = router.stats()["counts"]
+        assert counts.get("busy", 0) >= 1, counts  # the pending OPEN was answered BUSY
+        assert len(forwarded) >= 3 and router.stats()["pending"] == 0
+        late = [zmq.Frame(bytes((MessageType.ACK,))), zmq.Frame(msgpack.packb({"rid": 10**6}))]
+        router._on_worker_reply(late)
+        assert router.stats()["counts"]["late_worker_replies"] == 1
+    finally:
+        silent.close()
         stopped(router)
 
 

@@ -59,11 +59,14 @@ class Ownership:
         counts: the router's counters (``store_errors``, ``claim_notices``, ...).
         refresh_s: how often the live workers are read.
         usable: which workers this router can talk to (e.g. CURVE keys); default: all.
+        max_cached: streams in the cache at most (beyond: it is emptied and refilled).
     """
 
     def __init__(self, store: Any, counts: Counter[str], refresh_s: float = 0.25,
-                 usable: Any = None, placement: Placement | None = None):
+                 usable: Any = None, placement: Placement | None = None,
+                 max_cached: int = 1_000_000):
         self.store = store
+        self.max_cached = max_cached
         self.counts = counts
         self.refresh_s = refresh_s
         self.usable = usable or (lambda info: True)
@@ -184,6 +187,12 @@ class Ownership:
         return decision.worker
 
     def _cache(self, stream: str, worker: str) -> None:
+        if len(self._where) >= self.max_cached and stream not in self._where:
+            # bounded memory (e.g. streams abandoned without CLOSE): start over, refilled
+            # from Redis on demand
+            self.counts["cache_cleared"] += 1
+            self._where.clear()
+            self._streams_of.clear()
         self._where[stream] = worker
         self._streams_of.setdefault(worker, set()).add(stream)
 

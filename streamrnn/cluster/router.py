@@ -74,6 +74,7 @@ __all__ = ["Router", "RouterConfig"]
 log = logging.getLogger("streamrnn.router")
 
 _NOT_HOLDER = int(ErrorCode.NOT_HOLDER)
+_ENGINE_FULL = int(ErrorCode.ENGINE_FULL)
 _ERROR = bytes((MessageType.ERROR,))
 _EXPIRED = bytes((MessageType.EXPIRED,))
 _ACK = bytes((MessageType.ACK,))
@@ -342,7 +343,9 @@ class Router:
         if msg_type == _ERROR and header.get(F_CODE) == _NOT_HOLDER:
             self._not_holder(pending)
             return
-        if msg_type == _EXPIRED or (pending.kind == MessageType.CLOSE and msg_type == _ACK):
+        if (msg_type == _EXPIRED or (pending.kind == MessageType.CLOSE and msg_type == _ACK)
+                or (msg_type == _ERROR and header.get(F_CODE) == _ENGINE_FULL)):
+            # the worker forgot the stream, or never took it (full): place it afresh
             self.ownership.forget(pending.stream)
         if pending.rid is None:
             header.pop(F_REQUEST_ID, None)

@@ -29,6 +29,7 @@ from streamrnn.protocol import (
     F_SEQ,
     F_STEPS,
     F_STREAM,
+    F_TOKEN,
     F_VERSIONS,
     GENERATE_SAMPLERS,
     MAX_FRAME_BYTES,
@@ -39,6 +40,7 @@ from streamrnn.protocol import (
     MAX_SEQ,
     MAX_STR_BYTES,
     MAX_STREAM_ID_BYTES,
+    MAX_TOKEN_BYTES,
     ErrorCode,
     MessageType,
     Schema,
@@ -51,6 +53,7 @@ __all__ = [
     "check_frames",
     "check_generate",
     "check_ranges",
+    "check_token",
     "decode_arrays",
     "dims_ok",
     "echo_context",
@@ -137,6 +140,8 @@ def check_ranges(msg_type: MessageType, header: dict[str, Any], schema: Schema) 
     seq = header.get(F_SEQ) if F_SEQ in schema else None
     if seq is not None and not 0 <= seq <= MAX_SEQ:
         raise ProtocolError(f"'seq' must be in [0, 2**63), got {seq}", ErrorCode.BAD_VALUE)
+    if F_TOKEN in header and F_TOKEN in schema:
+        check_token(header[F_TOKEN])
     if msg_type == _PING:
         versions = (header.get(F_VERSIONS) if F_VERSIONS in schema else None) or []
         if len(versions) > 64 or not all(is_int(v) for v in versions):
@@ -144,6 +149,15 @@ def check_ranges(msg_type: MessageType, header: dict[str, Any], schema: Schema) 
                                 ErrorCode.BAD_VALUE)
     elif msg_type == _GENERATE:
         check_generate(header)
+
+
+def check_token(token: str) -> None:
+    """A stream's owner token (``token``): 1..MAX_TOKEN_BYTES UTF-8 bytes."""
+    if not 0 < len(token) <= MAX_TOKEN_BYTES // 4:
+        size = len(token.encode("utf-8", "surrogatepass"))
+        if not 0 < size <= MAX_TOKEN_BYTES:
+            raise ProtocolError(f"'token' must be 1..{MAX_TOKEN_BYTES} UTF-8 bytes, got {size}",
+                                ErrorCode.BAD_VALUE)
 
 
 def check_generate(header: dict[str, Any]) -> None:

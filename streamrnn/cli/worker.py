@@ -138,6 +138,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--max-streams", type=int, default=None,
                         help="live streams in all; those beyond --slots are swapped to host "
                              "memory (LRU) and back (default: --slots)")
+    parser.add_argument("--max-streams-per-identity", type=int,
+                        default=defaults.max_streams_per_identity, metavar="N",
+                        help="open streams one client identity may create (its CURVE key; "
+                             "without CURVE its connection), beyond: QUOTA_EXCEEDED (default "
+                             "0: no limit but --max-streams)")
     parser.add_argument("--weights-from", default=None,
                         help="follow a trainer's --publish-dir: load each newer weights-v{N} "
                              "between steps (stream states are kept)")
@@ -196,6 +201,7 @@ def run(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port, reply_cache_bytes=args.reply_cache_bytes,
         reply_cache_stream_bytes=args.reply_cache_stream_bytes,
         max_generate_steps=args.max_generate_steps,
+        max_streams_per_identity=args.max_streams_per_identity,
     )
     box: dict[str, StreamWorker] = {}
     store = _open_store(args, box, key) if args.store else None

@@ -51,6 +51,7 @@ from streamrnn.protocol import (
     MessageType,
 )
 from streamrnn.serving.batching import GenerateGroup, GenerateOptions, Work
+from streamrnn.serving.owners import permits
 from streamrnn.serving.replies import Responder
 from streamrnn.serving.sequencing import CachedReply, SequenceTable, Verdict
 from streamrnn.serving.stats import Count, WorkerStats
@@ -81,10 +82,13 @@ class Applier:
     # ---- sequence check ----------------------------------------------------------------
 
     def admit(self, work: Work) -> int | None:
-        """Sequence check; answers duplicates/errors itself. Returns the expected seq or None."""
+        """Owner check, then sequence check; answers duplicates/errors itself. Returns the
+        expected seq or None."""
+        if self._forbidden(work):
+            return None
         decision = self.table.check(work.stream, work.seq, work.type)
         if decision.verdict is Verdict.APPLY:
-            return decision.expected
+            return decision.expected if self._may_create(work, decision.expected) else None
         if decision.verdict is Verdict.REPLAY:
             self.stats.add(Count.DUPLICATES_REPLAYED)
             assert decision.reply is not None
@@ -104,10 +108,36 @@ class Applier:
             self.reply.error(work, decision.code, decision.message, decision.expected)
         return None
 
+    def _forbidden(self, work: Work) -> bool:
+        """Answer ERROR FORBIDDEN (True) when ``work``'s caller is not its stream's owner
+        (serving.owners); checked before anything else, so nothing about the stream leaks.
+        A closed or expired stream's id may be started over (and OPENed) by anyone."""
+        owner, live = self.table.owner(work.stream)
+        if owner is None or permits(owner, work.caller):
+            return False
+        if not live and (work.type == MessageType.OPEN or (
+                work.seq == 0 and work.type in (MessageType.PUSH, MessageType.GENERATE))):
+            return False
+        self.reply.error(work, ErrorCode.FORBIDDEN,
+                         f"stream {work.stream!r} belongs to another client identity (the "
+                         "CURVE key or stream token that created it)")
+        return True
+
+    def _may_create(self, work: Work, expected: int) -> bool:
+        """True unless ``work`` creates a stream beyond its identity's limit of open
+        streams (then answered ERROR QUOTA_EXCEEDED)."""
+        if work.stream in self.table or self.table.owners.claim(work.stream, work.caller):
+            return True
+        self.reply.error(work, ErrorCode.QUOTA_EXCEEDED,
+                         f"this client identity has {self.table.owners.limit} open streams, "
+                         "its limit (--max-streams-per-identity): close one first", expected)
+        return False
+
     # ---- before the step: OPEN, RESET, CLOSE, GENERATE ---------------------------------
 
     def before(self, items: list[Work | GenerateGroup]) -> None:
         """Apply the plan's requests that run before the step, in order."""
+        self.table.owners.drop_claims()  # the claims of the last round did their work
         for item in items:
             if isinstance(item, GenerateGroup):
                 self._generate_group(item)
@@ -120,6 +150,8 @@ class Applier:
 
     def _open(self, work: Work) -> None:
         stream = work.stream
+        if self._forbidden(work):
+            return
         if F_PIN in work.msg.header:
             try:
                 self._set_pin(stream, work.msg.header[F_PIN])
@@ -186,7 +218,7 @@ class Applier:
             self.reply.hold(work, reply)
             return None
         reply = self._generate(work)
-        self.table.applied(stream, seq, reply)
+        self.table.applied(stream, seq, reply, MessageType.GENERATE)
         return reply
 
     # ---- GENERATE ----------------------------------------------------------------------
@@ -247,7 +279,7 @@ class Applier:
         self.stats.add(Count.APPLIED_GENERATE, len(group))
         for stream, work in group.items():
             reply = _generate_reply(work, outputs[stream])
-            self.table.applied(stream, work.seq, reply)
+            self.table.applied(stream, work.seq, reply, MessageType.GENERATE)
             self.reply.send(work, *reply)
 
 

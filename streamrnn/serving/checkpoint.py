@@ -10,7 +10,8 @@ File layout (little-endian)::
     32 bytes     HMAC-SHA256 of the body under the checkpoint key (signed files only)
     body         msgpack map (no pickle): {"model": str, "layout": [[dtype, shape], ...],
                  "weights_version": int, "created": float, "streams": {id: {"next_seq": int,
-                 "steps": int, "state": [bytes, ...], "replies": [...]}}, "extra": {...}}
+                 "steps": int, "state": [bytes, ...], "replies": [...], "owner": str
+                 (only for a stream with an owner)}}, "extra": {...}}
 
 A truncated or corrupted file fails the length or checksum test and raises
 :class:`CheckpointError`; a checkpoint of a different model (other state layout) is refused,
@@ -48,6 +49,7 @@ import numpy as np
 from streamrnn.atomic import atomic_write
 from streamrnn.errors import CheckpointError
 from streamrnn.serving.checkpoint_schema import check_body, check_record
+from streamrnn.serving.owners import check_owner
 
 __all__ = [
     "Checkpoint",
@@ -87,6 +89,8 @@ class StreamRecord:
     #: the worker's cached replies (msgpack-able; see streamrnn.serving.durability), so that a
     #: resent request that was applied before the checkpoint is still answered after a restart
     replies: list = field(default_factory=list)
+    #: the client identity the stream belongs to (streamrnn.serving.owners; None: anyone)
+    owner: str | None = None
 
 
 @dataclass
@@ -108,13 +112,16 @@ def pack_record(name: str, rec: StreamRecord, layout: StateLayout) -> dict:
     its rows do not match ``layout``."""
     if layout_of(rec.state) != layout:
         raise CheckpointError(f"stream {name!r} state does not match the checkpoint layout")
-    return {
+    packed = {
         "next_seq": int(rec.next_seq),
         "steps": int(rec.steps),
         "replies": rec.replies,
         "state": [np.ascontiguousarray(r).astype(r.dtype.newbyteorder("<")).tobytes()
                   for r in rec.state],
     }
+    if rec.owner is not None:
+        packed["owner"] = rec.owner
+    return packed
 
 
 def unpack_record(rec: dict, layout: StateLayout, where: str = "stream record"
@@ -126,7 +133,8 @@ def unpack_record(rec: dict, layout: StateLayout, where: str = "stream record"
     state = [np.frombuffer(buf, dtype=np.dtype(d).newbyteorder("<")).reshape(s).astype(d)
              for buf, (d, s) in zip(rec["state"], layout, strict=True)]
     return StreamRecord(state, int(rec["next_seq"]), int(rec["steps"]),
-                        list(rec.get("replies", [])))
+                        list(rec.get("replies", [])),
+                        check_owner(rec.get("owner"), f"{where} 'owner'"))
 
 
 def _mac(key: bytes, body: bytes | memoryview) -> bytes:

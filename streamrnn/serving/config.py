@@ -43,6 +43,9 @@ class WorkerConfig:
     # steps one GENERATE may ask for (more: BAD_VALUE), and GENERATE steps run per round
     # before the round's pushes (at least one GENERATE call runs per round)
     max_generate_steps: int = 4096
+    # open streams one client identity may create (its CURVE key, else its connection;
+    # serving.owners); beyond -> QUOTA_EXCEEDED. 0: no limit but the engine's max streams
+    max_streams_per_identity: int = 0
     metrics_port: int | None = None  # serve Prometheus /metrics here (0: any free port)
     checkpoint_dir: str | None = None  # write/restore checkpoints here (None: not durable)
     checkpoint_every_steps: int = 100  # write after this many batched steps (0: not by count)

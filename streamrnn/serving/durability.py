@@ -4,7 +4,8 @@ The worker's compute thread calls :meth:`WorkerCheckpointer.save` between steps,
 file reflects exactly the applied requests: for every stream, its state rows, the next
 sequence number it expects, the replies it would answer duplicates with (the reply cache,
 so a client that resends a request applied just before a crash still gets its output),
-the worker's recently closed streams, and the streams' weights-version pins. After
+its owner (the client identity it belongs to), the worker's recently closed streams (and
+their owners), and the streams' weights-version pins. After
 :meth:`save` returns, the file is on disk and :attr:`WorkerCheckpointer.durable` says, per
 stream, below which ``seq`` everything is in it: the worker reports that in its replies
 (``durable_seq``), and a client keeps every request from there on to replay after a crash.
@@ -39,6 +40,7 @@ from streamrnn.serving.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from streamrnn.serving.owners import load_owners
 from streamrnn.serving.sequencing import CachedReply, SequenceTable
 from streamrnn.serving.store import WriteCadence
 
@@ -134,17 +136,21 @@ class WorkerCheckpointer(WriteCadence):
         states = engine.export_states()
         initial = engine.initial_state()
         streams: dict[str, StreamRecord] = {}
+        owners = table.export_owners()  # the client identities the streams belong to
         for stream, (next_seq, replies) in table.export().items():
             # a stream the engine does not hold (e.g. RESET before any PUSH) is initial
             state, steps = states.get(stream, (initial, 0))
             streams[stream] = StreamRecord(
                 [np.asarray(r) for r in state], next_seq, steps,
-                [pack_reply(seq, reply) for seq, reply in replies])
+                [pack_reply(seq, reply) for seq, reply in replies], owners.get(stream))
         closed = {s: pack_reply(seq, reply) for s, (seq, reply) in table.export_closed().items()}
         # a WeightsFollower's weights-version pins
         pins = engine.pins() if isinstance(engine, SupportsPins) else {}
+        extra = {"closed": closed, "worker": self.name, "pins": dict(pins)}
+        if owners.keys() & closed.keys():
+            extra["closed_owners"] = {s: owners[s] for s in closed if s in owners}
         ckpt = Checkpoint(self.model, engine.state_layout, streams, int(engine.weights_version),
-                          extra={"closed": closed, "worker": self.name, "pins": dict(pins)})
+                          extra=extra)
         self.last_bytes = save_checkpoint(self.path, ckpt, key=self.key)
         self.durable = {s: r.next_seq for s, r in streams.items()}
         self.written += 1
@@ -162,11 +168,13 @@ class WorkerCheckpointer(WriteCadence):
         if not self.path.exists():
             return 0
         ckpt = load_checkpoint(self.path, expect_layout=engine.state_layout, key=self.key)
+        closed_owners = load_owners(ckpt.extra.get("closed_owners"),
+                                    f"checkpoint {self.where} 'closed_owners'")
         self._import(ckpt.streams, engine, table)
         restore_pins(self.where, ckpt.extra.get("pins", {}), engine)  # absent in older files
         for stream, item in ckpt.extra.get("closed", {}).items():
             seq, reply = unpack_reply(item)
-            table.restore_closed(stream, seq, reply)
+            table.restore_closed(stream, seq, reply, closed_owners.get(stream))
         version = int(engine.weights_version)
         if ckpt.weights_version != version:
             log.warning("checkpoint %s was written with weights version %d; serving %d",
@@ -213,7 +221,7 @@ def import_records(where: str, records: Mapping[str, StreamRecord], engine: Dura
             f"checkpoint holds {len(records)} streams but this worker has room for "
             f"{engine.capacity_left} (raise --max-streams): {exc}") from exc
     for stream, record in records.items():
-        table.restore(stream, record.next_seq, unpacked[stream])
+        table.restore(stream, record.next_seq, unpacked[stream], record.owner)
 
 
 def restore_pins(where: str, pins: Mapping[str, int], engine: DurableEngine) -> None:

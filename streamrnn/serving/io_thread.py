@@ -169,9 +169,11 @@ class IOThread(threading.Thread):
     def _on_request(self, frames: list) -> None:
         received = time.monotonic()
         identity = frames[0].bytes
+        # with CURVE, the client's public key (z85): the ZAP User-Id (serving.owners)
+        user = _user_id(frames[0]) if self._auth is not None else None
         body = frames[1:]
         if is_batch(body):
-            self._on_batch(identity, body, received)
+            self._on_batch(identity, body, received, user)
             return
         try:
             msg = decode_request(body, check_steps=False)  # over_limits() checks them
@@ -183,12 +185,14 @@ class IOThread(threading.Thread):
             self._on_ping(identity, msg)
             return
         accepted: list[Work] = []
-        busy = self._enqueue(Work(identity, msg, received), accepted, self._requests.room())
+        busy = self._enqueue(Work(identity, msg, received, user=user), accepted,
+                             self._requests.room())
         self._requests.put_many(accepted)
         if busy is not None:
             self._reply_now(identity, MessageType.BUSY, busy)
 
-    def _on_batch(self, identity: bytes, body: list, received: float) -> None:
+    def _on_batch(self, identity: bytes, body: list, received: float,
+                  user: str | None) -> None:
         """A BATCH envelope: each part is queued like a request of its own; the parts
         answered here (malformed, BUSY) go back together in one BATCH_REPLY."""
         try:
@@ -205,7 +209,8 @@ class IOThread(threading.Thread):
                 replies.append((MessageType.ERROR, self._malformed(part), None))
                 continue
             counts[part.type] = counts.get(part.type, 0) + 1
-            busy = self._enqueue(Work(identity, part, received, batched=True), accepted, room)
+            busy = self._enqueue(Work(identity, part, received, batched=True, user=user),
+                                 accepted, room)
             if busy is not None:
                 replies.append((MessageType.BUSY, busy, None))
         self._requests.put_many(accepted)
@@ -281,3 +286,12 @@ class IOThread(threading.Thread):
             **echo(msg), F_VERSIONS: list(SUPPORTED_VERSIONS), "version": chosen,
             "worker": self._describe(),
         })
+
+
+def _user_id(frame: zmq.Frame) -> str | None:
+    """The ZAP User-Id of a received frame (our CURVE authenticator sets the client's public
+    key, z85), or None if it has none."""
+    try:
+        return frame.get("User-Id")
+    except zmq.ZMQError:
+        return None

@@ -89,7 +89,8 @@ class StreamWorker:
         self.store = store
         self._ctx = context or zmq.Context.instance()
         self._table = SequenceTable(stream_bytes=config.reply_cache_stream_bytes,
-                                    total_bytes=config.reply_cache_bytes)
+                                    total_bytes=config.reply_cache_bytes,
+                                    per_identity=config.max_streams_per_identity)
         self._generates = self.capabilities.generation and _can_generate(engine)
         self._channels = Channels(WorkQueue(config.max_queue), Outbox(),
                                   WorkerStats(self.metrics))

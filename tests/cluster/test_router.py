@@ -272,3 +272,29 @@ def test_plaintext_or_unlisted_peers_get_nothing_from_curve_workers_and_router(c
         stopped(unlisted)
     assert RedisStore.from_url(cluster["url"]).holder("intruded") is None  # nobody claimed it
     assert {n: w["streams"] for n, w in router.stats()["workers"].items()} == served
+
+
+def test_a_plaintext_worker_with_a_lease_gets_nothing_from_a_curve_router(cluster):
+    """Even registered in Redis (which takes the store's credentials) with a huge room, a
+    worker without a CURVE key is ignored by a CURVE router: streams go to the CURVE
+    workers, and the fake's socket receives nothing."""
+    fake = zmq.Context.instance().socket(zmq.ROUTER)
+    fake.setsockopt(zmq.LINGER, 0)
+    port = fake.bind_to_random_port("tcp://127.0.0.1")
+    store = RedisStore.from_url(cluster["url"])
+    store.register("evil", "e1", 60_000, {
+        "endpoint": f"tcp://127.0.0.1:{port}", "curve_public": "", "capacity_left": 10**6,
+        "streams": 0, "describe": "{}"})
+    try:
+        wait_for(lambda: "evil" in store.live_workers(), 5, "the fake lease")
+        x = random_input(SPEC, 6, np.random.default_rng(8))
+        with client_of(cluster, timeout=10) as client:
+            y = client.push("not-for-evil", x)
+            stats = client.stats()["router"]
+        np.testing.assert_allclose(y, offline(cluster["model"], x), atol=TOL)
+        assert "evil" not in stats["workers"] and "evil" not in cluster["router"].ownership.live
+        assert store.holder("not-for-evil").worker in ("w1", "w2")
+        assert fake.poll(300) == 0  # nothing ever reached it
+    finally:
+        store.drop_lease("evil", "e1")
+        fake.close()

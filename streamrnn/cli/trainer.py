@@ -152,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
     worker = StreamWorker(front or online, WorkerConfig(
         bind=args.bind, batch_window_us=args.batch_window_us,
         coalesce_steps=0,  # one chunk per training step: every chunk trains on its own
+        idle_timeout_s=0.0,  # training streams never expire (a serving worker's: 3600 s)
         model_name=os.path.basename(args.model)))
     if front is None:
         online.attach_sequences(worker.sequences)

@@ -81,7 +81,7 @@ _UNSET = object()  # "argument not given" (None is a meaningful value)
 
 
 class Client:
-    """A thread-safe connection to one stream worker.
+    """A thread-safe connection to one stream worker (or to one of several routers).
 
     Args:
         endpoint: the worker's ZeroMQ endpoint, e.g. ``"tcp://127.0.0.1:5555"``; or

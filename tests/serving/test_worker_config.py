@@ -36,7 +36,9 @@ def test_worker_config_defaults_are_the_clis():
 def test_the_documented_defaults():
     """docs/operations.md's table (the CLI is what it documents)."""
     config = WorkerConfig()
-    assert (config.batch_window_us, config.max_queue, config.idle_timeout_s) == (500, 4096, 0.0)
+    assert (config.batch_window_us, config.max_queue, config.idle_timeout_s) == (500, 4096, 3600.0)
+    assert (config.reply_cache_stream_bytes, config.reply_cache_bytes,
+            config.max_generate_steps) == (2 * 1024 * 1024, 64 * 1024 * 1024, 4096)
     assert (config.coalesce_steps, config.max_frame_bytes) == (64, 33554432)
     assert (config.checkpoint_every_steps, config.checkpoint_every_s) == (100, 1.0)
     assert ExportedConfig is WorkerConfig

@@ -106,11 +106,10 @@ def _check_chain_link(model: keras.Model, layer: keras.layers.Layer, previous: A
             "streamrnn serves single-input, single-output layer chains"
         )
     source = inputs[0]._keras_history.operation
-    expected = previous if previous is not None else None
-    if expected is not None and source is not expected:
+    if previous is not None and source is not previous:
         raise UnsupportedModelError(
             f"layer {layer.name!r} in model {model.name!r} does not take the output of the "
-            f"layer before it ({expected.name!r}); streamrnn serves layer chains only"
+            f"layer before it ({previous.name!r}); streamrnn serves layer chains only"
         )
 
 

@@ -295,8 +295,12 @@ def fuzz(endpoint: str, pids: dict[str, int], logs: list[Path], model: Any,
         "kinds": len(t.kinds), **dict(sorted(t.counts.items())),
         "crashes": len(dead) + tracebacks + t.counts["internal"],
         "dead_processes": dead, "log_tracebacks": tracebacks,
-        "rss_mib": {name: {"after_warmup": round(v[0], 1), "end": round(v[-1], 1),
-                           "max": round(max(v), 1), "growth": round(v[-1] - v[0], 1)}
+        # first sample after 200 cases; "after_warmup" after 1,000 (the first GENERATE has
+        # traced the decoding loop, every bucket has run); growth from there to the end
+        "rss_mib": {name: {"first": round(v[0], 1), "after_warmup": round(v[min(2, len(v) - 1)], 1),
+                           "end": round(v[-1], 1), "max": round(max(v), 1),
+                           "growth": round(v[-1] - v[min(2, len(v) - 1)], 1),
+                           "growth_from_first": round(v[-1] - v[0], 1)}
                     for name, v in rss.items()},
         "violations_by_kind": dict(t.violations), "examples": dict(t.examples),
         "honest": honest_summary,

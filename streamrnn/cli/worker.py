@@ -203,6 +203,10 @@ def run(args: argparse.Namespace) -> int:
         max_generate_steps=args.max_generate_steps,
         max_streams_per_identity=args.max_streams_per_identity,
     )
+    if args.store:
+        # collect before the lease is taken: a full collection over the model's objects
+        # holds the GIL for seconds on a loaded machine, and the lease must be renewed
+        freeze_heap()
     box: dict[str, StreamWorker] = {}
     store = _open_store(args, box, key) if args.store else None
     if args.store and store is None:

@@ -221,6 +221,7 @@ class RedisStreamStore(WriteCadence):
         """The ``(stream, epoch, blob)`` writes of the changed streams."""
         if not signatures:
             return []
+        owners = table.export_owners()  # the client identities the streams belong to
         states = engine.export_states()
         initial = engine.initial_state()
         layout = engine.state_layout
@@ -231,7 +232,8 @@ class RedisStreamStore(WriteCadence):
             # a stream the engine does not hold (e.g. RESET before any PUSH) is initial
             state, steps = states.get(stream, (initial, 0))
             record = StreamRecord([np.asarray(r) for r in state], next_seq, steps,
-                                  self._pack_replies(stream, replies))
+                                  self._pack_replies(stream, replies),
+                                  owners.get(stream))
             epoch = self._epochs[stream]
             items.append((stream, epoch, encode_stream_blob(StreamBlob(
                 stream, epoch, record, layout, pins.get(stream), self.model, version),

@@ -14,7 +14,8 @@ then only blobs signed with that key are read)::
     32 bytes     HMAC-SHA256 of the body (signed blobs only)
     body         msgpack map: {"stream": str, "epoch": int, "model": str,
                  "layout": [[dtype, shape], ...], "weights_version": int, "created": float,
-                 "pin": int | None, "record": {"next_seq", "steps", "state", "replies"}}
+                 "pin": int | None, "record": {"next_seq", "steps", "state", "replies",
+                 "owner" (only for a stream with an owner)}}
 
 :func:`decode_stream_blob` is strict: a truncated or altered blob, another stream's blob,
 another model's (state layout), an epoch that is not below the claim's, or a field a wire

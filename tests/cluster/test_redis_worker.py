@@ -107,7 +107,7 @@ def test_stream_continues_exactly_on_a_second_worker_after_the_first_ones_lease_
     w1, w2 = _worker(store_url, "w1", model), _worker(store_url, "w2", model)
     try:
         assert isinstance(w1.store, StreamStore)
-        with streamrnn.Client(w1.endpoint) as client:
+        with streamrnn.Client(w1.endpoint, token="secret-a") as client:  # "a"'s owner
             outs = [client.push("a", c) for c in chunks[:half]]
             # a live holder: the other worker refuses the stream, naming it and the seq
             reply = _request(w2.endpoint, MessageType.PUSH, {"rid": 9, "stream": "a",
@@ -121,9 +121,14 @@ def test_stream_continues_exactly_on_a_second_worker_after_the_first_ones_lease_
         w1.store.lease.stop(drop=False)  # no more renews, as in a crash or a long pause
         _wait(lambda: w1.fenced, timeout=5)  # it fenced itself: stopped, slots dropped
         assert w1.join(5) and "a" not in w1.engine
-        with streamrnn.Client(w2.endpoint) as client:
+        with streamrnn.Client(w2.endpoint, token="secret-a") as client:
             outs += [client.push("a", c) for c in chunks[half:]]
         got = np.concatenate(outs)
+        # the stream's owner moved with it: another token is refused on the new holder
+        reply = _request(w2.endpoint, MessageType.PUSH, {"rid": 7, "stream": "a",
+                                                         "seq": len(chunks), "token": "other"},
+                         {"chunk": chunks[0]})
+        assert reply.header["code"] == ErrorCode.FORBIDDEN
         assert np.abs(got - offline(model, x)).max() <= TOL
         holder = w2.store.store.holder("a")
         assert (holder.worker, holder.epoch) == ("w2", 2)

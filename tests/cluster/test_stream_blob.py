@@ -16,21 +16,22 @@ from streamrnn.serving.durability import pack_reply
 
 LAYOUT = [("float32", (4,)), ("float32", (4,))]
 KEY = b"k" * 32
+OWNER = "token:" + "ab" * 32  # the client identity the stream belongs to
 
 
 def _blob(stream: str = "a", epoch: int = 3) -> StreamBlob:
     state = [np.arange(4, dtype=np.float32), np.ones(4, dtype=np.float32)]
     reply = (MessageType.OUTPUT, {"stream": stream, "seq": 6},
              {"output": np.zeros((2, 3), np.float32)})
-    return StreamBlob(stream, epoch, StreamRecord(state, 7, 12, [pack_reply(6, reply)]),
-                      LAYOUT, pin=2, model="m")
+    return StreamBlob(stream, epoch, StreamRecord(state, 7, 12, [pack_reply(6, reply)],
+                                                  OWNER), LAYOUT, pin=2, model="m")
 
 
 def test_blob_round_trip_keeps_every_field():
     data = encode_stream_blob(_blob())
     got = decode_stream_blob(data, "a", LAYOUT, below_epoch=4)
     assert (got.stream, got.epoch, got.pin, got.model) == ("a", 3, 2, "m")
-    assert (got.record.next_seq, got.record.steps) == (7, 12)
+    assert (got.record.next_seq, got.record.steps, got.record.owner) == (7, 12, OWNER)
     np.testing.assert_array_equal(got.record.state[0], np.arange(4, dtype=np.float32))
     assert got.record.replies[0][0] == 6
 

@@ -6,6 +6,11 @@ Stateless routers (any number, on one Redis): :mod:`~streamrnn.cluster.router` (
 :mod:`~streamrnn.cluster.ownership` (live workers and the stream -> worker cache, from
 Redis) and :mod:`~streamrnn.cluster.placement` (holder or least-loaded worker; pure).
 
+The worker's side: :mod:`~streamrnn.cluster.redis_checkpoints` (RedisStreamStore, the
+``streamrnn worker --store`` backend of :class:`~streamrnn.serving.store.StreamStore`: claims
+streams, fenced per-stream checkpoints of only the streams that changed) and
+:mod:`~streamrnn.cluster.stream_blob` (one stream's checksummed checkpoint blob).
+
 The durable training log: :mod:`~streamrnn.cluster.training_log` (RedisChunkLog: a Redis
 Stream with the consumer group ``trainers``, for ``streamrnn trainer --store``)."""
 

@@ -7,8 +7,10 @@ its rooms.
   requests, the :class:`Outbox` of replies);
 * ``batching``: the pure round planner (a :class:`Plan` per batch), ``applying`` and
   ``stepping``: applying a plan to the engine, ``replies``: the compute side of replying;
-* ``sequencing``: exactly-once sequence numbers, ``durability`` / ``checkpoint``: checkpoint
-  files, ``stats``: typed counters, ``sockets``: the hardened client-facing ROUTER.
+* ``sequencing``: exactly-once sequence numbers, ``store``: :class:`StreamStore`, what a
+  worker keeps durable and which streams it may serve (checkpoint files: ``durability`` /
+  ``checkpoint``; Redis: :mod:`streamrnn.cluster.redis_checkpoints`), ``stats``: typed
+  counters, ``sockets``: the hardened client-facing ROUTER.
 """
 
 __all__: list[str] = []

@@ -61,6 +61,7 @@ from streamrnn.serving.batching import Work
 from streamrnn.serving.outbox import Channels, echo
 from streamrnn.serving.quotas import over_limits
 from streamrnn.serving.stats import Count
+from streamrnn.wirecheck import echo_context
 
 __all__ = ["IOThread"]
 
@@ -276,14 +277,15 @@ class IOThread(threading.Thread):
         if chosen is None:
             self._stats.error(ErrorCode.UNSUPPORTED_VERSION)
             self._reply_now(identity, MessageType.ERROR, {
-                **echo(msg), F_CODE: int(ErrorCode.UNSUPPORTED_VERSION),
+                **echo_context(msg.header), F_CODE: int(ErrorCode.UNSUPPORTED_VERSION),
                 F_MESSAGE: f"no common protocol version: offered {offered}, supported "
                            f"{list(SUPPORTED_VERSIONS)}",
                 F_VERSIONS: list(SUPPORTED_VERSIONS),
             })
             return
         self._reply_now(identity, MessageType.PONG, {
-            **echo(msg), F_VERSIONS: list(SUPPORTED_VERSIONS), "version": chosen,
+            **echo_context(msg.header), F_VERSIONS: list(SUPPORTED_VERSIONS),
+            "version": chosen,
             "worker": self._describe(),
         })
 

@@ -114,6 +114,18 @@ def test_pong_says_generate_only_when_the_model_can(dealer):
     assert reply.header["code"] == ErrorCode.NOT_SUPPORTED
 
 
+@pytest.mark.parametrize("stream, seq", [(5, -1), ("ok", None), (None, 2**63), ("", "3")])
+def test_a_ping_echoes_only_well_typed_matching_fields(dealer, stream, seq):
+    # PING has no stream or seq of its own: ill-typed ones must not be echoed (found by
+    # bench/fuzz_hostile.py), or decode_reply refuses the PONG
+    for header in ({"v": 1, "rid": 9, "stream": stream, "seq": seq},
+                   {"v": 99, "rid": 9, "stream": stream, "seq": seq}):
+        reply = ask(dealer, encode(MessageType.PING, header))
+        assert reply.header["rid"] == 9
+        assert "seq" not in reply.header
+        assert reply.header.get("stream") in (None, "ok")
+
+
 @pytest.mark.parametrize("case", ["seven-frames", "long-string", "long-list", "bin", "ext"])
 def test_rid_is_echoed_whenever_the_header_is_readable(dealer, case):
     header = {"v": 1, "rid": 4242, "stream": "doc-rid", "seq": 0}

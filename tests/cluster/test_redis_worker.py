@@ -133,6 +133,13 @@ def test_stream_continues_exactly_on_a_second_worker_after_the_first_ones_lease_
         holder = w2.store.store.holder("a")
         assert (holder.worker, holder.epoch) == ("w2", 2)
         assert w2.stats()["checkpoint"]["backend"] == "redis"
+        # a graceful stop writes last and drops the lease: the next worker claims at once
+        w2.stop()
+        assert w2.join(30)
+        redis = w2.store.store
+        assert not redis.lease_alive("w2", w2.store.lease.token)
+        blob = decode_stream_blob(redis.load("a"), "a", w2.engine.state_layout)
+        assert blob.record.next_seq == len(chunks) and blob.epoch == 2
     finally:
         for w in (w1, w2):
             w.stop()

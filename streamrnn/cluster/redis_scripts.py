@@ -18,7 +18,8 @@ fencing check cannot interleave with another client's call.
   else ``{0, epoch}``.
 - :data:`SAVE` ``(holder, ckpt; worker, token, epoch, op, blob)``: only when worker, token
   and epoch all match the holder: ``op`` ``"w"`` writes the blob, ``"c"`` (closed) deletes
-  it and releases -> 1, else 0 (a zombie's late write is refused).
+  it, releases and lets the holder record expire after :data:`CLOSED_TTL_MS` (a claim makes
+  it persistent again) -> 1, else 0 (a zombie's late write is refused).
 - :data:`RELEASE` ``(holder; worker, token, epoch)``: empties worker and token (the epoch
   stays: it only ever grows) when they match -> 1, else 0.
 
@@ -30,7 +31,7 @@ Example (what the store does; ``client`` a redis-py client)::
 
 from __future__ import annotations
 
-__all__ = ["CLAIM", "DROP", "LIVE", "RELEASE", "RENEW", "SAVE", "SCRIPTS", "TOUCH"]
+__all__ = ["CLAIM", "CLOSED_TTL_MS", "DROP", "LIVE", "RELEASE", "RENEW", "SAVE", "SCRIPTS", "TOUCH"]
 
 RENEW = """
 local cur = redis.call('GET', KEYS[1])
@@ -74,21 +75,27 @@ if epoch ~= tonumber(ARGV[3]) then return {0, epoch} end
 epoch = epoch + 1
 local text = string.format('%d', epoch)
 redis.call('HSET', KEYS[1], 'worker', ARGV[1], 'token', ARGV[2], 'epoch', text)
+redis.call('PERSIST', KEYS[1])
 redis.call('PUBLISH', ARGV[4], text .. ' ' .. ARGV[1] .. ' ' .. ARGV[5])
 local blob = redis.call('GET', KEYS[2])
 if blob then return {1, epoch, blob} end
 return {1, epoch}
 """
 
+#: how long a closed stream's holder record (its epoch) is kept: a worker that still thinks
+#: it holds the stream is fenced by its token anyway, so the epoch may start over after this
+CLOSED_TTL_MS = 24 * 3600 * 1000
+
 _FENCE = """
 local h = redis.call('HMGET', KEYS[1], 'worker', 'token', 'epoch')
 if h[1] ~= ARGV[1] or h[2] ~= ARGV[2] or h[3] ~= ARGV[3] then return 0 end
 """
 
-SAVE = _FENCE + """
+SAVE = _FENCE + f"""
 if ARGV[4] == 'c' then
   redis.call('DEL', KEYS[2])
   redis.call('HSET', KEYS[1], 'worker', '', 'token', '')
+  redis.call('PEXPIRE', KEYS[1], {CLOSED_TTL_MS})
 else
   redis.call('SET', KEYS[2], ARGV[5])
 end

@@ -12,6 +12,7 @@ import uuid
 import pytest
 
 from streamrnn.cluster.lease import LeaseKeeper
+from streamrnn.cluster.redis_scripts import CLOSED_TTL_MS
 from streamrnn.cluster.redis_store import Claimed, Holding, RedisStore, WorkerInfo
 from streamrnn.errors import NameTakenError, StoreError
 
@@ -174,6 +175,12 @@ def test_pipelined_save_of_100_streams_and_close(redis_store):
     assert redis_store.load(streams[0]) is None
     assert redis_store.holders(streams[:2]) == dict.fromkeys(streams[:2], Holding("", "", 1))
     assert redis_store.holders(streams[10:12])[streams[10]] == Holding("w1", token, 1)
+    # a closed stream's holder record expires (bounded memory at churn); a claim keeps it again
+    keys = redis_store.keys
+    assert 0 < redis_store.client.pttl(keys.holder(streams[0])) <= CLOSED_TTL_MS
+    assert redis_store.client.pttl(keys.holder(streams[10])) == -1
+    assert redis_store.acquire(streams[0], "w2", _token()) == Claimed(2, None)
+    assert redis_store.client.pttl(keys.holder(streams[0])) == -1
 
 
 def test_release_keeps_the_epoch_and_the_checkpoint(redis_store):

@@ -54,9 +54,16 @@ def check_exact(model, seqs: dict, drivers: list[Driver]) -> None:
 
 def served_again(driver_times: dict[str, list[float]], streams: set[str], t0: float
                  ) -> list[float]:
-    """Per stream in ``streams``: seconds from ``t0`` to its first output after ``t0``."""
-    return sorted(min(t for t in driver_times[s] if t > t0) - t0 for s in streams
-                  if any(t > t0 for t in driver_times[s]))
+    """Per stream in ``streams``: seconds from ``t0`` to the end of its longest pause in
+    outputs after ``t0`` (replies already on their way at ``t0`` do not count as served
+    again), sorted."""
+    out = []
+    for s in streams:
+        points = [t0, *(t for t in driver_times[s] if t > t0)]
+        if len(points) > 1:
+            gaps = [b - a for a, b in zip(points, points[1:], strict=False)]
+            out.append(points[gaps.index(max(gaps)) + 1] - t0)
+    return sorted(out)
 
 
 def test_worker_kill9_two_routers_three_workers_streams_exact(model_file, redis_url):

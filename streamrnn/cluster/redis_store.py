@@ -54,10 +54,9 @@ __all__ = ["ACL_COMMANDS", "Claimed", "Holding", "INFO_FIELDS", "RedisStore", "W
 #: the commands RedisStore runs (directly or inside its scripts): an ACL user for streamrnn
 #: needs them on the keys and channels ``<prefix>:*``, e.g. ``ACL SETUSER app on >pw
 #: ~srnn:* &srnn:* +evalsha +script|load +get +set ...`` (the trainer's log needs more)
-ACL_COMMANDS = ("del", "evalsha", "get", "hget", "hgetall", "hmget", "hset", "persist", "pexpire",
-                "ping",
-                "publish", "script|load", "set", "subscribe", "time", "zadd", "zrange",
-                "zrem", "zremrangebyscore")
+ACL_COMMANDS = ("del", "evalsha", "get", "hget", "hgetall", "hmget", "hset", "persist",
+                "pexpire", "ping", "publish", "script|load", "set", "subscribe", "time", "zadd",
+                "zrange", "zrem", "zremrangebyscore")
 _PIPELINE_CHUNK = 1000
 # connection defaults when the URL and the caller say nothing: a call must fail in about a
 # second, not hang or retry for long (a lease's ttl is 2 s): redis-py's own default retries

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
         port = RouterMetrics(router.stats).serve(args.metrics_port)
         metrics = f" metrics={metrics_url(port)}"
-    log_ready(log, READY_MARKER, endpoint, f"workers={len(router.ownership.live)}{metrics}")
+    log_ready(log, READY_MARKER, endpoint, f"workers={len(router.holders.live)}{metrics}")
     wait(router)
     if router.failed is not None:
         log.error("router stopped: its routing thread failed (%s)", router.failed)

@@ -7,7 +7,7 @@ the router: each holds a lease in Redis (``streamrnn worker --store redis://...`
 publishes its client endpoint, CURVE public key and load, and it claims the streams it
 serves (a compare-and-set on the stream's holder with a growing epoch).
 
-* **Ownership from Redis** (:class:`~streamrnn.cluster.ownership.Ownership`): the live
+* **Holders from Redis** (:class:`~streamrnn.cluster.holders.HolderView`): the live
   workers are read every 0.25 s; a stream's worker is cached, filled on a miss from its
   holder in Redis, updated by claim notices, and dropped on a NOT_HOLDER reply, on CLOSE /
   EXPIRED, or when its worker's lease disappears. A stream with no live holder goes to the
@@ -52,7 +52,7 @@ import msgpack
 import zmq
 
 from streamrnn.cluster.front import Front, echo
-from streamrnn.cluster.ownership import Ownership, Unroutable
+from streamrnn.cluster.holders import HolderView, Unroutable
 from streamrnn.cluster.worker_links import WorkerLinks
 from streamrnn.codec import Message, decode_batch, decode_request, is_batch
 from streamrnn.errors import ProtocolError
@@ -134,7 +134,7 @@ class Router:
         self.counts: Counter[str] = Counter()
         self._poller = zmq.Poller()
         self.links = WorkerLinks(self._ctx, self._poller, config.curve_client_key)
-        self.ownership = Ownership(store, self.counts, config.refresh_s,
+        self.holders = HolderView(store, self.counts, config.refresh_s,
                                    usable=self.links.usable)
         self._pending: dict[int, _Pending] = {}
         self._rids = itertools.count(1)
@@ -156,7 +156,7 @@ class Router:
             curve_secret_key=self.config.curve_secret_key, curve_allow=self.config.curve_allow)
         self.front = Front(sock, self.counts, self.config.busy_retry_after_ms)
         self.endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
-        self.ownership.start()
+        self.holders.start()
         self._thread = threading.Thread(target=self._loop, name="streamrnn-router",
                                         daemon=True)
         self._thread.start()
@@ -171,14 +171,14 @@ class Router:
         return self._thread is None or not self._thread.is_alive()
 
     def stats(self) -> dict[str, Any]:
-        own = self.ownership
+        view = self.holders
         return {"uptime_s": round(time.monotonic() - self._started, 3),
-                "counts": dict(self.counts), "streams": own.cached,
+                "counts": dict(self.counts), "streams": view.cached,
                 "pending": len(self._pending),
                 "workers": {name: {"alive": True, "streams": int(info.streams),
                                    "capacity_left": int(info.capacity_left),
-                                   "assigned": own.assigned_to(name)}
-                            for name, info in list(own.live.items())}}
+                                   "assigned": view.assigned_to(name)}
+                            for name, info in list(view.live.items())}}
 
     # ---- loop --------------------------------------------------------------------------
 
@@ -202,7 +202,7 @@ class Router:
             self.failed = exc
             log.exception("router loop failed; the router stops")
         finally:
-            self.ownership.stop()
+            self.holders.stop()
             self.links.close()
             front.close()
             if self._auth is not None:
@@ -225,8 +225,8 @@ class Router:
 
     def _sync(self) -> None:
         """Apply Redis updates: connect new workers; BUSY the requests of vanished ones."""
-        left = self.ownership.poll()
-        self.links.sync(self.ownership.live)
+        left = self.holders.poll()
+        self.links.sync(self.holders.live)
         if left:
             gone = set(left)
             self.counts["workers_left"] += len(gone)
@@ -268,7 +268,7 @@ class Router:
             return
         self.counts["requests_batch"] += 1
         try:
-            self.ownership.prefetch(p.header[F_STREAM] for p in parts
+            self.holders.prefetch(p.header[F_STREAM] for p in parts
                                     if isinstance(p, Message) and F_STREAM in p.header)
         except Exception as exc:  # noqa: BLE001 - each part then asks on its own
             self.counts["store_errors"] += 1
@@ -288,7 +288,7 @@ class Router:
         rid = msg.header.get(F_REQUEST_ID)
         self.counts[f"requests_{msg.type.name.lower()}"] += 1
         if msg.type == MessageType.PING:
-            self.front.pong(identity, msg, rid, self.ownership.live)
+            self.front.pong(identity, msg, rid, self.holders.live)
             return
         if msg.type == MessageType.STATS:
             self.front.reply(identity, MessageType.ACK, {F_STATS: {"router": self.stats()}}, rid)
@@ -301,7 +301,7 @@ class Router:
     def _forward(self, pending: _Pending) -> None:
         """Send ``pending`` to its stream's worker, or answer ERROR / BUSY."""
         try:
-            worker = self.ownership.route(pending.stream)
+            worker = self.holders.route(pending.stream)
         except Unroutable as exc:
             self.counts[f"refused_{exc.code.name.lower()}"] += 1
             self.front.reply(pending.identity, MessageType.ERROR,
@@ -320,7 +320,7 @@ class Router:
         try:
             self.links.send(worker, out)
         except (zmq.Again, KeyError):  # its queue is full, or not connected (yet)
-            self.ownership.forget(pending.stream)
+            self.holders.forget(pending.stream)
             self.front.busy(pending.identity, pending.header, pending.rid)
             return
         pending.worker, pending.sent = worker, time.monotonic()
@@ -346,7 +346,7 @@ class Router:
         if (msg_type == _EXPIRED or (pending.kind == MessageType.CLOSE and msg_type == _ACK)
                 or (msg_type == _ERROR and header.get(F_CODE) == _ENGINE_FULL)):
             # the worker forgot the stream, or never took it (full): place it afresh
-            self.ownership.forget(pending.stream)
+            self.holders.forget(pending.stream)
         if pending.rid is None:
             header.pop(F_REQUEST_ID, None)
         else:
@@ -358,8 +358,8 @@ class Router:
         """The worker does not hold the stream (another claimed it, or ours is stale): ask
         Redis again and forward the same frames (bounded), else BUSY."""
         self.counts["not_holder"] += 1
-        self.ownership.forget(pending.stream)
-        self.ownership.refresh_soon()
+        self.holders.forget(pending.stream)
+        self.holders.refresh_soon()
         pending.tries += 1
         if pending.tries > self.config.not_holder_retries:
             self.front.busy(pending.identity, pending.header, pending.rid)

@@ -10,7 +10,7 @@ Example::
 
     links = WorkerLinks(ctx, poller, curve_client_key="router.key_secret")
     links.usable(info)               # False: plaintext worker while CURVE is on, bad endpoint
-    links.sync(ownership.live)       # connect new workers, close those that left
+    links.sync(holders.live)       # connect new workers, close those that left
     links.send("w1", frames)         # raises zmq.Again when its queue is full
 """
 

@@ -71,7 +71,7 @@ def test_full_workers_still_get_the_request_and_answer_for_themselves():
 
 
 def test_placement_imports_no_zmq_or_tensorflow():
-    code = ("import sys, streamrnn.cluster.placement, streamrnn.cluster.ownership; "
+    code = ("import sys, streamrnn.cluster.placement, streamrnn.cluster.holders; "
             "bad = {'zmq', 'tensorflow', 'keras'} & set(sys.modules); "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,4 +1,4 @@
-"""Router on Redis: ownership from the workers' leases, NOT_HOLDER re-forwarding, explicit
+"""Router on Redis: holders from the workers' leases, NOT_HOLDER re-forwarding, explicit
 refusals, CURVE on every link (client -> router -> worker), and the outside review's
 findings about the old heartbeat link made impossible.
 
@@ -153,7 +153,7 @@ def test_pending_requests_of_a_vanished_worker_get_busy_and_late_replies_are_cou
         "streams": 0, "describe": "{}"})
     router = started(RouterConfig(bind="tcp://127.0.0.1:0", store=url))
     try:
-        wait_for(lambda: "quiet" in router.ownership.live, 10, "the worker's lease")
+        wait_for(lambda: "quiet" in router.holders.live, 10, "the worker's lease")
         with streamrnn.Client(router.endpoint, timeout=2.0, retries=0) as client:
             future = client.push_async("orphan", np.zeros((1, SPEC.features), np.float32))
             forwarded = silent.recv_multipart()  # its OPEN reached the "worker"
@@ -189,7 +189,7 @@ def cluster(redis_url, tmp_path_factory):
         bind="tcp://127.0.0.1:0", store=url, curve_secret_key=str(keys["front_secret"]),
         curve_allow=str(keys["front_allow"]), curve_client_key=str(keys["router_secret"])))
     try:
-        wait_for(lambda: len(router.ownership.live) == 2, 30, "two live workers")
+        wait_for(lambda: len(router.holders.live) == 2, 30, "two live workers")
         yield {"model": model, "url": url, "keys": keys, "workers": workers,
                "router": router}
     finally:
@@ -231,8 +231,8 @@ def test_stale_cache_gets_not_holder_and_the_router_forwards_again(cluster):
         other = "w2" if holder == "w1" else "w1"
         before = router.stats()["counts"].get("not_holder", 0)
         # a stale entry, as after a missed claim notice: the wrong worker refuses the chunk
-        router.ownership._drop("stale")
-        router.ownership._cache("stale", other)
+        router.holders._drop("stale")
+        router.holders._cache("stale", other)
         b = client.push("stale", x[5:])
     np.testing.assert_allclose(np.concatenate([a, b]), offline(cluster["model"], x), atol=TOL)
     counts = router.stats()["counts"]
@@ -242,10 +242,10 @@ def test_stale_cache_gets_not_holder_and_the_router_forwards_again(cluster):
 def test_plaintext_or_unlisted_peers_get_nothing_from_curve_workers_and_router(cluster):
     keys, router = cluster["keys"], cluster["router"]
     x = np.zeros((2, SPEC.features), np.float32)
-    worker_endpoint = next(iter(router.ownership.live.values())).endpoint
+    worker_endpoint = next(iter(router.holders.live.values())).endpoint
     def pushes_seen() -> dict[str, int]:  # each worker's own count, asked over CURVE
         seen = {}
-        for name, info in router.ownership.live.items():
+        for name, info in router.holders.live.items():
             with client_of(cluster, info.endpoint, timeout=5) as direct:
                 seen[name] = direct.stats()["counts"].get("requests_push", 0)
         return seen
@@ -272,7 +272,7 @@ def test_plaintext_or_unlisted_peers_get_nothing_from_curve_workers_and_router(c
             with pytest.raises(streamrnn.RemoteError) as info:
                 client.push("intruded", x)
             assert info.value.code == ErrorCode.UNAVAILABLE
-        wait_for(lambda: len(unlisted.ownership.live) == 2, 10, "the workers in Redis")
+        wait_for(lambda: len(unlisted.holders.live) == 2, 10, "the workers in Redis")
         with streamrnn.Client(unlisted.endpoint, timeout=0.5, retries=0) as client:
             # the handshake fails: requests wait unanswered, or find no connection (BUSY)
             with pytest.raises((streamrnn.RequestTimeoutError, streamrnn.WorkerBusyError)):
@@ -302,7 +302,7 @@ def test_a_plaintext_worker_with_a_lease_gets_nothing_from_a_curve_router(cluste
             y = client.push("not-for-evil", x)
             stats = client.stats()["router"]
         np.testing.assert_allclose(y, offline(cluster["model"], x), atol=TOL)
-        assert "evil" not in stats["workers"] and "evil" not in cluster["router"].ownership.live
+        assert "evil" not in stats["workers"] and "evil" not in cluster["router"].holders.live
         assert store.holder("not-for-evil").worker in ("w1", "w2")
         assert fake.poll(300) == 0  # nothing ever reached it
     finally:

@@ -1,4 +1,4 @@
-"""A router's view of Redis (streamrnn.cluster.ownership) over a store played by plain data:
+"""A router's view of Redis (streamrnn.cluster.holders) over a store played by plain data:
 cache fill from holders and placement, claim notices, workers leaving, NOT_HOLDER forget,
 the cache bound. The real store is exercised in test_router.py."""
 
@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from streamrnn.cluster.ownership import Ownership, Unroutable
+from streamrnn.cluster.holders import HolderView, Unroutable
 from streamrnn.protocol import ErrorCode
 
 
@@ -57,10 +57,10 @@ class Store:
 @pytest.fixture
 def own():
     store = Store()
-    ownership = Ownership(store, Counter(), refresh_s=60)
-    ownership.start()
-    yield ownership
-    ownership.stop()
+    holders = HolderView(store, Counter(), refresh_s=60)
+    holders.start()
+    yield holders
+    holders.stop()
 
 
 def test_a_miss_reads_the_holder_once_then_the_cache_answers(own):
@@ -99,7 +99,7 @@ def test_forget_and_prefetch_and_no_live_worker(own):
 
 def test_the_cache_is_bounded():
     store = Store()
-    own = Ownership(store, Counter(), refresh_s=60, max_cached=3)
+    own = HolderView(store, Counter(), refresh_s=60, max_cached=3)
     own.start()
     try:
         for i in range(4):

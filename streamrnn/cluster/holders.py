@@ -7,16 +7,16 @@
   read for all the streams of a BATCH) plus :class:`~streamrnn.cluster.placement.Placement`
   (a stream with no live holder goes to the least-loaded live worker, which claims it);
   updated by the claim script's ``srnn:claims`` notices (:meth:`RedisStore.watch`); dropped
-  on a NOT_HOLDER reply (:meth:`Ownership.forget`), a CLOSE / EXPIRED, or when the worker's
+  on a NOT_HOLDER reply (:meth:`HolderView.forget`), a CLOSE / EXPIRED, or when the worker's
   lease disappears. A stale entry is harmless: the worker answers NOT_HOLDER and the router
   asks Redis again.
 
 Everything but the refresh thread and the notice callback runs on the routing thread; those
-two only put updates on a queue that :meth:`Ownership.poll` applies.
+two only put updates on a queue that :meth:`HolderView.poll` applies.
 
 Example::
 
-    own = Ownership(store, counts)
+    own = HolderView(store, counts)
     own.start()
     left = own.poll()                  # on the routing thread: names that left the view
     worker = own.route("s1")           # a live worker name, or raises Unroutable
@@ -37,7 +37,7 @@ from streamrnn.cluster.placement import Load, Placement
 from streamrnn.errors import StreamRNNError
 from streamrnn.protocol import ErrorCode
 
-__all__ = ["Ownership", "Unroutable"]
+__all__ = ["HolderView", "Unroutable"]
 
 log = logging.getLogger("streamrnn.router")
 
@@ -50,7 +50,7 @@ class Unroutable(StreamRNNError):
         self.code = code
 
 
-class Ownership:
+class HolderView:
     """Live workers and the stream -> worker cache of one router (see the module docs).
 
     Args:

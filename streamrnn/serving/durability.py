@@ -10,8 +10,9 @@ their owners), and the streams' weights-version pins. After
 stream, below which ``seq`` everything is in it: the worker reports that in its replies
 (``durable_seq``), and a client keeps every request from there on to replay after a crash.
 
-Files are ``<dir>/<name>.ckpt`` (one per worker, so workers can share a directory and a
-survivor can adopt a dead worker's streams with :meth:`WorkerCheckpointer.adopt`).
+Files are ``<dir>/<name>.ckpt`` (one per worker, so workers can share a directory). Moving
+streams between workers is the Redis store's job (:mod:`streamrnn.cluster.redis_checkpoints`);
+this file store serves one worker on one machine.
 
 Example::
 
@@ -180,22 +181,6 @@ class WorkerCheckpointer(WriteCadence):
             log.warning("checkpoint %s was written with weights version %d; serving %d",
                         self.where, ckpt.weights_version, version)
         return len(ckpt.streams)
-
-    def adopt(self, path: str | os.PathLike, streams: Iterable[str] | None,
-              engine: DurableEngine, table: SequenceTable) -> list[str]:
-        """Take over ``streams`` (None: all) of another worker's checkpoint at ``path``.
-
-        Streams this worker already holds are left alone. Returns the adopted stream ids;
-        the caller should :meth:`save` right after, so they are durable here too.
-        """
-        ckpt = load_checkpoint(path, expect_layout=engine.state_layout, key=self.key)
-        wanted = ckpt.streams.keys() if streams is None else set(streams)
-        chosen = {s: r for s, r in ckpt.streams.items()
-                  if s in wanted and s not in table and s not in engine}
-        self._import(chosen, engine, table)
-        pins = ckpt.extra.get("pins", {})
-        restore_pins(self.where, {s: v for s, v in pins.items() if s in chosen}, engine)
-        return list(chosen)
 
     def _import(self, records: dict[str, StreamRecord], engine: DurableEngine,
                 table: SequenceTable) -> None:

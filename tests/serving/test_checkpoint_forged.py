@@ -180,8 +180,3 @@ def test_a_keyed_worker_signs_its_checkpoints_and_refuses_others(tmp_path):
     assert restore(None) == 1
     with pytest.raises(CheckpointError, match="carries no HMAC"):
         restore("mine")
-    forge(tmp_path / "dead.ckpt", _body())
-    with pytest.raises(CheckpointError, match="carries no HMAC"):
-        WorkerCheckpointer(tmp_path / "ck", key=KEY).adopt(
-            tmp_path / "dead.ckpt", None, Engine.from_keras(model, slots=2, jit_compile=False),
-            SequenceTable())

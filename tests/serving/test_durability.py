@@ -70,14 +70,6 @@ def test_checkpointer_restores_states_seqs_and_reply_cache(tmp_path):
         got = np.concatenate([head[s], engine2.push(s, x[12:])])
         np.testing.assert_allclose(got, offline(model, x), atol=TOL)
 
-    # a survivor adopts only the streams it is given, and never one it already holds
-    engine3 = Engine.from_keras(model, slots=2, max_streams=5, jit_compile=False)
-    table3 = SequenceTable()
-    table3.applied("s0", 0, (MessageType.OUTPUT, {}, {}))
-    adopted = WorkerCheckpointer(tmp_path / "other", name="w2").adopt(
-        ckpt.path, ["s0", "s1", "s2"], engine3, table3)
-    assert sorted(adopted) == ["s1", "s2"] and "s3" not in table3
-
 
 def test_checkpoint_with_more_streams_than_room_is_refused(tmp_path):
     model = build_model(SPEC, seed=4)

@@ -24,11 +24,13 @@ __all__ = [
     "A_PROMPT",
     "BATCH_PART_TYPES",
     "BATCH_REPLY_PART_TYPES",
+    "CLIENT_KEY_CHARS",
     "D_DTYPE",
     "D_FRAME",
     "D_SHAPE",
     "ErrorCode",
     "F_ARRAYS",
+    "F_CLIENT_KEY",
     "F_CODE",
     "F_DURABLE_SEQ",
     "F_EXPECTED",
@@ -185,6 +187,12 @@ F_PIN = "pin_version"  # OPEN: pin the stream to a weights version (None: unpin)
 #: str: a stream's owner token (when CURVE is off): set by the request that creates the
 #: stream, required on every later request of it (compared in constant time)
 F_TOKEN = "token"
+#: str: the end client's CURVE public key (z85, :data:`CLIENT_KEY_CHARS` characters), set by
+#: a router on every request it forwards (as its client socket authenticated it; absent
+#: without CURVE there) and dropped from what a client sent. A worker believes it only from
+#: a peer whose own CURVE key it trusts as a router's (``--curve-routers``); from anyone else
+#: the field is ignored and the sender's own key is the identity (serving.owners)
+F_CLIENT_KEY = "client_key"
 A_PROMPT = "prompt"  # GENERATE input
 A_OUTPUT = "output"  # OUTPUT payload: float32 [T, output_dim] (or generated sequence)
 
@@ -208,6 +216,7 @@ MAX_SEQ = 2**63 - 1
 MAX_REQUEST_ID = 2**64 - 1
 MAX_STR_BYTES = 4096  # any other string in a header
 MAX_TOKEN_BYTES = 256  # a stream's owner token (F_TOKEN): 1..256 UTF-8 bytes
+CLIENT_KEY_CHARS = 40  # a vouched client key (F_CLIENT_KEY): a z85 CURVE public key
 MAX_CONTAINER_LEN = 1024  # any msgpack array/map in a header
 #: Replies kept per stream for answering duplicates; a client's window must not exceed it.
 REPLY_CACHE_SIZE = 32
@@ -231,11 +240,11 @@ _INT = (int,)
 _STR = (str,)
 _BASE: Schema = {F_VERSION: (_INT, True), F_REQUEST_ID: (_INT, False)}
 _STREAM_REQ: Schema = {**_BASE, F_STREAM: (_STR, True), F_SEQ: (_INT, True),
-                       F_TOKEN: (_STR, False)}
+                       F_TOKEN: (_STR, False), F_CLIENT_KEY: (_STR, False)}
 
 REQUEST_SCHEMAS: dict[MessageType, Schema] = {
     MessageType.OPEN: {**_BASE, F_STREAM: (_STR, True), F_PIN: ((int, type(None)), False),
-                       F_TOKEN: (_STR, False)},
+                       F_TOKEN: (_STR, False), F_CLIENT_KEY: (_STR, False)},
     MessageType.PUSH: _STREAM_REQ,
     MessageType.RESET: _STREAM_REQ,
     MessageType.CLOSE: _STREAM_REQ,

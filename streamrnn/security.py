@@ -25,6 +25,7 @@ import logging
 import os
 import stat
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -100,26 +101,30 @@ def checkpoint_key(path: str | os.PathLike | None = None) -> bytes | None:
     return None if path is None else load_hmac_key(path)
 
 
-def _allowed_keys(allow: str | os.PathLike) -> list[bytes]:
+def public_keys(allow: str | os.PathLike) -> list[bytes]:
+    """The z85 public keys of a ``.key`` file, or of the ``*.key`` files in a directory (as
+    ``--curve-allow`` and ``--curve-routers`` name them); ValueError if there are none."""
     path = Path(allow)
     files = sorted(path.glob("*.key")) if path.is_dir() else [path]
     keys = [zmq.auth.load_certificate(str(f))[0] for f in files]
     if not keys:
-        raise ValueError(f"no client public keys (*.key) in {allow}")
+        raise ValueError(f"no public keys (*.key) in {allow}")
     return keys
 
 
 def curve_server(sock: zmq.Socket, secret_key_file: str | os.PathLike,
-                 allow: str | os.PathLike | None, context: zmq.Context | None = None
-                 ) -> ThreadAuthenticator:
-    """Make ``sock`` (not yet bound) a CURVE server that admits only ``allow``'s keys.
+                 allow: str | os.PathLike | None, context: zmq.Context | None = None,
+                 also_allow: Iterable[bytes] = ()) -> ThreadAuthenticator:
+    """Make ``sock`` (not yet bound) a CURVE server that admits only ``allow``'s keys and
+    the z85 keys ``also_allow`` (a worker's trusted routers).
 
     Returns the running authenticator (call ``.stop()`` when the socket is closed).
     """
-    if allow is None:
+    also_allow = list(also_allow)
+    if allow is None and not also_allow:
         raise ValueError("CURVE needs an allow-list of client public keys (--curve-allow)")
     public, secret = _load(secret_key_file, secret=True)
-    keys = _allowed_keys(allow)
+    keys = (public_keys(allow) if allow is not None else []) + also_allow
     auth = ThreadAuthenticator(context or zmq.Context.instance())
     auth.start()
     # only the listed client keys (z85); everything else fails the handshake
@@ -167,5 +172,6 @@ __all__ = [
     "curve_client",
     "curve_server",
     "load_hmac_key",
+    "public_keys",
     "warn_if_exposed",
 ]

@@ -21,10 +21,12 @@ import numpy as np
 from streamrnn.errors import ProtocolError
 from streamrnn.protocol import (
     ALLOWED_DTYPES,
+    CLIENT_KEY_CHARS,
     D_DTYPE,
     D_FRAME,
     D_SHAPE,
     F_ARRAYS,
+    F_CLIENT_KEY,
     F_REQUEST_ID,
     F_SEQ,
     F_STEPS,
@@ -49,6 +51,7 @@ from streamrnn.protocol import (
 __all__ = [
     "WIRE_DTYPES",
     "as_view",
+    "check_client_key",
     "check_fields",
     "check_frames",
     "check_generate",
@@ -71,6 +74,8 @@ WIRE_DTYPES: dict[str, np.dtype] = {n: np.dtype(n).newbyteorder("<") for n in AL
 _SURELY_SHORT = MAX_STREAM_ID_BYTES // 4  # stream ids of at most this many code points fit
 _PING, _GENERATE = MessageType.PING, MessageType.GENERATE  # (enum attribute lookups are slow)
 _ABSENT = object()  # a header without an "arrays" map
+_Z85 = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                 ".-:+=^!/*?&<>()[]{}@%$#")  # ZeroMQ's z85 alphabet (RFC 32)
 
 
 def as_view(frame: FrameLike) -> memoryview:
@@ -142,6 +147,8 @@ def check_ranges(msg_type: MessageType, header: dict[str, Any], schema: Schema) 
         raise ProtocolError(f"'seq' must be in [0, 2**63), got {seq}", ErrorCode.BAD_VALUE)
     if F_TOKEN in header and F_TOKEN in schema:
         check_token(header[F_TOKEN])
+    if F_CLIENT_KEY in header and F_CLIENT_KEY in schema:
+        check_client_key(header[F_CLIENT_KEY])
     if msg_type == _PING:
         versions = (header.get(F_VERSIONS) if F_VERSIONS in schema else None) or []
         if len(versions) > 64 or not all(is_int(v) for v in versions):
@@ -158,6 +165,13 @@ def check_token(token: str) -> None:
         if not 0 < size <= MAX_TOKEN_BYTES:
             raise ProtocolError(f"'token' must be 1..{MAX_TOKEN_BYTES} UTF-8 bytes, got {size}",
                                 ErrorCode.BAD_VALUE)
+
+
+def check_client_key(key: str) -> None:
+    """A vouched client key (``client_key``): a z85 CURVE public key, 40 characters."""
+    if len(key) != CLIENT_KEY_CHARS or not _Z85.issuperset(key):
+        raise ProtocolError(f"'client_key' must be a z85 CURVE public key ({CLIENT_KEY_CHARS} "
+                            f"characters)", ErrorCode.BAD_VALUE)
 
 
 def check_generate(header: dict[str, Any]) -> None:

@@ -45,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="CURVE: client public keys (.key files) that may connect")
     parser.add_argument("--curve-client-key", default=defaults.curve_client_key, metavar="FILE",
                         help="CURVE toward the workers: this router's key pair (.key_secret); "
-                             "each worker's --curve-allow must list its public key")
+                             "each worker's --curve-routers must list its public key (then "
+                             "the workers trust the client keys it vouches for)")
     add_metrics_argument(parser)
     add_logging_arguments(parser)
     return parser

@@ -135,6 +135,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "(.key_secret from zmq.auth.create_certificates)")
     parser.add_argument("--curve-allow", default=defaults.curve_allow, metavar="DIR_OR_FILE",
                         help="CURVE: client public keys (.key files) that may connect")
+    parser.add_argument("--curve-routers", default=defaults.curve_routers,
+                        metavar="DIR_OR_FILE",
+                        help="CURVE: routers' public keys (.key files, e.g. their "
+                             "--curve-client-key): they may connect (no need to list them in "
+                             "--curve-allow), and the client key they vouch for is a "
+                             "request's identity (stream owners, --max-streams-per-identity)")
     parser.add_argument("--max-streams", type=int, default=None,
                         help="live streams in all; those beyond --slots are swapped to host "
                              "memory (LRU) and back (default: --slots)")
@@ -197,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
                                 else args.checkpoint_every_steps),
         checkpoint_every_s=args.checkpoint_every_s, name=args.name,
         curve_secret_key=args.curve_secret_key, curve_allow=args.curve_allow,
-        checkpoint_key=args.checkpoint_key,
+        curve_routers=args.curve_routers, checkpoint_key=args.checkpoint_key,
         metrics_port=args.metrics_port, reply_cache_bytes=args.reply_cache_bytes,
         reply_cache_stream_bytes=args.reply_cache_stream_bytes,
         max_generate_steps=args.max_generate_steps,
@@ -296,11 +302,14 @@ def _checkpoint_usable(path: Path, args: argparse.Namespace,
 
 
 def _precheck(args: argparse.Namespace, key: bytes | None) -> bool:
-    """Before loading TensorFlow: is the checkpoint file (if any) intact (and signed with
-    ``key``, if given)?"""
+    """Before loading TensorFlow: do the CURVE options fit together, and is the checkpoint
+    file (if any) intact (and signed with ``key``, if given)?"""
     from streamrnn.serving.checkpoint import load_checkpoint
     from streamrnn.serving.durability import checkpoint_path
 
+    if args.curve_routers and not args.curve_secret_key:
+        log.error("refusing to start: --curve-routers needs --curve-secret-key")
+        return False
     if not args.checkpoint_dir:
         return True
     path = checkpoint_path(args.checkpoint_dir, args.name)

@@ -17,6 +17,10 @@ serves (a compare-and-set on the stream's holder with a growing epoch).
   WorkerLinks`, CURVE when ``curve_client_key`` is set); the router rewrites ``rid`` and
   forwards the arrays as they came. A BATCH envelope is split into its parts, each routed on
   its own (their holders read from Redis in one pipeline).
+* **Vouched client key**: every forwarded request carries ``client_key``, the client's CURVE
+  public key as the client socket authenticated it (none without CURVE there); a
+  ``client_key`` the client sent itself is always dropped. Workers that list this router in
+  ``--curve-routers`` take it as the request's identity (stream owners, per-identity quota).
 * **NOT_HOLDER**: a worker that does not hold the stream refuses it; the router drops its
   cache entry, asks Redis again and forwards the same frames again (at most
   ``not_holder_retries`` times), else answers BUSY (the client resends).
@@ -57,6 +61,7 @@ from streamrnn.cluster.worker_links import WorkerLinks
 from streamrnn.codec import Message, decode_batch, decode_request, is_batch
 from streamrnn.errors import ProtocolError
 from streamrnn.protocol import (
+    F_CLIENT_KEY,
     F_CODE,
     F_MESSAGE,
     F_PARTS,
@@ -67,7 +72,7 @@ from streamrnn.protocol import (
     ErrorCode,
     MessageType,
 )
-from streamrnn.serving.sockets import bind_client_socket
+from streamrnn.serving.sockets import bind_client_socket, curve_user
 
 __all__ = ["Router", "RouterConfig"]
 
@@ -248,17 +253,19 @@ class Router:
 
     def _on_client(self, frames: list) -> None:
         identity = frames[0].bytes
+        # the client's CURVE public key (z85), vouched for to the workers (None: no CURVE)
+        key = curve_user(frames[0]) if self._auth is not None else None
         if is_batch(frames[1:]):
-            self._on_batch(identity, frames[1:])
+            self._on_batch(identity, frames[1:], key)
             return
         try:
             msg = decode_request(frames[1:])
         except ProtocolError as exc:
             self.front.malformed(identity, exc)
             return
-        self._on_message(identity, msg, frames[1], frames[3:])
+        self._on_message(identity, msg, frames[1], frames[3:], key)
 
-    def _on_batch(self, identity: bytes, body: list) -> None:
+    def _on_batch(self, identity: bytes, body: list, key: str | None) -> None:
         """A BATCH envelope: each part is routed as a request of its own (its stream may
         live on any worker); the client gets the parts' replies one by one."""
         try:
@@ -279,12 +286,13 @@ class Router:
                 self.front.malformed(identity, part)
             else:
                 self._on_message(identity, part, bytes((type_byte,)),
-                                 [payload[o:o + n] for o, n in regions])
+                                 [payload[o:o + n] for o, n in regions], key)
 
     def _on_message(self, identity: bytes, msg: Message, type_frame: Any,
-                    array_frames: list) -> None:
+                    array_frames: list, key: str | None = None) -> None:
         """Answer or forward one decoded request; ``array_frames`` are its arrays as they
-        came (forwarded without copies)."""
+        came (forwarded without copies); ``key``: the client's CURVE key, vouched for in
+        ``client_key`` (what the client put there itself is dropped)."""
         rid = msg.header.get(F_REQUEST_ID)
         self.counts[f"requests_{msg.type.name.lower()}"] += 1
         if msg.type == MessageType.PING:
@@ -295,6 +303,9 @@ class Router:
             return
         header = dict(msg.header)
         header.pop(F_REQUEST_ID, None)
+        header.pop(F_CLIENT_KEY, None)  # a client never speaks for a key
+        if key is not None:
+            header[F_CLIENT_KEY] = key
         self._forward(_Pending(identity, rid, header[F_STREAM], msg.type, header, type_frame,
                                array_frames))
 

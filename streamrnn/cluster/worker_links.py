@@ -1,7 +1,7 @@
 """A router's sockets toward its workers: one DEALER per live worker, connected to the
 client endpoint the worker published in Redis, as a client would (with CURVE client keys
 when the router has ``--curve-client-key``: the worker's server public key is its Redis
-``curve_public``; the worker's ``--curve-allow`` must list the router's public key).
+``curve_public``; the worker's ``--curve-routers`` must list the router's public key).
 
 Nothing here listens: a router has no worker-facing endpoint, and workers never send it
 anything but replies to its own requests. Runs on the routing thread.

@@ -55,4 +55,7 @@ class WorkerConfig:
     name: str = "worker"  # this worker's name: its checkpoint is <checkpoint_dir>/<name>.ckpt
     curve_secret_key: str | None = None  # CURVE server key file (.key_secret); None: plain
     curve_allow: str | None = None  # allowed client public keys: a .key file or a directory
+    # routers' public keys (a .key file or a directory): they may connect, and the client key
+    # they vouch for (the client_key field) is a request's identity (serving.owners)
+    curve_routers: str | None = None
     model_name: str = ""

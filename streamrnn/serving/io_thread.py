@@ -13,6 +13,10 @@ too until the client resends from the first, or until the queue has drained past
 (the *busy latch*, :mod:`streamrnn.serving.busy`: bounded, and it only shapes replies; the
 compute thread's sequence check is what keeps requests in order).
 
+Each request carries its client's CURVE key (``Work.user``): the sender's own, or, from a
+trusted router (``routers``), the key that router vouches for
+(:func:`~streamrnn.serving.owners.vouched_user`).
+
 Example::
 
     io = IOThread(router, channels, engine.validate, describe, busy_retry_after_ms=5)
@@ -59,7 +63,9 @@ from streamrnn.protocol import (
 )
 from streamrnn.serving.batching import Work
 from streamrnn.serving.outbox import Channels, echo
+from streamrnn.serving.owners import vouched_user
 from streamrnn.serving.quotas import over_limits
+from streamrnn.serving.sockets import curve_user
 from streamrnn.serving.stats import Count
 from streamrnn.wirecheck import echo_context
 
@@ -76,7 +82,8 @@ class IOThread(threading.Thread):
     def __init__(self, router: zmq.Socket, channels: Channels,
                  validate: Callable[[Any], np.ndarray], describe: Callable[[], dict[str, Any]],
                  busy_retry_after_ms: int, auth: Any = None,
-                 max_generate_steps: int = MAX_GENERATE_STEPS):
+                 max_generate_steps: int = MAX_GENERATE_STEPS,
+                 routers: frozenset[str] = frozenset()):
         super().__init__(name="streamrnn-io", daemon=True)
         self._max_generate_steps = max_generate_steps
         self._router = router
@@ -88,6 +95,7 @@ class IOThread(threading.Thread):
         self._describe = describe
         self._retry_after_ms = busy_retry_after_ms
         self._auth = auth  # the ZAP authenticator thread when CURVE is on
+        self._routers = routers  # z85 keys of the routers whose client_key is believed
         self._busy_latch = channels.busy  # stream -> lowest seq answered BUSY
 
     def run(self) -> None:
@@ -170,8 +178,8 @@ class IOThread(threading.Thread):
     def _on_request(self, frames: list) -> None:
         received = time.monotonic()
         identity = frames[0].bytes
-        # with CURVE, the client's public key (z85): the ZAP User-Id (serving.owners)
-        user = _user_id(frames[0]) if self._auth is not None else None
+        # with CURVE, the sender's public key (z85): the ZAP User-Id (serving.owners)
+        user = curve_user(frames[0]) if self._auth is not None else None
         body = frames[1:]
         if is_batch(body):
             self._on_batch(identity, body, received, user)
@@ -186,6 +194,7 @@ class IOThread(threading.Thread):
             self._on_ping(identity, msg)
             return
         accepted: list[Work] = []
+        user = vouched_user(user, msg.header, self._routers)
         busy = self._enqueue(Work(identity, msg, received, user=user), accepted,
                              self._requests.room())
         self._requests.put_many(accepted)
@@ -210,7 +219,8 @@ class IOThread(threading.Thread):
                 replies.append((MessageType.ERROR, self._malformed(part), None))
                 continue
             counts[part.type] = counts.get(part.type, 0) + 1
-            busy = self._enqueue(Work(identity, part, received, batched=True, user=user),
+            busy = self._enqueue(Work(identity, part, received, batched=True,
+                                      user=vouched_user(user, part.header, self._routers)),
                                  accepted, room)
             if busy is not None:
                 replies.append((MessageType.BUSY, busy, None))
@@ -289,11 +299,3 @@ class IOThread(threading.Thread):
             "worker": self._describe(),
         })
 
-
-def _user_id(frame: zmq.Frame) -> str | None:
-    """The ZAP User-Id of a received frame (our CURVE authenticator sets the client's public
-    key, z85), or None if it has none."""
-    try:
-        return frame.get("User-Id")
-    except zmq.ZMQError:
-        return None

@@ -13,6 +13,11 @@ GENERATE at ``seq`` 0), its **owner**, kept as a string:
 * both: ``"curve:<z85 key> token:<hex digest>"`` (both must match);
 * neither: ``None``: anyone may touch the stream (the protocol's behaviour before owners).
 
+Behind a router, the worker's CURVE peer is the router, not the client: the router vouches
+for its client's key in the ``client_key`` field, which the worker believes only from the
+routers it trusts (``--curve-routers``): :func:`vouched_user` says whose key a request
+carries.
+
 Every later request of the stream must present the same credentials (compared with
 :func:`hmac.compare_digest`), else it is answered ERROR ``FORBIDDEN``.
 
@@ -37,13 +42,15 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections import Counter
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from streamrnn.errors import CheckpointError
-from streamrnn.protocol import MAX_STR_BYTES
+from streamrnn.protocol import F_CLIENT_KEY, MAX_STR_BYTES
 
-__all__ = ["Caller", "OwnerBook", "check_owner", "load_owners", "permits", "token_digest"]
+__all__ = ["Caller", "OwnerBook", "check_owner", "load_owners", "permits", "token_digest",
+           "vouched_user"]
 
 _CURVE = "curve:"
 _TOKEN = "token:"
@@ -52,6 +59,24 @@ _TOKEN = "token:"
 def token_digest(token: str) -> str:
     """The SHA-256 (hex) of a stream token: what an owner keeps instead of the token."""
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def vouched_user(sender: str | None, header: Mapping[str, Any],
+                 trusted: Collection[str]) -> str | None:
+    """The CURVE key (z85) a request is made with: ``sender``, its peer's own key (None
+    without CURVE), unless that peer is a trusted router (``sender in trusted``): then the
+    key the router vouches for in the header's ``client_key`` (None when it sent none: its
+    client socket has no CURVE, so tokens and the connection decide, as without CURVE).
+
+    Example::
+
+        vouched_user("R" * 40, {"client_key": "A" * 40}, {"R" * 40})   # "AAAA..."
+        vouched_user("B" * 40, {"client_key": "A" * 40}, {"R" * 40})   # "BBBB...": ignored
+    """
+    if sender is None or sender not in trusted:
+        return sender
+    key = header.get(F_CLIENT_KEY)
+    return key if type(key) is str else None
 
 
 @dataclass(frozen=True, slots=True)

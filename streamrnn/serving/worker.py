@@ -44,7 +44,7 @@ import zmq
 from streamrnn.engine.interface import EngineLike, capabilities_of
 from streamrnn.metrics import Metrics
 from streamrnn.protocol import MAX_CHUNK_STEPS, MAX_MESSAGE_BYTES, REPLY_CACHE_SIZE
-from streamrnn.security import load_hmac_key
+from streamrnn.security import load_hmac_key, public_keys
 from streamrnn.serving.compute import ComputeThread
 from streamrnn.serving.config import WorkerConfig
 from streamrnn.serving.durability import WorkerCheckpointer
@@ -135,16 +135,19 @@ class StreamWorker:
     def start(self) -> str:
         """Bind, start the I/O and compute threads, and return the bound endpoint."""
         config = self.config
+        routers = _router_keys(config)
         router, auth = bind_client_socket(
             self._ctx, config.bind, config.max_frame_bytes, linger_ms=2000,
-            curve_secret_key=config.curve_secret_key, curve_allow=config.curve_allow)
+            curve_secret_key=config.curve_secret_key, curve_allow=config.curve_allow,
+            curve_also_allow=routers)
         self.endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode()
         if config.metrics_port is not None:
             self.metrics_port = self.metrics.serve(config.metrics_port)
         self._channels.outbox.open(self._ctx)
         io = IOThread(router, self._channels, self.engine.validate, self.describe,
                       config.busy_retry_after_ms, auth,
-                      max_generate_steps=config.max_generate_steps)
+                      max_generate_steps=config.max_generate_steps,
+                      routers=frozenset(k.decode("ascii") for k in routers))
         self._threads = [io, self._compute]
         for thread in self._threads:
             thread.start()
@@ -209,6 +212,17 @@ class StreamWorker:
             "batch": True,  # takes BATCH envelopes (docs/protocol.md)
             "kernel": getattr(engine, "kernel", None),  # what runs the steps (trainer: None)
         }
+
+
+def _router_keys(config: WorkerConfig) -> list[bytes]:
+    """The z85 public keys of ``config.curve_routers`` (none without it); ValueError when
+    they are given without CURVE (``curve_secret_key``): nothing would authenticate them."""
+    if not config.curve_routers:
+        return []
+    if not config.curve_secret_key:
+        raise ValueError("--curve-routers needs --curve-secret-key (a router is trusted by "
+                         "the CURVE key it connects with)")
+    return public_keys(config.curve_routers)
 
 
 def _can_generate(engine: Any) -> bool:

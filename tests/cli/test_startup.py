@@ -87,3 +87,12 @@ def test_process_entry_point_quiets_the_frameworks_first():
     out = subprocess.run([sys.executable, "-c", code], env=_framework_env(), cwd=REPO,
                          capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "3"
+
+
+def test_curve_routers_without_a_curve_key_exit_2_before_loading(tmp_path, capfd, monkeypatch):
+    from streamrnn.cli import worker as worker_cli
+
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"))
+    assert worker_cli.main(["--model", str(tmp_path / "absent.keras"), "--curve-routers",
+                            str(tmp_path)]) == 2
+    assert "--curve-routers needs --curve-secret-key" in capfd.readouterr().err

@@ -1,10 +1,11 @@
 """Router on Redis: holders from the workers' leases, NOT_HOLDER re-forwarding, explicit
-refusals, CURVE on every link (client -> router -> worker), and the outside review's
-findings about the old heartbeat link made impossible.
+refusals, CURVE on every link (client -> router -> worker), the client key the router
+vouches for (stream owners behind a router), and the outside review's findings about the
+old heartbeat link made impossible.
 
 The real-path tests share one module fixture: a real redis-server (session fixture), two
-real worker processes with ``--store`` and CURVE, and an in-process router. Multi-process
-kill scenarios are in test_failover.py (slow).
+real worker processes with ``--store``, CURVE and ``--curve-routers``, and an in-process
+router. Multi-process kill scenarios are in test_failover.py (slow).
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
+import zmq.auth
 
 import streamrnn
 from streamrnn.cli import router as router_cli
 from streamrnn.cluster.redis_store import RedisStore
 from streamrnn.cluster.router import Router, RouterConfig
-from streamrnn.protocol import ErrorCode, MessageType
+from streamrnn.protocol import F_CLIENT_KEY, ErrorCode, MessageType
 from tests.helpers.cluster_helpers import (
     curve_keys,
     fresh_store_url,
@@ -30,6 +32,7 @@ from tests.helpers.cluster_helpers import (
 )
 from tests.helpers.durable_helpers import SPEC, saved_model
 from tests.helpers.modelzoo import offline, random_input
+from tests.helpers.raw_wire import Raw, assert_forbidden
 
 TOL = 1e-5
 
@@ -184,7 +187,7 @@ def cluster(redis_url, tmp_path_factory):
     url = fresh_store_url(redis_url)
     workers = start_workers(path, url, ["w1", "w2"], "--max-streams", "32", "--curve-secret-key",
                             str(keys["worker_secret"]), "--curve-allow",
-                            str(keys["workers_allow"]))
+                            str(keys["workers_allow"]), "--curve-routers", str(keys["router"]))
     router = started(RouterConfig(
         bind="tcp://127.0.0.1:0", store=url, curve_secret_key=str(keys["front_secret"]),
         curve_allow=str(keys["front_allow"]), curve_client_key=str(keys["router_secret"])))
@@ -220,6 +223,54 @@ def test_streams_spread_over_workers_equal_offline_and_stats_hide_endpoints(clus
     assert "tcp://" not in json.dumps(stats) and "endpoint" not in json.dumps(stats)
     holders = RedisStore.from_url(cluster["url"]).holders(list(x))
     assert {h.worker for h in holders.values()} == {"w1", "w2"}
+
+
+def test_behind_the_router_each_client_key_owns_its_streams(cluster):
+    """Issue 16 item 1 behind a router: the router vouches for each client's CURVE key
+    (``client_key``), so a second client of the same router can do nothing to the first's
+    stream, even claiming its key itself (a router drops the claim, also one without CURVE
+    toward its clients; a worker ignores it from a peer that is not a trusted router); the
+    owner goes on, equal to offline."""
+    keys, router = cluster["keys"], cluster["router"]
+    key_a = zmq.auth.load_certificate(keys["client"])[0].decode("ascii")
+    x = random_input(SPEC, 20, np.random.default_rng(9))
+    batches = router.stats()["counts"].get("requests_batch", 0)
+    with client_of(cluster, timeout=10) as a:  # the second push_many is one BATCH
+        ys = [a.push_many(dict.fromkeys(("owned", "owned-too"), x[:4]))["owned"],
+              a.push_many(dict.fromkeys(("owned", "owned-too"), x[4:8]))["owned"]]
+    assert router.stats()["counts"].get("requests_batch", 0) > batches  # parts vouched for
+    with client_of(cluster, who="other", timeout=10) as b:
+        for stream in ("owned", "owned-too"):
+            for touch in (b.open, b.reset, b.close, lambda s: b.push(s, x[8:12])):
+                with pytest.raises(streamrnn.ForbiddenError):
+                    touch(stream)
+    holder = RedisStore.from_url(cluster["url"]).holder("owned").worker
+    chunk, claim = {"chunk": x[8:12]}, {F_CLIENT_KEY: key_a}
+    plain_front = started(RouterConfig(bind="tcp://127.0.0.1:0", store=cluster["url"],
+                                       curve_client_key=str(keys["router_secret"])))
+    try:
+        wait_for(lambda: len(plain_front.holders.live) == 2, 10, "the workers in Redis")
+        for endpoint, server in ((router.endpoint, "front"), (plain_front.endpoint, None),
+                                 (router.holders.live[holder].endpoint, "worker")):
+            b = Raw(endpoint, server and {**keys, "server": keys[server]}, "other")
+            try:
+                assert_forbidden(b.ask(MessageType.OPEN, "owned", **claim))
+                for seq in (1, 2):  # its cached output, and its next chunk
+                    assert_forbidden(b.ask(MessageType.PUSH, "owned", seq=seq, arrays=chunk,
+                                           **claim))
+                assert_forbidden(b.ask(MessageType.RESET, "owned", seq=2, **claim))
+                assert_forbidden(b.ask(MessageType.CLOSE, "owned", seq=2, **claim))
+            finally:
+                b.close()
+    finally:
+        stopped(plain_front)
+    with client_of(cluster, timeout=10) as a:  # a new connection of the same key
+        assert a.open("owned")["next_seq"] == 2
+        ys.append(a.push("owned", x[8:]))
+        a.close("owned")
+        a.open("owned-too")
+        a.close("owned-too")
+    np.testing.assert_allclose(np.concatenate(ys), offline(cluster["model"], x), atol=TOL)
 
 
 def test_stale_cache_gets_not_holder_and_the_router_forwards_again(cluster):

@@ -28,16 +28,18 @@ def fresh_store_url(redis_url: str) -> str:
 
 def curve_keys(root: Path) -> dict[str, Any]:
     """Key pairs for a CURVE cluster under ``root``: the workers' and the router front's
-    server keys, the router's client key (toward the workers), a client's and a stranger's;
-    ``workers_allow`` lists the router and the client, ``front_allow`` the client."""
+    server keys, the router's client key (toward the workers), two clients' (``client``,
+    ``other``) and a stranger's; ``workers_allow`` and ``front_allow`` list the two clients
+    (the workers admit the router through ``--curve-routers keys["router"]``)."""
     keys: dict[str, Any] = {}
-    for name in ("worker", "front", "router", "client", "stranger"):
+    for name in ("worker", "front", "router", "client", "other", "stranger"):
         folder = root / name
         folder.mkdir(parents=True)
         public, secret = zmq.auth.create_certificates(folder, name)
         keys[name] = public
         keys[f"{name}_secret"] = secret
-    for allow, names in (("workers_allow", ("router", "client")), ("front_allow", ("client",))):
+    for allow, names in (("workers_allow", ("client", "other")),
+                         ("front_allow", ("client", "other"))):
         folder = root / allow
         folder.mkdir()
         for name in names:

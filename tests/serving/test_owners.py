@@ -11,9 +11,9 @@ import time
 import numpy as np
 import pytest
 
-from streamrnn.codec import Message
-from streamrnn.errors import CheckpointError
-from streamrnn.protocol import ErrorCode, MessageType
+from streamrnn.codec import Message, decode_request, encode
+from streamrnn.errors import CheckpointError, ProtocolError
+from streamrnn.protocol import F_CLIENT_KEY, ErrorCode, MessageType
 from streamrnn.serving.batching import Round, Work, coalesce
 from streamrnn.serving.checkpoint import StreamRecord, pack_record, unpack_record
 from streamrnn.serving.owners import (
@@ -23,6 +23,7 @@ from streamrnn.serving.owners import (
     load_owners,
     permits,
     token_digest,
+    vouched_user,
 )
 from streamrnn.serving.sequencing import SequenceTable, Verdict
 
@@ -61,6 +62,32 @@ def test_permits(creator, caller, allowed):
 
 def test_permits_refuses_an_owner_of_unknown_kind():
     assert not permits("root:x", Caller(KEY_A, "t", b"p"))
+
+
+KEY_R = "0" * 40  # a trusted router's key
+
+
+@pytest.mark.parametrize(("sender", "header", "user"), [
+    (KEY_R, {F_CLIENT_KEY: KEY_A}, KEY_A),  # a trusted router vouches for A
+    (KEY_R, {}, None),  # a trusted router whose client socket has no CURVE: no key
+    (KEY_B, {F_CLIENT_KEY: KEY_A}, KEY_B),  # anyone else: the field is ignored
+    (KEY_B, {}, KEY_B),
+    (None, {F_CLIENT_KEY: KEY_A}, None),  # no CURVE at all: no key, whatever is claimed
+])
+def test_vouched_user(sender, header, user):
+    assert vouched_user(sender, header, frozenset({KEY_R})) == user
+    assert vouched_user(sender, header, frozenset()) == sender  # no trusted routers
+
+
+@pytest.mark.parametrize("key", [KEY_A[:-1], KEY_A + "x", "~" * 40, "é" * 40])
+def test_client_key_must_be_a_z85_public_key(key):
+    for msg_type, header in ((MessageType.OPEN, {"v": 1, "stream": "s"}),
+                             (MessageType.RESET, {"v": 1, "stream": "s", "seq": 0})):
+        ok = decode_request(encode(msg_type, {**header, F_CLIENT_KEY: KEY_A}))
+        assert ok.header[F_CLIENT_KEY] == KEY_A
+        with pytest.raises(ProtocolError) as info:
+            decode_request(encode(msg_type, {**header, F_CLIENT_KEY: key}))
+        assert info.value.code == ErrorCode.BAD_VALUE
 
 
 def test_book_counts_open_streams_per_charged_identity():

@@ -18,11 +18,10 @@ import zmq.auth
 
 import streamrnn
 from streamrnn import Engine
-from streamrnn.codec import decode_reply, encode
 from streamrnn.protocol import ErrorCode, MessageType
-from streamrnn.security import curve_client
 from streamrnn.serving.worker import StreamWorker, WorkerConfig
 from tests.helpers.modelzoo import ModelSpec, build_model, offline, random_input
+from tests.helpers.raw_wire import Raw, assert_forbidden
 
 SPEC = ModelSpec(cell="gru", layers=1, units=8, features=3, out=2)
 TOL = 1e-5
@@ -65,39 +64,6 @@ def stop(worker: StreamWorker) -> None:
     worker.stop()
     assert worker.join(20)
     worker._ctx.destroy(linger=0)
-
-
-class Raw:
-    """A DEALER that speaks the wire protocol one request at a time."""
-
-    def __init__(self, endpoint: str, keys: dict[str, Path] | None = None, who: str = ""):
-        self.sock = zmq.Context.instance().socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        if keys is not None:
-            curve_client(self.sock, keys["server"], keys[who + "_secret"])
-        self.sock.connect(endpoint)
-        self.rid = 0
-
-    def ask(self, msg_type: MessageType, stream: str, **fields):
-        arrays = fields.pop("arrays", None)
-        self.rid += 1
-        self.sock.send_multipart(encode(msg_type, {"rid": self.rid, "stream": stream,
-                                                   **fields}, arrays))
-        assert self.sock.poll(10_000), f"no reply to {msg_type.name}"
-        reply = decode_reply(self.sock.recv_multipart())
-        assert reply.header["rid"] == self.rid
-        return reply
-
-    def close(self) -> None:
-        self.sock.close(0)
-
-
-def assert_forbidden(reply) -> None:
-    assert reply.type is MessageType.ERROR, reply
-    assert reply.header["code"] == ErrorCode.FORBIDDEN
-    # nothing about the stream: no next_seq, no expected, no outputs
-    assert not {"next_seq", "expected", "pin_version", "worker"} & reply.header.keys()
-    assert not reply.arrays
 
 
 def client(endpoint: str, keys: dict[str, Path] | None = None, who: str = "",

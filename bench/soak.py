@@ -27,9 +27,14 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from concurrent.futures import Future
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from streamrnn.client import Client
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -152,11 +157,11 @@ class StreamSoak:
         self.counts["unreceived"] += sum(1 for i in range(sent) if i not in stream.outputs)
         self.counts["streams_completed"] += 1
 
-    def client_of(self, stream: SoakStream):
+    def client_of(self, stream: SoakStream) -> Client:
         """The Client that carries ``stream``."""
         return self.client
 
-    def submit(self, stream: SoakStream, i: int):
+    def submit(self, stream: SoakStream, i: int) -> Future:
         """Send chunk ``i`` of ``stream``; returns its Future."""
         return self.client_of(stream).push_async(stream.name, stream.chunk(i))
 
@@ -211,7 +216,7 @@ class Soak(StreamSoak):
         self.client = self._new_client()
         self.restarts = 0
 
-    def _new_client(self):
+    def _new_client(self) -> Client:
         from streamrnn.client import Client
 
         return Client(self.endpoint, timeout=1.0, retries=60, window=self.args.window)
@@ -286,8 +291,9 @@ class Soak(StreamSoak):
         self.counts["worker_exit_status"] = self.worker.stop()
         return {"seconds": self.args.seconds,
                 "streams_total": self.counts["streams_completed"]
-                + self.counts["streams_partial"], **self.counts,
-                "max_abs_diff": self.max_diff, "client": dict(self.client_counters)}
+                + self.counts["streams_partial"], "mismatches": self.counts["mismatches"],
+                **self.counts, "max_abs_diff": self.max_diff,
+                "client": dict(self.client_counters)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,12 +26,16 @@ from __future__ import annotations
 import argparse
 import time
 from collections import defaultdict
-from typing import Any
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from bench.soak import SoakStream, StreamSoak
 from bench.soak_chaos import Chaos, Cluster, TrainingFeed
+
+if TYPE_CHECKING:
+    from streamrnn.client import Client
 
 __all__ = ["ClusterSoak", "served_again"]
 
@@ -80,7 +84,7 @@ class ClusterSoak(StreamSoak):
         self.chaos = Chaos(self.cluster, kinds, args.kill_every,
                            np.random.default_rng(args.seed + 2), self._pick)
 
-    def client_of(self, stream: SoakStream):
+    def client_of(self, stream: SoakStream) -> Client:
         return self.clients[int(stream.name.rsplit("-", 1)[1]) % 2][0]
 
     def _router_of(self, stream: SoakStream) -> str:
@@ -88,7 +92,7 @@ class ClusterSoak(StreamSoak):
         client, order = self.clients[int(stream.name.rsplit("-", 1)[1]) % 2]
         return order[client.counters["endpoint_switches"] % len(order)]
 
-    def submit(self, stream: SoakStream, i: int):
+    def submit(self, stream: SoakStream, i: int) -> Future:
         future = super().submit(stream, i)
         times = self.arrivals[stream.name]
         future.add_done_callback(lambda _f: times.append(time.monotonic()))
@@ -180,6 +184,7 @@ class ClusterSoak(StreamSoak):
                 "startup_s": self.startup_s,
                 "streams_total": self.counts["streams_completed"]
                 + self.counts["streams_partial"], **self.counts,
+                "mismatches": self.counts["mismatches"],
                 "chunks_lost": self.counts["unreceived"] - unanswered,
                 "chunks_unanswered": unanswered, "max_abs_diff": self.max_diff,
                 "kills": kills, "worker_served_again_s": _spread(

@@ -31,7 +31,7 @@ def test_cluster_soak_with_random_kills_of_every_kind(tmp_path: Path) -> None:
     summary = json.loads(out.read_text())
     print(json.dumps({k: v for k, v in summary.items() if k != "events"}, indent=1))
     assert summary["problems"] == [], summary["problems"]
-    assert summary.get("mismatches", 0) == 0 and summary["max_abs_diff"] <= 1e-5
+    assert summary["mismatches"] == 0 and summary["max_abs_diff"] <= 1e-5
     assert summary["chunks_lost"] == 0 and summary["chunks_unanswered"] == 0
     assert summary["chunks_checked"] == summary["chunks_received"] > 0
     assert all(n >= 1 for n in summary["kills"].values()), summary["kills"]

@@ -132,7 +132,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "bound one; set it when binding 0.0.0.0)")
     parser.add_argument("--curve-secret-key", default=defaults.curve_secret_key, metavar="FILE",
                         help="CURVE: encrypt and authenticate clients with this server key "
-                             "(.key_secret from zmq.auth.create_certificates)")
+                             "(.key_secret from `streamrnn keys curve`)")
     parser.add_argument("--curve-allow", default=defaults.curve_allow, metavar="DIR_OR_FILE",
                         help="CURVE: client public keys (.key files) that may connect")
     parser.add_argument("--curve-routers", default=defaults.curve_routers,

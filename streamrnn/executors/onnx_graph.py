@@ -5,12 +5,13 @@ and emits one ONNX node group per layer: ``Gather`` for an Embedding, ``MatMul``
 the activation for Dense / TimeDistributed(Dense), ``LayerNormalization``, BatchNormalization
 in its inference form (a scale and an offset), identities for Dropout-like layers, and one
 ONNX ``LSTM`` / ``GRU`` / ``RNN`` node per standard recurrent cell (stacked cells give one
-node each). Inside, the graph is time-major (ONNX Runtime's CPU kernels refuse
-``layout=1``); the inputs and outputs are batch-major.
+node each). The graph is time-major, inputs and outputs included (ONNX Runtime's CPU kernels
+refuse ``layout=1``): the executor packs the chunks time-major as it pads them, instead of
+two ``Transpose`` nodes copying the batch in the graph.
 
 Graph inputs:
 
-- ``x``: ``(rows, T, D)`` float32 features, or ``(rows, T)`` int32 token ids;
+- ``x``: ``(T, rows, D)`` float32 features, or ``(T, rows)`` int32 token ids;
 - ``sequence_lens``: ``(rows,)`` int32, each row's valid steps (right padding; all >= 1:
   ONNX Runtime returns a wrong state for a row of length 0);
 - one initial state ``(1, rows, units)`` per recurrent state (h, and c for an LSTM cell),
@@ -20,7 +21,7 @@ Graph inputs:
   :meth:`OnnxGraph.baked` turns one version's feeds into initializers (faster: ONNX Runtime
   pre-packs constant weights).
 
-Graph outputs: ``y`` ``(rows, T, output_dim)`` (zeros, or the head applied to zeros, past a
+Graph outputs: ``y`` ``(T, rows, output_dim)`` (zeros, or the head applied to zeros, past a
 row's length) and each recurrent state's final value ``(1, rows, units)``.
 
 Anything without an exact ONNX equivalent raises :class:`OnnxUnsupported` with the reason
@@ -146,19 +147,17 @@ def build_onnx_graph(model: keras.Model) -> OnnxGraph:
     b = Builder()
     lens = b.graph_input("sequence_lens", TensorProto.INT32, ["rows"])
     if input_kind == "tokens":
-        x = b.graph_input("x", TensorProto.INT32, ["rows", "steps"])
-        h = b.node("Transpose", [x], perm=[1, 0])
+        h = b.graph_input("x", TensorProto.INT32, ["steps", "rows"])
     else:
-        x = b.graph_input("x", TensorProto.FLOAT, ["rows", "steps", input_dim])
-        h = b.node("Transpose", [x], perm=[1, 0, 2])
+        h = b.graph_input("x", TensorProto.FLOAT, ["steps", "rows", input_dim])
     shape: tuple[int | None, ...] = tuple(model.inputs[0].shape)
     for layer in chain:
         h = _emit_layer(b, layer, h, lens, shape)
         shape = tuple(layer.compute_output_shape(shape))
     output_dim = int(shape[-1])
-    b.node("Transpose", [h], perm=[1, 0, 2], out="y")
+    _rename(b.nodes, h, "y")
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT,
-                                             ["rows", "steps", output_dim])]
+                                             ["steps", "rows", output_dim])]
     outputs += [helper.make_tensor_value_info(s.final, TensorProto.FLOAT, [1, "rows", s.units])
                 for s in b.states]
     graph = helper.make_graph(b.nodes, model.name or "model", b.inputs, outputs,
@@ -172,6 +171,15 @@ def build_onnx_graph(model: keras.Model) -> OnnxGraph:
         states=list(b.states),
         weights=list(b.weights), recurrent_ops=list(b.recurrent_ops),
         _converters=list(b.converters))
+
+
+def _rename(nodes: list[onnx.NodeProto], old: str, new: str) -> None:
+    """Call tensor ``old`` ``new`` wherever ``nodes`` make or use it."""
+    for node in nodes:
+        for names in (node.input, node.output):
+            for i, name in enumerate(names):
+                if name == old:
+                    names[i] = new
 
 
 def _input_kind(model: keras.Model, chain: list[keras.layers.Layer]

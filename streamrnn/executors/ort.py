@@ -238,7 +238,7 @@ class OrtExecutor:
             slot -> outputs ``(t, output_dim)`` float32 (copies). A chunk of length 0 gets
             ``(0, output_dim)`` and its slot is not stepped.
         """
-        batch = pad_chunks(chunks, bucket, self._feature_shape, self._dtype)
+        batch = pad_chunks(chunks, bucket, self._feature_shape, self._dtype, time_major=True)
         if not batch.slots:
             return batch.outputs(None, self.output_dim)
         rows = self.state.index(batch.slots)
@@ -262,7 +262,7 @@ class OrtExecutor:
         """Run the graph once on every slot at the longest bucket (states untouched)."""
         steps = self.buckets[-1]
         feed: dict[str, np.ndarray] = {
-            "x": np.zeros((self.slots, steps, *self._feature_shape), self._dtype),
+            "x": np.zeros((steps, self.slots, *self._feature_shape), self._dtype),
             "sequence_lens": np.full(self.slots, steps, np.int32), **self.weights.feeds}
         for spec in self.graph.states:
             feed[spec.initial] = np.zeros((1, self.slots, spec.units), np.float32)

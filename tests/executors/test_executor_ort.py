@@ -148,8 +148,27 @@ def test_pad_chunks_right_pads_busy_slots_only() -> None:
                        (3,), np.float32)
     assert (batch.slots, batch.lengths.tolist(), batch.x.shape, batch.idle) == (
         [4, 0], [2, 5], (2, 5, 3), [1])
-    assert not batch.x[0, 2:].any() and batch.steps == 7
-    out = batch.outputs(np.arange(20, dtype=np.float32).reshape(2, 5, 2), 2)
+    assert not batch.x[0, 2:].any() and batch.x[0, :2].all() and batch.steps == 7
+    y = np.arange(20, dtype=np.float32).reshape(2, 5, 2)
+    out = batch.outputs(y, 2)
     assert {s: o.shape for s, o in out.items()} == {1: (0, 2), 4: (2, 2), 0: (5, 2)}
+    assert (out[4] == y[0, :2]).all() and (out[0] == y[1]).all()
     with pytest.raises(ValueError, match="bucket"):
         pad_chunks({0: np.ones((9, 3))}, 8, (3,), np.float32)
+
+
+@pytest.mark.parametrize("full", [True, False])
+def test_pad_chunks_time_major(full: bool) -> None:
+    from streamrnn.executors.padding import pad_chunks
+
+    rng = np.random.default_rng(0)
+    chunks = {5: rng.standard_normal((4, 3)), 2: rng.standard_normal((4 if full else 1, 3)),
+              7: np.zeros((0, 3))}
+    tm = pad_chunks(chunks, 8, (3,), np.float32, time_major=True)
+    bm = pad_chunks(chunks, 8, (3,), np.float32)
+    assert tm.slots == bm.slots == [5, 2] and tm.idle == [7]
+    np.testing.assert_array_equal(tm.x, bm.x.transpose(1, 0, 2))
+    y = rng.standard_normal((2, 4, 6)).astype(np.float32)
+    a, b = tm.outputs(y.transpose(1, 0, 2), 6), bm.outputs(y, 6)
+    assert a.keys() == b.keys() and all(np.array_equal(a[s], b[s]) for s in a)
+    assert all(o.flags.c_contiguous and not np.shares_memory(o, y) for o in a.values())

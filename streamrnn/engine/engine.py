@@ -137,7 +137,7 @@ class Engine(GenerationMixin, WeightsMixin):
                 why it fell back), or ``"onnxruntime"``, ``"torch"``, ``"keras"`` (else
                 UnsupportedModelError with the reason); :mod:`streamrnn.engine.backends`.
                 ``jit_compile``, ``fused``, ``use_cudnn`` shape the Keras executor and
-                generation (which runs on the Keras clone for every executor).
+                generation's compiled loop (Keras executor, feedback callables).
             threads: ONNX Runtime / torch CPU threads (default: all cores; not Keras).
             precision: ``"float32"`` (default) or ``"bf16"`` (torch only: auto means torch).
         """

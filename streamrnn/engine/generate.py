@@ -26,20 +26,26 @@ the second, and so on. Every generated value is fed in, including the last one, 
 therefore returns what one offline call on ``concat(history, prompt, generated, x)``
 returns, and ``generate`` can be called again to continue.
 
-**The loop** runs as compiled steps on the Keras serving clone, whatever the engine's
-executor: a ``tf.function`` (XLA on CPU, like the Keras executor) holds a
-``tf.while_loop`` over ``serving.forward`` with ``T=1`` and a mask selecting the slots still
-generating; finished and idle slots are masked, so their state is untouched.
+**Where the loop runs.** The prompt goes through the engine's executor (``push_many``).
+With the ONNX Runtime or torch executor and a built-in rule, the loop runs there too
+(:class:`~streamrnn.engine.token_loop.ExecutorTokenLoop`): per token, one batched executor
+call (``T=1``) for the slots still generating, tokens picked in numpy
+(:mod:`streamrnn.engine.token_pick`); the state stays in the executor's rows, a pinned
+version steps with its weights as ``push`` does, and no other row is touched. With the Keras
+executor, or a feedback callable (TF ops), it runs as compiled steps on the Keras serving
+clone: a ``tf.function`` (XLA on CPU) holds a ``tf.while_loop`` over ``serving.forward``
+with ``T=1``, masking finished and idle slots (their state is untouched); for a callable on
+another executor, ``engine.generation_rows(slots)`` first copies those slots' rows (and the
+weights they run with, a pinned version too) into the clone, and their new rows back after.
 
-**With every executor** the prompt goes through the engine's executor (``push_many``); then
-``engine.generation_rows(slots)`` copies the generating slots' state rows from the
-executor's state into the clone's state variables (and gives the clone the weights those
-streams run with, a pinned version too), the loop runs there, and their new rows are copied
-back; no other row moves. The first value is picked from the executor's output, the rest
-from the clone's, so one seed gives the same tokens under every executor. Sampling uses
-Gumbel-max with a counter-based hash (pure integer ops, no RNG state;
-:mod:`streamrnn.engine.token_ops`) keyed by ``(seed, stream id, step)``, so a stream's
-samples do not depend on its slot or on which other streams generate in the same batch.
+**Same seed, same tokens.** Sampling is Gumbel-max with a counter-based hash (integer ops,
+no RNG state) keyed by ``(seed, stream id, step)``: a stream's samples do not depend on its
+slot or its batch. The numpy picker twins the TF one (:mod:`streamrnn.engine.token_ops`):
+bit-identical uniforms, the same tokens from the same outputs. Executors can differ only at
+a near-tie: their float32 outputs differ by about ``1e-7`` and numpy's and TF's float32
+``log`` by an ulp, so two candidates whose (noisy) logits are within about ``1e-6`` may be
+ordered differently, and the stream diverges from that token on. ``"prediction"`` values
+agree to float32 rounding (a regression fed back to itself may amplify it over many steps).
 
 Example::
 
@@ -56,6 +62,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from streamrnn.engine.interface import Executor
 from streamrnn.engine.sampling import (
     M32,
     SAMPLERS,
@@ -66,6 +73,7 @@ from streamrnn.engine.sampling import (
     seed_of,
     stream_key,
 )
+from streamrnn.engine.token_loop import EXECUTOR_RULES, ExecutorTokenLoop
 from streamrnn.engine.token_ops import pick_tokens
 from streamrnn.errors import EngineFullError, InvalidInputError
 from streamrnn.executors.buckets import bucket_for
@@ -286,11 +294,15 @@ class Generator:
 class GenerationMixin:
     """``generate`` / ``generate_many`` for an engine (:class:`~streamrnn.Engine` mixes it in).
 
-    Uses the engine's ``serving``, ``jit_compile``, ``table``, ``slots``, ``capacity_left``,
-    ``validate``, ``push_many``, ``generation_rows``, ``in``; owns the loops (:attr:`generator`).
+    Uses the engine's ``serving``, ``jit_compile``, ``executor``, ``versions``, ``table``,
+    ``slots``, ``capacity_left``, ``validate``, ``push_many``, ``generation_rows``, ``in``;
+    owns the loops (:attr:`generator`, :attr:`token_loop`).
     """
 
+    executor: Executor
+    versions: Any  # a WeightVersions: its ``step_weights`` are a pinned version's
     _generator: Generator | None = None
+    _token_loop: ExecutorTokenLoop | None = None
 
     @property
     def generator(self) -> Generator:
@@ -298,6 +310,18 @@ class GenerationMixin:
         if self._generator is None:
             self._generator = Generator(self.serving, jit_compile=self.jit_compile)
         return self._generator
+
+    @property
+    def token_loop(self) -> ExecutorTokenLoop:
+        """The per-token loop on the engine's executor (built on first use)."""
+        if self._token_loop is None:
+            versions = self.versions
+            self._token_loop = ExecutorTokenLoop(self.executor, lambda: versions.step_weights)
+        return self._token_loop
+
+    def _on_executor(self, plan: FeedbackPlan) -> bool:
+        """Whether the loop runs on the executor (not the compiled loop on the clone)."""
+        return self.executor.name != "keras" and plan.mode in EXECUTOR_RULES
 
     def generate(
         self,
@@ -352,7 +376,7 @@ class GenerationMixin:
         end_token: int | None = None,
         feedback: Any = None,
     ) -> dict[str, np.ndarray]:
-        """:meth:`generate` for several streams in the same batched compiled steps.
+        """:meth:`generate` for several streams in the same batched steps.
 
         A stream that emits ``end_token`` stops; the others go on. Each stream's result
         equals what :meth:`generate` alone would return. ``seed`` may be a mapping
@@ -374,8 +398,11 @@ class GenerationMixin:
             slots = [self.table.slot_of(s) for s in wave]
             first = np.stack([primed[s][-1] for s in wave])
             keys = [stream_key(seed_of(seed, s), s) for s in wave]
-            with self.generation_rows(slots):  # the loop runs on the Keras clone
-                values = self.generator.run(plan, params, slots, first, int(steps), keys)
+            if self._on_executor(plan):  # the state stays in the executor's rows
+                values = self.token_loop.run(plan, params, slots, first, int(steps), keys)
+            else:
+                with self.generation_rows(slots):  # the loop runs on the Keras clone
+                    values = self.generator.run(plan, params, slots, first, int(steps), keys)
             for s, v in zip(wave, values, strict=True):
                 self.table.touch(s, len(v))
                 result[s] = v

@@ -1,19 +1,25 @@
 """Generated tokens/s: Engine.generate_many vs the per-step ``predict`` recipe.
 
     pytest bench/test_bench_generate.py -q -s [--benchmark-json ...]
+    STREAMRNN_GEN_EXECUTORS=keras STREAMRNN_GEN_STEPS=64 pytest bench/test_bench_generate.py
 
 Model: a char-level LM (Embedding 64 -> 32, LSTM 128, Dense 64 softmax). For 1, 8 and 64
 concurrent streams:
 
-* ``engine``: one ``Engine`` with 64 slots (a worker's fixed batch; idle slots are masked),
-  ``generate_many`` of STEPS greedy tokens per stream (compiled while_loop, XLA on CPU).
-* ``engine top_k``: 64 streams sampling with top_k=8 (the sampling path's extra cost).
+* ``engine[executor]``: one ``Engine`` with 64 slots (a worker's fixed batch) on each
+  executor of ``$STREAMRNN_GEN_EXECUTORS`` (default ``onnxruntime,keras``),
+  ``generate_many`` of STEPS (``$STREAMRNN_GEN_STEPS``, default 256) greedy tokens per
+  stream: ``onnxruntime`` runs one batched ONNX Runtime call per token (only the generating
+  slots' rows), ``keras`` the compiled while_loop on the serving clone (XLA on CPU, idle
+  slots masked).
+* ``engine top_k[executor]``: 64 streams sampling with top_k=8 (the sampling path's cost).
 * ``recipe``: the classic inference model with explicit state inputs/outputs, called with
   ``model.predict([x, h, c])`` once per step for all streams batched together (the most
   favourable form of the recipe: one stream at a time would be n times slower), argmax in
   numpy.
 
-Writes ``bench/results/generate.json`` (or ``$BENCH_OUT``) with tokens/s and the ratio.
+Writes ``bench/results/generate.json`` (or ``$BENCH_OUT``) with tokens/s per executor and
+the ratios to the recipe (``ratio``: the first executor listed).
 """
 
 from __future__ import annotations
@@ -27,7 +33,9 @@ import numpy as np
 import pytest
 
 VOCAB, EMBED, UNITS = 64, 32, 128
-STEPS = 256  # engine tokens per stream per round
+STEPS = int(os.environ.get("STREAMRNN_GEN_STEPS", "256"))  # engine tokens/stream/round
+EXECUTORS = [e for e in os.environ.get("STREAMRNN_GEN_EXECUTORS", "onnxruntime,keras"
+                                         ).split(",") if e]
 RECIPE_STEPS = 24  # predict() calls per round (each ~ms); enough for a stable rate
 STREAMS = (1, 8, 64)
 RESULTS: dict[int, dict[str, float]] = {}
@@ -50,11 +58,18 @@ def model():
     return _model()
 
 
-@pytest.fixture(scope="module")
-def engine(model):
+@pytest.fixture(scope="module", params=EXECUTORS)
+def engine(request, model):
     from streamrnn.engine.engine import Engine
 
-    return Engine.from_keras(model, slots=64)
+    return Engine.from_keras(model, slots=64, executor=request.param)
+
+
+def _record(n: int, name: str, executor: str, rate: float) -> None:
+    """``{name}_{executor}`` per executor; the first executor listed also as ``name``."""
+    RESULTS.setdefault(n, {})[f"{name}_{executor}"] = rate
+    if executor == EXECUTORS[0]:
+        RESULTS[n][name] = rate
 
 
 def _recipe_model(model):
@@ -81,9 +96,10 @@ def test_engine_generate_tokens_per_s(benchmark, engine, n):
 
     benchmark.pedantic(round_, rounds=5, iterations=1, warmup_rounds=1)
     rate = n * STEPS / benchmark.stats["median"]
-    RESULTS.setdefault(n, {})["engine_tokens_per_s"] = rate
+    _record(n, "engine_tokens_per_s", engine.executor.name, rate)
     benchmark.extra_info["tokens_per_s"] = rate
-    print(f"\nengine.generate_many, {n:>2} streams: {rate:,.0f} tokens/s")
+    print(f"\nengine.generate_many [{engine.executor.name}], {n:>2} streams: "
+          f"{rate:,.0f} tokens/s")
 
 
 def test_engine_sampled_tokens_per_s(benchmark, engine):
@@ -99,9 +115,10 @@ def test_engine_sampled_tokens_per_s(benchmark, engine):
 
     benchmark.pedantic(round_, rounds=5, iterations=1, warmup_rounds=1)
     rate = 64 * STEPS / benchmark.stats["median"]
-    RESULTS.setdefault(64, {})["engine_top_k_tokens_per_s"] = rate
+    _record(64, "engine_top_k_tokens_per_s", engine.executor.name, rate)
     benchmark.extra_info["tokens_per_s"] = rate
-    print(f"\nengine.generate_many, 64 streams, top_k=8: {rate:,.0f} tokens/s")
+    print(f"\nengine.generate_many [{engine.executor.name}], 64 streams, top_k=8: "
+          f"{rate:,.0f} tokens/s")
 
 
 @pytest.mark.parametrize("n", STREAMS)
@@ -131,8 +148,13 @@ def test_write_ratio():
         r = RESULTS.get(n, {})
         if "engine_tokens_per_s" in r and "recipe_tokens_per_s" in r:
             r["ratio"] = r["engine_tokens_per_s"] / r["recipe_tokens_per_s"]
+            for e in EXECUTORS:
+                if f"engine_tokens_per_s_{e}" in r:
+                    r[f"ratio_{e}"] = r[f"engine_tokens_per_s_{e}"] / r["recipe_tokens_per_s"]
             rows[str(n)] = r
-            print(f"\n{n:>2} streams: engine {r['engine_tokens_per_s']:,.0f} tokens/s, "
+            engines = ", ".join(f"{e} {r[f'engine_tokens_per_s_{e}']:,.0f}" for e in EXECUTORS
+                                if f"engine_tokens_per_s_{e}" in r)
+            print(f"\n{n:>2} streams: engine ({engines}) tokens/s, "
                   f"predict recipe {r['recipe_tokens_per_s']:,.0f} tokens/s, "
                   f"ratio {r['ratio']:.0f}x")
     if not rows:
@@ -141,7 +163,7 @@ def test_write_ratio():
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "model": f"Embedding({VOCAB},{EMBED}) LSTM({UNITS}) Dense({VOCAB}, softmax)",
-        "engine_slots": 64, "engine_steps_per_round": STEPS, "recipe_steps_per_round":
-        RECIPE_STEPS, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "engine_slots": 64, "executors": EXECUTORS, "engine_steps_per_round": STEPS,
+        "recipe_steps_per_round": RECIPE_STEPS, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
         "load_average": os.getloadavg()[0], "results": rows,
     }, indent=2))

@@ -16,12 +16,14 @@ while (:meth:`WeightVersions.pinned`, what a
   the group's step and assigns the latest back afterwards.
 
 The Keras serving clone always holds the latest weights outside :meth:`pinned`; inside it,
-:meth:`sync_clone` (called before generation, which runs on the clone) assigns the pinned
+:meth:`sync_clone` (called before a generation that runs on the clone) assigns the pinned
 weights on demand, and the latest come back when the pin ends.
 
-Generation runs on the clone for every executor (:mod:`streamrnn.engine.generate`):
-:meth:`CloneRows.borrowed` copies the generating slots' rows from the executor's state into
-the clone's state variables and, afterwards, their new rows back (no other row moves).
+Generation runs on the clone for the Keras executor, and for a feedback callable on any
+executor (:mod:`streamrnn.engine.generate`; the built-in rules run on the other executors'
+own token loop): :meth:`CloneRows.borrowed` copies the generating slots' rows from the
+executor's state into the clone's state variables and, afterwards, their new rows back (no
+other row moves).
 :class:`WeightsMixin` gives :class:`~streamrnn.Engine` its ``set_weights``,
 ``pinned_weights``, ``retain_weights`` and ``generation_rows`` over the two.
 
@@ -220,7 +222,7 @@ class WeightsMixin:
         every shape is checked before anything is assigned (InvalidInputError, BAD_SHAPE).
         ``version`` defaults to the current one + 1. The executor gets them (ONNX Runtime:
         a session with the weights baked in, kept for later pins of this version) and so
-        does the Keras serving clone (generation runs on it).
+        does the Keras serving clone (the Keras executor's generation loop runs on it).
         """
         version = self.weights_version + 1 if version is None else int(version)
         self.versions.set_latest(weights, version)
@@ -243,7 +245,8 @@ class WeightsMixin:
     def generation_rows(self, slots: list[int]) -> Iterator[None]:
         """Inside, the Keras serving clone holds the executor's weights and, for ``slots``,
         its state rows; their new rows go back to the executor afterwards (every other row
-        is left alone). Generation runs there (see :mod:`streamrnn.engine.generate`)."""
+        is left alone). The compiled generation loop runs there (see
+        :mod:`streamrnn.engine.generate`)."""
         self.versions.sync_clone()
         with self.clone_rows.borrowed(slots):
             yield

@@ -33,7 +33,8 @@ import keras
 import numpy as np
 
 from streamrnn.engine.backends import build_executor
-from streamrnn.engine.generate import GenerationMixin, Generator
+from streamrnn.engine.generate import Generator
+from streamrnn.engine.generation import GenerationMixin
 from streamrnn.engine.interface import Executor, StateRows, StateSnapshot
 from streamrnn.engine.residency import Residency
 from streamrnn.engine.slots import SlotTable
@@ -53,7 +54,7 @@ class Engine(GenerationMixin, WeightsMixin):
     """Serves one Keras RNN model to many streams, one slot (batch row) per stream.
 
     An :class:`~streamrnn.engine.interface.EngineLike` with closed-loop generation
-    (``generate`` / ``generate_many``, from :class:`~streamrnn.engine.generate.GenerationMixin`),
+    (``generate`` / ``generate_many``, from :class:`~streamrnn.engine.generation.GenerationMixin`),
     state snapshots (``state_layout``, ``initial_state``, ``export_states``,
     ``import_states``) and weights versions (``set_weights``, ``pinned_weights``, from
     :class:`~streamrnn.engine.versions.WeightsMixin`).

@@ -122,7 +122,8 @@ def test_streaming_equals_offline(spec, executor):
         assert runner.row_buckets == [2] and 0 < runner.compact_steps_run < runner.steps_run
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@pytest.mark.parametrize("executor", ["onnxruntime", "keras"])
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     cell=st.sampled_from(["lstm", "gru", "simple"]),
     layers=st.integers(1, 3),
@@ -131,14 +132,15 @@ def test_streaming_equals_offline(spec, executor):
     slots=st.integers(1, 5),
     seed=st.integers(0, 2**16),
 )
-def test_streaming_equals_offline_random_models(cell, layers, tokens, return_sequences, slots,
-                                                seed):
+def test_streaming_equals_offline_random_models(executor, cell, layers, tokens,
+                                                return_sequences, slots, seed):
     spec = ModelSpec(cell, layers=layers, tokens=tokens, features=9 if tokens else 4,
                      return_sequences=return_sequences)
     model = build_model(spec, seed=seed)
     engine = Engine.from_keras(model, slots=slots, max_bucket=4, jit_compile=False,
-                               executor="keras")
+                               executor=executor)
     run_schedule(engine, model, spec, seed=seed)
+    assert engine.stats()["executor"] == executor
 
 
 def test_compact_steps_equal_full_steps_under_xla_and_plain():

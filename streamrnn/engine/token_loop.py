@@ -56,17 +56,15 @@ class ExecutorTokenLoop:
         self.step_weights = step_weights
         self.calls = 0
 
-    def _values(self, plan: FeedbackPlan, params: SamplingParams, y: np.ndarray,
+    @staticmethod
+    def _values(plan: FeedbackPlan, sampling: tuple[np.ndarray, ...], y: np.ndarray,
                 key: np.ndarray, step: int) -> np.ndarray:
-        """The values fed back for rows ``y`` at ``step``: ids ``(n,)`` or ``y`` itself."""
+        """The values fed back for rows ``y`` at ``step``: ids ``(n,)`` or ``y`` itself
+        (``sampling``: the rows' greedy, inverse temperature and top-k arrays)."""
         if plan.mode == "prediction":
             return y
-        n = len(y)
-        return pick_tokens(
-            y, plan.probs, np.full(n, params.greedy),
-            np.full(n, 1.0 / params.temperature, np.float32), np.full(n, params.top_k, np.int32),
-            key, np.full(n, step, np.int64), plan.no_zero,
-        )
+        return pick_tokens(y, plan.probs, *sampling, key, np.full(len(y), step, np.int64),
+                           plan.no_zero)
 
     @staticmethod
     def _inputs(plan: FeedbackPlan, v: np.ndarray, vocab: int) -> np.ndarray:
@@ -92,27 +90,35 @@ class ExecutorTokenLoop:
         """
         if plan.mode not in EXECUTOR_RULES:
             raise ValueError(f"the executor loop runs {EXECUTOR_RULES}, not {plan.mode!r}")
-        y = np.array(first_outputs, np.float32).reshape(len(slots), -1)
+        n = len(slots)
+        y = np.array(first_outputs, np.float32).reshape(n, -1)
         key = np.asarray(keys, np.int64).reshape(-1, 2) & M32
+        sampling = (np.full(n, params.greedy), np.full(n, 1.0 / params.temperature, np.float32),
+                    np.full(n, params.top_k, np.int32))
         ids = plan.picks_tokens
-        values = np.zeros((steps, len(slots)) + (() if ids else y.shape[1:]),
+        values = np.zeros((steps, n) + (() if ids else y.shape[1:]),
                           np.int32 if ids else np.float32)
-        count = np.zeros(len(slots), np.int64)
-        active = np.ones(len(slots), bool)
+        count = np.zeros(n, np.int64)
+        rows = np.arange(n)  # the slots still generating (indices into `slots`)
         weights = self.step_weights()
         for step in range(steps):
-            rows = np.flatnonzero(active)
             if not rows.size:
                 break
-            v = self._values(plan, params, y[rows], key[rows], step)
+            every = len(rows) == n  # no fancy indexing while all are generating
+            v = self._values(plan, sampling if every else tuple(a[rows] for a in sampling),
+                             y if every else y[rows], key if every else key[rows], step)
             values[step, rows] = v
             count[rows] += 1
             x = self._inputs(plan, v, y.shape[1])
-            chunks = {slots[r]: x[i] for i, r in enumerate(rows)}
+            chunks = {slots[r]: x[i] for i, r in enumerate(rows.tolist())}
             out = (self.executor.run(chunks, 1) if weights is None
                    else self.executor.run(chunks, 1, weights=weights))
             self.calls += 1
-            y[rows] = np.stack([out[slots[r]][-1] for r in rows])
+            last = np.stack([out[slot][-1] for slot in chunks])
+            if every:
+                y = last
+            else:
+                y[rows] = last
             if ids:
-                active[rows[v == params.end_token]] = False
-        return [values[: count[i], i].copy() for i in range(len(slots))]
+                rows = rows[v != params.end_token]
+        return [values[: count[i], i].copy() for i in range(n)]

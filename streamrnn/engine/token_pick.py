@@ -25,6 +25,8 @@ Example::
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 from streamrnn.engine.sampling import M32
@@ -32,16 +34,29 @@ from streamrnn.engine.sampling import M32
 __all__ = ["hash_uniform", "pick_tokens"]
 
 _M32 = np.uint64(M32)
+_S8, _S15, _S16, _S32 = (np.uint64(n) for n in (8, 15, 16, 32))
+_C1, _C2 = np.uint64(0x7FEB352D), np.uint64(0x846CA68B)
 
 
 def _mix32(x: np.ndarray) -> np.ndarray:
     """lowbias32 on uint64 arrays (only the low 32 bits of each product are kept, as in TF,
     where int64 products wrap to the same low bits)."""
-    x = x ^ (x >> np.uint64(16))
-    x = (x * np.uint64(0x7FEB352D)) & _M32
-    x = x ^ (x >> np.uint64(15))
-    x = (x * np.uint64(0x846CA68B)) & _M32
-    return x ^ (x >> np.uint64(16))
+    x = x ^ (x >> _S16)
+    x = (x * _C1) & _M32
+    x = x ^ (x >> _S15)
+    x = (x * _C2) & _M32
+    return x ^ (x >> _S16)
+
+
+@lru_cache(maxsize=16)
+def _column_hash(width: int) -> np.ndarray:
+    """``_mix32(column + 0x9E3779B9)`` for columns ``0 .. width-1``: ``(1, width)``, the
+    same for every row and step, so computed once per width."""
+    col = np.arange(width, dtype=np.uint64)[None, :]
+    with np.errstate(over="ignore"):
+        out = _mix32(col + np.uint64(0x9E3779B9))
+    out.flags.writeable = False
+    return out
 
 
 def hash_uniform(key: np.ndarray, counter: np.ndarray, width: int) -> np.ndarray:
@@ -57,13 +72,12 @@ def hash_uniform(key: np.ndarray, counter: np.ndarray, width: int) -> np.ndarray
     """
     key = np.asarray(key, np.int64).astype(np.uint64)
     counter = np.asarray(counter, np.int64).astype(np.uint64)[:, None]
-    col = np.arange(width, dtype=np.uint64)[None, :]
     k0, k1 = key[:, 0:1], key[:, 1:2]
     with np.errstate(over="ignore"):
         h = _mix32(k0 ^ _mix32(counter & _M32))
-        h = _mix32((h + k1) ^ _mix32(col + np.uint64(0x9E3779B9)))
-        h = _mix32(h ^ (counter >> np.uint64(32)))
-    return ((h >> np.uint64(8)).astype(np.float32) + np.float32(0.5)) / np.float32(1 << 24)
+        h = _mix32((h + k1) ^ _column_hash(width))
+        h = _mix32(h ^ (counter >> _S32))
+    return ((h >> _S8).astype(np.float32) + np.float32(0.5)) / np.float32(1 << 24)
 
 
 def _logits(y: np.ndarray, probs: bool, no_zero: bool) -> np.ndarray:

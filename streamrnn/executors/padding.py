@@ -67,12 +67,13 @@ def pad_chunks(chunks: Mapping[int, np.ndarray], bucket: int, feature_shape: tup
     """Right-pad the non-empty chunks (``(t, *feature_shape)``, ``t <= bucket``) into one
     batch, batch-major or ``time_major``; ValueError if a chunk is longer than ``bucket``."""
     busy = [(s, c) for s, c in chunks.items() if len(c)]
-    lengths = np.array([len(c) for _, c in busy], length_dtype)
-    steps = int(lengths.max()) if busy else 0
+    counts = [len(c) for _, c in busy]  # Python ints: cheaper than numpy for few rows
+    lengths = np.array(counts, length_dtype)
+    steps = max(counts, default=0)
     if steps > bucket:
         raise ValueError(f"a chunk of {steps} steps does not fit bucket {bucket}")
     idle = [s for s, c in chunks.items() if not len(c)]
-    if time_major and busy and int(lengths.min()) == steps:  # all full: one C loop
+    if time_major and busy and min(counts) == steps:  # all full: one C loop
         x = np.stack([c for _, c in busy], axis=1).astype(dtype, copy=False)
     elif time_major:
         x = np.zeros((steps, len(busy), *feature_shape), dtype)

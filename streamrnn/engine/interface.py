@@ -281,3 +281,9 @@ class TakesStepWeights(Protocol):
     def run(self, chunks: Mapping[int, np.ndarray], bucket: int, weights: Any = None
             ) -> dict[int, np.ndarray]:
         """One step; ``weights`` (from :meth:`convert_weights`) for this step only."""
+
+    def run_rows(self, slots: Sequence[int], x: np.ndarray, weights: Any = None
+                 ) -> np.ndarray:
+        """One step of full rows: ``x`` ``(n, T, D)`` floats or ``(n, T)`` ids, row ``i``
+        for ``slots[i]`` (distinct) -> outputs ``(n, T, output_dim)``. No chunk dict, no
+        padding: the per-token call of generation on the executor."""

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from streamrnn.engine.interface import Executor
+from streamrnn.engine.interface import Executor, TakesStepWeights
 from streamrnn.engine.sampling import M32, FeedbackPlan, SamplingParams
 from streamrnn.engine.token_pick import pick_tokens
 
@@ -66,6 +66,15 @@ class ExecutorTokenLoop:
         return pick_tokens(y, plan.probs, *sampling, key, np.full(len(y), step, np.int64),
                            plan.no_zero)
 
+    def _step(self, slots: np.ndarray, x: np.ndarray, weights: Any) -> np.ndarray:
+        """Feed ``x`` (one step per row) to ``slots``; their outputs ``(n, output_dim)``."""
+        if isinstance(self.executor, TakesStepWeights):  # dense rows: no dicts, no padding
+            return self.executor.run_rows(slots, x, weights)[:, -1]
+        chunks = dict(zip(slots.tolist(), x, strict=True))
+        out = (self.executor.run(chunks, 1) if weights is None
+               else self.executor.run(chunks, 1, weights=weights))
+        return np.stack([out[slot][-1] for slot in chunks])
+
     @staticmethod
     def _inputs(plan: FeedbackPlan, v: np.ndarray, vocab: int) -> np.ndarray:
         """Executor chunks ``(n, 1)`` ids or ``(n, 1, D)`` floats for the values ``v``."""
@@ -100,6 +109,7 @@ class ExecutorTokenLoop:
                           np.int32 if ids else np.float32)
         count = np.zeros(n, np.int64)
         rows = np.arange(n)  # the slots still generating (indices into `slots`)
+        slots_arr = np.asarray(slots, np.int64)
         weights = self.step_weights()
         for step in range(steps):
             if not rows.size:
@@ -110,11 +120,8 @@ class ExecutorTokenLoop:
             values[step, rows] = v
             count[rows] += 1
             x = self._inputs(plan, v, y.shape[1])
-            chunks = {slots[r]: x[i] for i, r in enumerate(rows.tolist())}
-            out = (self.executor.run(chunks, 1) if weights is None
-                   else self.executor.run(chunks, 1, weights=weights))
+            last = self._step(slots_arr[rows], x, weights)
             self.calls += 1
-            last = np.stack([out[slot][-1] for slot in chunks])
             if every:
                 y = last
             else:

@@ -247,6 +247,19 @@ class OrtExecutor:
         self.timesteps_run += batch.steps
         return batch.outputs(y, self.output_dim)
 
+    def run_rows(self, slots: Sequence[int], x: np.ndarray,
+                 weights: OrtWeights | None = None) -> np.ndarray:
+        """One step of full rows (no padding): ``x`` ``(n, T, D)`` float32 or ``(n, T)``
+        int32 ids, row ``i`` for ``slots[i]`` (distinct, ``n >= 1``, ``T >= 1``) ->
+        outputs ``(n, T, output_dim)`` (a view). Generation's per-token call."""
+        steps = x.shape[1]
+        x = np.ascontiguousarray(x.swapaxes(0, 1), self._dtype)  # time-major; free at T=1
+        lengths = np.full(len(slots), steps, np.int32)
+        y = self._step(x, lengths, self.state.index(slots), weights or self.weights)
+        self.steps_run += 1
+        self.timesteps_run += len(slots) * steps
+        return y.swapaxes(0, 1)
+
     def _step(self, x: np.ndarray, lengths: np.ndarray, rows: np.ndarray,
               weights: OrtWeights) -> np.ndarray:
         """Run the graph on the gathered ``rows`` and scatter their new states back."""

@@ -332,6 +332,17 @@ class TorchExecutor:
         self.timesteps_run += batch.steps
         return batch.outputs(y, self.output_dim)
 
+    def run_rows(self, slots: Sequence[int], x: np.ndarray,
+                 weights: Mapping[str, torch.Tensor] | None = None) -> np.ndarray:
+        """One step of full rows (no padding): ``x`` ``(n, T, D)`` float32 or ``(n, T)``
+        ids, row ``i`` for ``slots[i]`` (distinct, ``n >= 1``) -> outputs
+        ``(n, T, output_dim)``. Generation's per-token call."""
+        x = np.ascontiguousarray(x, self._dtype)
+        y = self._step(x, None, self.state.index(slots), weights)
+        self.steps_run += 1
+        self.timesteps_run += x.shape[0] * x.shape[1]
+        return y
+
     def _step(self, x: np.ndarray, lengths: torch.Tensor | None, index: torch.Tensor,
               weights: Mapping[str, torch.Tensor] | None) -> np.ndarray:
         """Run the chain on the gathered rows ``index`` and scatter their states back."""

@@ -172,3 +172,22 @@ def test_pad_chunks_time_major(full: bool) -> None:
     a, b = tm.outputs(y.transpose(1, 0, 2), 6), bm.outputs(y, 6)
     assert a.keys() == b.keys() and all(np.array_equal(a[s], b[s]) for s in a)
     assert all(o.flags.c_contiguous and not np.shares_memory(o, y) for o in a.values())
+
+
+@pytest.mark.parametrize("name", ["lstm", "tokens"])
+def test_run_rows_equals_run_and_touches_only_its_rows(name: str) -> None:
+    model = build(name, seed=7)
+    rows, twin = OrtExecutor(model, slots=5, threads=1), OrtExecutor(model, slots=5, threads=1)
+    rng = np.random.default_rng(7)
+    tokens = rows.input_kind == "tokens"
+    for steps in (1, 3, 1):
+        x = (rng.integers(0, 9, (2, steps)).astype(np.int32) if tokens
+             else rng.standard_normal((2, steps, 5)).astype(np.float32))
+        y = rows.run_rows([4, 1], x)
+        out = twin.run({4: x[0], 1: x[1]}, 4)
+        assert y.shape == (2, steps, rows.output_dim)
+        np.testing.assert_allclose(y[0], out[4], atol=TOL, rtol=0)
+        np.testing.assert_allclose(y[1], out[1], atol=TOL, rtol=0)
+    for a, b in zip(rows.state.read(range(5)), twin.state.read(range(5)), strict=True):
+        np.testing.assert_allclose(a, b, atol=TOL, rtol=0)
+    assert not any(a[[0, 2, 3]].any() for a in rows.state.read(range(5)))  # untouched rows

@@ -13,6 +13,10 @@ concurrent streams:
   slots' rows), ``keras`` the compiled while_loop on the serving clone (XLA on CPU, idle
   slots masked).
 * ``engine top_k[executor]``: 64 streams sampling with top_k=8 (the sampling path's cost).
+* ``interleaved``: the first two executors listed (default ONNX Runtime's per-token loop and
+  the compiled Keras loop) alternating round by round, greedy and top_k: the ratio of their
+  rates per stream count, as the median of per-round ratios (the other cases run one after
+  the other, so their rates drift apart with the machine's load).
 * ``recipe``: the classic inference model with explicit state inputs/outputs, called with
   ``model.predict([x, h, c])`` once per step for all streams batched together (the most
   favourable form of the recipe: one stream at a time would be n times slower), argmax in
@@ -119,6 +123,58 @@ def test_engine_sampled_tokens_per_s(benchmark, engine):
     benchmark.extra_info["tokens_per_s"] = rate
     print(f"\nengine.generate_many [{engine.executor.name}], 64 streams, top_k=8: "
           f"{rate:,.0f} tokens/s")
+
+
+def _alternate(engines: dict, names: tuple[str, str], n: int, kwargs: dict,
+               rounds: int = 7) -> list[float]:
+    """Per round, ``names[0]``'s rate over ``names[1]``'s for ``n`` streams; the order
+    alternates round by round."""
+    prompts = {f"i{n}_{i}": np.array([i % VOCAB, 1], np.int32) for i in range(n)}
+    for engine in engines.values():
+        engine.generate_many(prompts, **kwargs)  # compile, open the streams
+    out = []
+    for r in range(rounds):
+        rate = {}
+        for name in names if r % 2 == 0 else names[::-1]:
+            for s in prompts:
+                engines[name].reset(s)
+            time.sleep(0.1)  # the other runtime's pool threads stop spinning first
+            start = time.perf_counter()
+            engines[name].generate_many(prompts, **kwargs)
+            rate[name] = n * STEPS / (time.perf_counter() - start)
+        out.append(rate[names[0]] / rate[names[1]])
+    for engine in engines.values():
+        for s in prompts:
+            engine.close(s)
+    return out
+
+
+@pytest.mark.parametrize("sample", ["greedy", "top_k"])
+def test_executors_interleaved(benchmark, model, sample):
+    """The executors' loops alternating round by round (the order rotates), so their
+    ratio sees the same load: per stream count, the median of per-round ratios of the
+    first executor listed to the second."""
+    from streamrnn.engine.engine import Engine
+
+    if len(EXECUTORS) < 2:
+        pytest.skip("needs two executors in STREAMRNN_GEN_EXECUTORS")
+    first, second = EXECUTORS[:2]
+    engines = {e: Engine.from_keras(model, slots=64, executor=e) for e in (first, second)}
+    kwargs = {"steps": STEPS} | ({"sample": "top_k", "top_k": 8, "temperature": 0.8}
+                                 if sample == "top_k" else {})
+    ratios: dict[int, list[float]] = {n: [] for n in STREAMS}
+
+    def rounds() -> None:
+        for n in STREAMS:
+            ratios[n] = _alternate(engines, (first, second), n, kwargs)
+
+    benchmark.pedantic(rounds, rounds=1, iterations=1)
+    for n in STREAMS:
+        ratio = float(np.median(ratios[n]))
+        RESULTS.setdefault(n, {})[f"interleaved_{sample}_{first}_vs_{second}"] = ratio
+        RESULTS[n][f"interleaved_{sample}_per_round"] = [round(x, 2) for x in ratios[n]]
+        print(f"\n{sample}, {n:>2} streams: {first} / {second} = {ratio:.2f} "
+              f"(per round {', '.join(f'{x:.2f}' for x in ratios[n])})")
 
 
 @pytest.mark.parametrize("n", STREAMS)

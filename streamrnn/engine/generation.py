@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from streamrnn.engine.generate import Generator, plan_feedback
-from streamrnn.engine.interface import Executor
+from streamrnn.engine.interface import Executor, TakesStepWeights
 from streamrnn.engine.sampling import FeedbackPlan, check_params, seed_of, stream_key
 from streamrnn.engine.token_loop import EXECUTOR_RULES, ExecutorTokenLoop
 from streamrnn.errors import EngineFullError, InvalidInputError
@@ -53,7 +53,8 @@ class GenerationMixin:
 
     @property
     def token_loop(self) -> ExecutorTokenLoop:
-        """The per-token loop on the engine's executor (built on first use)."""
+        """The per-token loop on the engine's executor (built on first use; used when the
+        executor takes step weights, see :meth:`_on_executor`)."""
         if self._token_loop is None:
             versions = self.versions
             self._token_loop = ExecutorTokenLoop(self.executor, lambda: versions.step_weights)
@@ -61,7 +62,7 @@ class GenerationMixin:
 
     def _on_executor(self, plan: FeedbackPlan) -> bool:
         """Whether the loop runs on the executor (not the compiled loop on the clone)."""
-        return self.executor.name != "keras" and plan.mode in EXECUTOR_RULES
+        return isinstance(self.executor, TakesStepWeights) and plan.mode in EXECUTOR_RULES
 
     def generate(
         self,

@@ -6,8 +6,10 @@ built-in feedback rules ``"tokens"``, ``"onehot"`` and ``"prediction"`` (a user 
 written in TF ops and stays on the compiled loop). Each step picks the next value of every
 still-generating slot from its last output (:func:`streamrnn.engine.token_pick.pick_tokens`,
 numpy, keyed by ``(stream key, step index)`` exactly as the compiled loop), then feeds all
-of them in ONE executor call ``{slot: (1,) int32 ids or (1, D) float32}`` with bucket 1. The
-state stays in the executor's rows; no other slot is read or written.
+of them in ONE ``executor.run_rows(slots, x)`` call (``x`` ``(n, 1)`` int32 ids or
+``(n, 1, D)`` float32: no chunk dict, no padding). The executor is one whose weights travel
+with a step (:class:`~streamrnn.engine.interface.TakesStepWeights`: ONNX Runtime, torch).
+The state stays in the executor's rows; no other slot is read or written.
 
 A step runs with the weights the engine's steps run with now (``step_weights()``: a pinned
 version's converted weights inside :meth:`~streamrnn.Engine.pinned_weights`, else None, the
@@ -29,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from streamrnn.engine.interface import Executor, TakesStepWeights
+from streamrnn.engine.interface import TakesStepWeights
 from streamrnn.engine.sampling import M32, FeedbackPlan, SamplingParams
 from streamrnn.engine.token_pick import pick_tokens
 
@@ -40,7 +42,7 @@ EXECUTOR_RULES = ("tokens", "onehot", "prediction")
 
 
 class ExecutorTokenLoop:
-    """Per-token generation through an executor's ``run`` (see the module docstring).
+    """Per-token generation through an executor's ``run_rows`` (see the module docstring).
 
     Args:
         executor: the engine's executor (its state rows hold the streams' state).
@@ -51,7 +53,8 @@ class ExecutorTokenLoop:
         calls: executor calls made so far (one per generated token position per run).
     """
 
-    def __init__(self, executor: Executor, step_weights: Callable[[], Any] = lambda: None):
+    def __init__(self, executor: TakesStepWeights,
+                 step_weights: Callable[[], Any] = lambda: None):
         self.executor = executor
         self.step_weights = step_weights
         self.calls = 0
@@ -65,15 +68,6 @@ class ExecutorTokenLoop:
             return y
         return pick_tokens(y, plan.probs, *sampling, key, np.full(len(y), step, np.int64),
                            plan.no_zero)
-
-    def _step(self, slots: np.ndarray, x: np.ndarray, weights: Any) -> np.ndarray:
-        """Feed ``x`` (one step per row) to ``slots``; their outputs ``(n, output_dim)``."""
-        if isinstance(self.executor, TakesStepWeights):  # dense rows: no dicts, no padding
-            return self.executor.run_rows(slots, x, weights)[:, -1]
-        chunks = dict(zip(slots.tolist(), x, strict=True))
-        out = (self.executor.run(chunks, 1) if weights is None
-               else self.executor.run(chunks, 1, weights=weights))
-        return np.stack([out[slot][-1] for slot in chunks])
 
     @staticmethod
     def _inputs(plan: FeedbackPlan, v: np.ndarray, vocab: int) -> np.ndarray:
@@ -120,7 +114,7 @@ class ExecutorTokenLoop:
             values[step, rows] = v
             count[rows] += 1
             x = self._inputs(plan, v, y.shape[1])
-            last = self._step(slots_arr[rows], x, weights)
+            last = self.executor.run_rows(slots_arr[rows], x, weights)[:, -1]
             self.calls += 1
             if every:
                 y = last

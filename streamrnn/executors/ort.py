@@ -243,8 +243,6 @@ class OrtExecutor:
             return batch.outputs(None, self.output_dim)
         rows = self.state.index(batch.slots)
         y = self._step(batch.x, batch.lengths, rows, weights or self.weights)
-        self.steps_run += 1
-        self.timesteps_run += batch.steps
         return batch.outputs(y, self.output_dim)
 
     def run_rows(self, slots: Sequence[int], x: np.ndarray,
@@ -256,19 +254,20 @@ class OrtExecutor:
         x = np.ascontiguousarray(x.swapaxes(0, 1), self._dtype)  # time-major; free at T=1
         lengths = np.full(len(slots), steps, np.int32)
         y = self._step(x, lengths, self.state.index(slots), weights or self.weights)
-        self.steps_run += 1
-        self.timesteps_run += len(slots) * steps
         return y.swapaxes(0, 1)
 
     def _step(self, x: np.ndarray, lengths: np.ndarray, rows: np.ndarray,
               weights: OrtWeights) -> np.ndarray:
-        """Run the graph on the gathered ``rows`` and scatter their new states back."""
+        """Run the graph on the gathered ``rows``, scatter their new states back, count the
+        step and its valid timesteps."""
         feed: dict[str, np.ndarray] = {"x": x, "sequence_lens": lengths, **weights.feeds}
         for spec, array in zip(self.graph.states, self.state.arrays, strict=True):
             feed[spec.initial] = array[rows][None]
         y, *finals = weights.session.run(self._outputs, feed)
         for array, final in zip(self.state.arrays, finals, strict=True):
             array[rows] = final[0]
+        self.steps_run += 1
+        self.timesteps_run += int(lengths.sum())
         return y
 
     def warmup(self) -> None:

@@ -328,8 +328,6 @@ class TorchExecutor:
         ragged = None if batch.lengths.min() == batch.x.shape[1] else torch.from_numpy(
             batch.lengths)
         y = self._step(batch.x, ragged, self.state.index(batch.slots), weights)
-        self.steps_run += 1
-        self.timesteps_run += batch.steps
         return batch.outputs(y, self.output_dim)
 
     def run_rows(self, slots: Sequence[int], x: np.ndarray,
@@ -338,20 +336,21 @@ class TorchExecutor:
         ids, row ``i`` for ``slots[i]`` (distinct, ``n >= 1``) -> outputs
         ``(n, T, output_dim)``. Generation's per-token call."""
         x = np.ascontiguousarray(x, self._dtype)
-        y = self._step(x, None, self.state.index(slots), weights)
-        self.steps_run += 1
-        self.timesteps_run += x.shape[0] * x.shape[1]
-        return y
+        return self._step(x, None, self.state.index(slots), weights)
 
     def _step(self, x: np.ndarray, lengths: torch.Tensor | None, index: torch.Tensor,
               weights: Mapping[str, torch.Tensor] | None) -> np.ndarray:
-        """Run the chain on the gathered rows ``index`` and scatter their states back."""
+        """Run the chain on the gathered rows ``index``, scatter their states back, count
+        the step and its valid timesteps (``lengths`` None: every row is full)."""
         with torch.inference_mode(), self.backend_flags():
             args = (torch.from_numpy(x).to(self.torch_device), lengths,
                     self.state.gather(index))
             y, states = (self.chain(*args) if weights is None else
                          torch.func.functional_call(self.chain, dict(weights), args))
             self.state.scatter(index, states)
+            self.steps_run += 1
+            self.timesteps_run += (x.shape[0] * x.shape[1] if lengths is None
+                                   else int(lengths.sum()))
             return y.cpu().numpy()
 
     def warmup(self) -> None:
